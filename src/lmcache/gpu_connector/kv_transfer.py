@@ -1,0 +1,154 @@
+"""Torch reference of the paged KV transfer (lmc_ops.multi_layer_kv_transfer).
+
+``gather_kv`` copies the KV of a list of slots out of every layer's paged tensor into one
+``[2, L, T, H*D]`` tensor (MLA: ``[1, L, T, D]``); ``scatter_kv`` writes such a tensor back.
+Both are pure torch (vectorised advanced indexing, one gather / one index_put per layer, no
+per-token Python loop), run on CPU and CUDA tensors alike, and are the bit-for-bit reference
+the CUDA kernels in ``csrc/`` are checked against. Layout facts: ``KVCacheLayout``
+(DESIGN.md §4.6); output format: MemoryFormat KV_2LTD / KV_MLA_FMT (DESIGN.md §4.4).
+
+Semantics the kernels must match:
+- token t of the output is the KV of slot ``slots[t]`` (block ``slots[t] // N``, offset
+  ``slots[t] % N``); output row order is the order of ``slots``;
+- ``gather_kv``: a slot < 0 (padding) yields zeros for that token;
+- ``scatter_kv``: a slot < 0 is skipped (its paged memory is not touched); slots must be unique.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lmcache.gpu_connector.kv_layout import KVCacheLayout
+
+
+def kv_out_shape(layout: KVCacheLayout, num_layers: int, num_tokens: int) -> torch.Size:
+    """Shape of the gathered tensor: ``[2, L, T, H*D]``, MLA ``[1, L, T, D]``."""
+    first = 1 if layout.is_mla else 2
+    return torch.Size((first, num_layers, num_tokens, layout.hidden_dim))
+
+
+def _paged_view(tensor: torch.Tensor, layout: KVCacheLayout) -> torch.Tensor:
+    """A view of one layer with an explicit K/V axis, indexable by ``_indices``."""
+    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
+    if layout.kind == "cpu_packed":
+        # page [N, 2D] read as [2N, D] = [2, N, D]: rows 0..N-1 K, N..2N-1 V.
+        return tensor.view(tensor.shape[0], h, 2, n, d)
+    if layout.kind == "flash_packed":
+        # last dim C = [K (D) | V (D)].
+        return tensor.view(tensor.shape[0], h, n, 2, d)
+    return tensor  # legacy_5d [2, B, N, H, D], mla [B, N, D]
+
+
+def _indices(slots: torch.Tensor, layout: KVCacheLayout) -> tuple[torch.Tensor, ...]:
+    """Broadcast index tensors selecting ``[2, T, H]`` (MLA: ``[1, T]``) rows of the view."""
+    n = layout.block_size
+    block = torch.div(slots, n, rounding_mode="floor")
+    off = slots - block * n
+    dev = slots.device
+    if layout.kind == "mla":
+        return block[None, :], off[None, :]
+    kv = torch.arange(2, device=dev)
+    if layout.kind == "legacy_5d":
+        return kv[:, None], block[None, :], off[None, :]
+    head = torch.arange(layout.num_kv_heads, device=dev)[None, None, :]
+    b, o, k = block[None, :, None], off[None, :, None], kv[:, None, None]
+    if layout.kind == "cpu_packed":
+        return b, head, k, o
+    return b, head, o, k  # flash_packed
+
+
+def _as_slots(slots: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
+        raise ValueError(f"slots must be a 1-D integer tensor, got {slots!r}")
+    if slots.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"slots must have an integer dtype, got {slots.dtype}")
+    return slots.to(device=device, dtype=torch.int64)
+
+
+def gather_kv(
+    layer_tensors: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    layout: KVCacheLayout,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gather the KV of ``slots`` from every layer.
+
+    Args:
+        layer_tensors: L paged tensors (one per layer) of ``layout``, same device and dtype.
+        slots: int tensor ``[T]`` of flat slots (block_id * block_size + offset); < 0 = padding.
+        layout: the layer tensors' layout.
+        out: optional destination ``[2, L, T, H*D]`` (MLA ``[1, L, T, D]``) of the same dtype,
+            any device; written in place and returned.
+
+    Returns:
+        ``[2, L, T, H*D]`` (MLA ``[1, L, T, D]``), dtype of the layers; on the layers' device
+        unless ``out`` is given. Row t of K is ``H`` heads of ``D`` each, head-major.
+
+    Raises:
+        ValueError: ``out`` has the wrong shape or dtype, or ``slots`` is not 1-D integer.
+    """
+    ref = layer_tensors[0]
+    slots = _as_slots(slots, ref.device)
+    shape = kv_out_shape(layout, len(layer_tensors), slots.numel())
+    if out is None:
+        out = torch.empty(shape, dtype=ref.dtype, device=ref.device)
+    elif out.shape != shape or out.dtype != ref.dtype:
+        raise ValueError(
+            f"gather_kv out has shape {tuple(out.shape)} dtype {out.dtype}, "
+            f"expected {tuple(shape)} dtype {ref.dtype}"
+        )
+    if slots.numel() == 0:
+        return out
+    pad = slots < 0
+    has_pad = bool(pad.any())
+    idx = _indices(slots.clamp(min=0) if has_pad else slots, layout)
+    for layer, tensor in enumerate(layer_tensors):
+        rows = _paged_view(tensor, layout)[idx]  # [2, T, H, D] / [1, T, D]
+        out[:, layer].copy_(rows.view(shape[0], shape[2], shape[3]))
+    if has_pad:
+        out[:, :, pad.to(out.device)] = 0
+    return out
+
+
+def scatter_kv(
+    layer_tensors: Sequence[torch.Tensor],
+    slots: torch.Tensor,
+    layout: KVCacheLayout,
+    kv: torch.Tensor,
+) -> None:
+    """Write ``kv`` into the paged tensors at ``slots`` (inverse of ``gather_kv``).
+
+    Args:
+        layer_tensors: L paged tensors of ``layout`` (modified in place).
+        slots: int tensor ``[T]`` of unique flat slots; slots < 0 are skipped.
+        layout: the layer tensors' layout.
+        kv: ``[2, L, T, H*D]`` (MLA ``[1, L, T, D]``), dtype of the layers, any device
+            (moved to the layers' device once).
+
+    Raises:
+        ValueError: ``kv`` has the wrong shape or dtype, or ``slots`` is not 1-D integer.
+    """
+    ref = layer_tensors[0]
+    slots = _as_slots(slots, ref.device)
+    shape = kv_out_shape(layout, len(layer_tensors), slots.numel())
+    if kv.shape != shape or kv.dtype != ref.dtype:
+        raise ValueError(
+            f"scatter_kv kv has shape {tuple(kv.shape)} dtype {kv.dtype}, "
+            f"expected {tuple(shape)} dtype {ref.dtype}"
+        )
+    kv = kv.to(ref.device)  # blocking: the caller may free the source right after
+    keep = slots >= 0
+    if not bool(keep.all()):
+        kept = keep.nonzero().squeeze(1)
+        slots, kv = slots[kept], kv.index_select(2, kept)
+    if slots.numel() == 0:
+        return
+    idx = _indices(slots, layout)
+    t = slots.numel()
+    for layer, tensor in enumerate(layer_tensors):
+        values = kv[:, layer]
+        if layout.kind != "mla":
+            values = values.reshape(2, t, layout.num_kv_heads, layout.head_size)
+        _paged_view(tensor, layout).index_put_(idx, values)

@@ -1,0 +1,159 @@
+"""LMCacheConnectorV1Impl: the body of the vLLM v1 KV-connector integration."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lmcache.distributed.lookup.client import LookupClient
+from lmcache.distributed.lookup.protocol import lookup_address
+from lmcache.integration.vllm.engine_builder import compose_from_vllm, layout_from_vllm, metadata_from_vllm
+from lmcache.integration.vllm.planner import ConnectorPlanner
+from lmcache.integration.vllm.specs import LMCacheConnectorMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def _request_configs(request) -> dict | None:
+    """``lmcache.*`` entries of a request's kv_transfer_params (tags such as ``lmcache.tag.user``)."""
+    params = getattr(request, "kv_transfer_params", None) or {}
+    sp = getattr(request, "sampling_params", None)
+    extra = getattr(sp, "extra_args", None) or {}
+    params = {**(extra.get("kv_transfer_params") or {}), **params}
+    out = {k: str(v) for k, v in params.items() if isinstance(k, str) and k.startswith("lmcache.")}
+    return out or None
+
+
+class LMCacheConnectorV1Impl:
+    """Scheduler side: lookup over ZMQ and the ConnectorPlanner; worker side: the LMCacheEngine.
+
+    The scheduler builds no allocator and no tiers. The worker builds its engine when vLLM
+    registers the KV caches (only then are kv dtype, shape and layout known) and serves lookups
+    on ``ipc://…/lmcache-lookup-<engine_id>-<rank>.ipc``.
+
+    Args:
+        vllm_config: vLLM's VllmConfig (``kv_transfer_config`` must be set).
+        is_scheduler: True for the scheduler-side instance.
+        connector: the owning LMCacheConnectorV1Dynamic (source of the bound metadata).
+    Raises:
+        ValueError: a bad lmcache configuration (unknown key, bad value) or kv_role.
+    """
+
+    def __init__(self, vllm_config, is_scheduler: bool, connector):
+        self._vllm_config = vllm_config
+        self._connector = connector
+        kvt = vllm_config.kv_transfer_config
+        self.cfg = compose_from_vllm({k: v for k, v in (kvt.kv_connector_extra_config or {}).items()})
+        self.kv_role = kvt.kv_role or "kv_both"
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.chunk_size = int(self.cfg.chunk_size)
+        self.engine_id = str(kvt.engine_id)
+        self.tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
+        self.container = None
+        self.worker = None
+        self.lookup_server = None
+        if is_scheduler:
+            self.planner = ConnectorPlanner(self.chunk_size, self.block_size, self.kv_role,
+                                            bool(self.cfg.get("save_decode_cache", False)))
+            timeout_ms = int(float(self.cfg.get("blocking_timeout_secs", 10)) * 1000)
+            self.lookup_client = LookupClient([lookup_address(self.engine_id, r) for r in range(self.tp_size)],
+                                              timeout_ms=timeout_ms)
+            self._requests: dict[str, Any] = {}
+            self._pending_unpins: list[str] = []
+
+    # ------------------------------------------------------------------ scheduler side
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.kv_role == "kv_producer":
+            return 0, False
+        tokens = list(request.all_token_ids)
+        hit = self.lookup_client.lookup(tokens, request.request_id, _request_configs(request))
+        need = self.planner.on_lookup(request.request_id, len(tokens), num_computed_tokens, hit)
+        return need, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._requests[request.request_id] = request
+        self.planner.on_alloc(request.request_id, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> LMCacheConnectorMetadata:
+        meta = LMCacheConnectorMetadata(unpin_ids=self._pending_unpins)
+        self._pending_unpins = []
+        for req_id in scheduler_output.finished_req_ids:
+            self.planner.finish(req_id)
+            self._requests.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            request = self._requests.get(new.req_id)
+            tokens = list(request.all_token_ids) if request is not None else list(new.prompt_token_ids or [])
+            prompt_len = len(new.prompt_token_ids or tokens)
+            plan, unpin = self.planner.plan_new(
+                new.req_id, tokens, prompt_len, new.block_ids[0], new.num_computed_tokens,
+                scheduler_output.num_scheduled_tokens.get(new.req_id, 0),
+                _request_configs(request) if request is not None else None)
+            if plan is not None:
+                meta.requests.append(plan)
+            if unpin:
+                meta.unpin_ids.append(new.req_id)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            request = self._requests.get(req_id)
+            if request is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            plan = self.planner.plan_cached(
+                req_id, list(request.all_token_ids), None if new_blocks is None else new_blocks[0],
+                req_id in cached.resumed_req_ids, cached.num_computed_tokens[i],
+                scheduler_output.num_scheduled_tokens.get(req_id, 0))
+            if plan is not None:
+                meta.requests.append(plan)
+        return meta
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        # Release lookup pins of a request that never reached a worker (aborted, rejected).
+        self._pending_unpins.append(request.request_id)
+        return False, None
+
+    # ------------------------------------------------------------------ worker side
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        from vllm.model_executor.models.utils import extract_layer_index
+        from vllm.platforms import current_platform
+
+        from lmcache.containers import build_worker_container
+        from lmcache.distributed.lookup.server import LookupServer
+        from lmcache.integration.vllm.worker import ConnectorWorker
+
+        names = sorted(kv_caches, key=extract_layer_index)
+        tensors = [kv_caches[n] for n in names]
+        model_config = self._vllm_config.model_config
+        layout = layout_from_vllm(tensors[0], model_config.get_head_size(), bool(model_config.use_mla),
+                                  current_platform.is_cpu())
+        rank = get_tensor_model_parallel_rank()
+        metadata = metadata_from_vllm(self._vllm_config, tensors, layout, self.chunk_size, rank)
+        self.container = build_worker_container(self.cfg, metadata, layout)
+        engine = self.container.engine()
+        self.worker = ConnectorWorker(engine, tensors, layout.block_size)
+        self.lookup_server = LookupServer(engine, lookup_address(self.engine_id, rank))
+        logger.info("lmcache worker %d ready: %s, layout %s, lookup at %s", rank, metadata, layout.kind,
+                    self.lookup_server.address)
+
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        if self.worker is not None:
+            self.worker.load(self._connector._get_connector_metadata())
+
+    def wait_for_save(self) -> None:
+        if self.worker is not None:
+            self.worker.save(self._connector._get_connector_metadata())
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set() if self.worker is None else self.worker.take_invalid_block_ids()
+
+    def shutdown(self) -> None:
+        if self.lookup_server is not None:
+            self.lookup_server.close()
+            self.lookup_server = None
+        if self.container is not None:
+            from lmcache.containers import shutdown
+            shutdown(self.container)
+            self.container = None
+        if getattr(self, "lookup_client", None) is not None:
+            self.lookup_client.close()
+            self.lookup_client = None

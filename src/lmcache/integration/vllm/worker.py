@@ -1,0 +1,87 @@
+"""LMCacheWorker side of the vLLM integration: runs the loads and saves a step's metadata asks for."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lmcache.integration.vllm.specs import LMCacheConnectorMetadata, ReqMeta
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectorWorker:
+    """Executes ReqMeta loads (before the forward pass) and saves (after it) on one worker.
+
+    Args:
+        engine: the worker's LMCacheEngine.
+        kv_caches: vLLM's paged KV tensors, one per attention layer, in layer order.
+        block_size: vLLM block size in tokens (slot // block_size = block id).
+    """
+
+    def __init__(self, engine, kv_caches: list[torch.Tensor], block_size: int):
+        self.engine = engine
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self._invalid_block_ids: set[int] = set()
+        self.loaded_tokens = 0
+        self.failed_loads = 0
+        self.failed_saves = 0
+
+    def load(self, meta: LMCacheConnectorMetadata) -> None:
+        """Retrieve every request's needed tokens into the paged cache, then release lookup pins.
+
+        Tokens that lmcache could not deliver are reported through
+        :meth:`take_invalid_block_ids`, so vLLM recomputes them instead of reading garbage.
+        """
+        for req in meta.requests:
+            if req.load_spec is not None:
+                self._load_one(req)
+        for lookup_id in meta.unpin_ids:
+            try:
+                self.engine.lookup_unpin(lookup_id)
+            except Exception:  # releasing pins must never fail a step
+                logger.exception("lookup_unpin(%s) failed", lookup_id)
+
+    def _load_one(self, req: ReqMeta) -> None:
+        end = req.load_fetch_end
+        tokens = req.token_ids[:end]
+        token_mask = torch.ones(end, dtype=torch.bool)
+        token_mask[: req.load_skip_tokens] = False
+        slots = req.slot_mapping[:end].clone()
+        slots[: req.load_from] = -1  # vLLM already holds these: never overwrite its blocks
+        slots[req.load_end:] = -1  # beyond what vLLM takes from lmcache
+        try:
+            ret_mask = self.engine.retrieve(tokens, token_mask, kvcaches=self.kv_caches, slot_mapping=slots,
+                                            request_configs=req.request_configs)
+            ok = ret_mask[req.load_from: req.load_end]
+        except Exception:
+            logger.exception("retrieve for request %s failed; vLLM will recompute", req.req_id)
+            ok = torch.zeros(req.load_end - req.load_from, dtype=torch.bool)
+        self.loaded_tokens += int(ok.sum())
+        if not bool(ok.all()):
+            self.failed_loads += 1
+            missing = req.slot_mapping[req.load_from: req.load_end][~ok]
+            self._invalid_block_ids.update(int(b) for b in torch.unique(missing // self.block_size))
+
+    def save(self, meta: LMCacheConnectorMetadata) -> None:
+        """Store every request's new chunks (after the forward pass wrote their KV)."""
+        for req in meta.requests:
+            spec = req.save_spec
+            if spec is None or not spec.can_save:
+                continue
+            end = req.save_end
+            store_mask = torch.ones(end, dtype=torch.bool)
+            store_mask[: spec.skip_leading_tokens] = False
+            try:
+                self.engine.store(req.token_ids[:end], store_mask, kvcaches=self.kv_caches,
+                                  slot_mapping=req.slot_mapping[:end], request_configs=req.request_configs)
+            except Exception:  # a failed store costs future hits, never the request
+                self.failed_saves += 1
+                logger.exception("store for request %s failed", req.req_id)
+
+    def take_invalid_block_ids(self) -> set[int]:
+        """Block ids whose load failed since the last call (then forgotten)."""
+        out, self._invalid_block_ids = self._invalid_block_ids, set()
+        return out

@@ -1,0 +1,1 @@
+"""Serde: turns MemoryObjs into remote wire bytes and back (options: naive)."""

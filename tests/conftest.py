@@ -1,0 +1,45 @@
+"""Shared test fixtures.
+
+Every CPUMemoryAllocator created during a test must be empty (no live MemoryObj) when the test
+ends: the autouse fixture ``_allocators_empty_after_test`` checks it with
+:func:`assert_allocators_empty` (DESIGN.md §4.8). Tests may also call the ``assert_allocators_empty``
+fixture themselves at any point.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Iterable, Optional
+
+import pytest
+
+from lmcache.memory.cpu import CPUMemoryAllocator
+
+
+def assert_allocators_empty(allocators: Optional[Iterable[CPUMemoryAllocator]] = None) -> None:
+    """Assert that each allocator (default: every live one) has no active allocation and a
+    consistent free list."""
+    gc.collect()
+    targets = CPUMemoryAllocator.live_instances() if allocators is None else list(allocators)
+    problems = [
+        repr(a) for a in targets if a.num_active_allocations != 0 or a.used_bytes != 0
+        or not a.memcheck()
+    ]
+    assert not problems, "allocators not empty after test: " + "; ".join(problems)
+
+
+@pytest.fixture(name="assert_allocators_empty")
+def assert_allocators_empty_fixture():
+    """The :func:`assert_allocators_empty` helper as a fixture."""
+    return assert_allocators_empty
+
+
+@pytest.fixture(autouse=True)
+def _allocators_empty_after_test():
+    existing = CPUMemoryAllocator.live_instances()  # held, so their ids stay unique
+    before = set(map(id, existing))
+    yield
+    gc.collect()
+    created = [a for a in CPUMemoryAllocator.live_instances() if id(a) not in before]
+    del existing
+    assert_allocators_empty(created)

@@ -21,8 +21,9 @@
 //
 // Semantics (the torch reference, lmcache/gpu_connector/kv_transfer.py): token t uses
 // slot_mapping[slot_index0 + t]; gathering a slot < 0 writes zeros, scattering it is skipped; a
-// slot >= num_slots is never dereferenced: it is skipped (gather writes zeros) and *error_flag is
-// set to 1 so that the host raises. Data move as raw bytes (VecT words of 16, 8, 4, 2 or 1 bytes),
+// slot >= num_slots is never dereferenced: it is skipped (gather writes zeros) and error_flag[0] is
+// set to 1 so that the host raises; a gather that met a slot < 0 sets error_flag[1] (the store
+// path rejects padding). Both flags are plain stores of 1 into mapped pinned host memory. Data move as raw bytes (VecT words of 16, 8, 4, 2 or 1 bytes),
 // so the result is bit-exact for every dtype.
 //
 // Thread mapping: threadIdx.x walks the H*D bytes of one token row (in VecT words: the MemoryObj
@@ -58,7 +59,7 @@ __device__ __forceinline__ void lmc_paged_kv_transfer(
     unsigned long long single_layer_base,
     const long long* __restrict__ chunk_desc,            // [num_chunks, LMC_DESC_WORDS]
     const long long* __restrict__ slot_mapping,          // int64 slots (device memory)
-    int* __restrict__ error_flag,                        // mapped host int, set to 1 on a bad slot
+    int* __restrict__ error_flag,                        // mapped host int[2], see below
     long long num_slots,                                 // valid slots are [0, num_slots)
     long long block_stride, long long tok_stride, long long head_stride, long long kv_stride,
     int block_size, int num_layers, int num_kv, int words_per_head, int words_per_row) {
@@ -91,7 +92,8 @@ __device__ __forceinline__ void lmc_paged_kv_transfer(
         const int l = q / num_kv;
         const long long slot = slot_mapping[slot0 + t];
         const bool bad = slot >= num_slots;
-        if (bad) *error_flag = 1;
+        if (bad) error_flag[0] = 1;
+        if (!TO_PAGED && slot < 0) error_flag[1] = 1;  // padding gathered as zeros
         const bool valid = slot >= 0 && !bad;
         char* const obj_addr = obj + l * obj_l + k * obj_k + (long long)t * obj_t + col_obj;
         char* paged_addr = nullptr;

@@ -9,6 +9,7 @@ global Hydra state is restored afterwards).
 
 from __future__ import annotations
 
+import importlib.resources
 import threading
 from collections.abc import Sequence
 
@@ -48,6 +49,40 @@ def register_resolvers() -> None:
     """Register lmcache's OmegaConf resolvers (idempotent)."""
     if not OmegaConf.has_resolver("lmcache.gib_to_bytes"):
         OmegaConf.register_new_resolver("lmcache.gib_to_bytes", gib_to_bytes)
+
+
+def _conf_dir(group: str = ""):
+    node = importlib.resources.files(CONFIG_MODULE)
+    for part in filter(None, group.split("/")):
+        node = node / part
+    return node
+
+
+def list_options(group: str) -> list[str]:
+    """Option names of a config group of the installed tree, e.g. ``list_options(
+    "storage/policy") == ["fifo", "lfu", "lru", "mru"]``; ``[]`` for an unknown group."""
+    node = _conf_dir(group)
+    if not node.is_dir():
+        return []
+    return sorted(p.name[: -len(".yaml")] for p in node.iterdir()
+                  if p.name.endswith(".yaml") and p.is_file())
+
+
+def list_groups() -> list[str]:
+    """Every config group (a folder holding option YAML files) of the installed tree,
+    as ``/``-separated paths, sorted (e.g. ``["allocator", ..., "storage/backends"]``)."""
+    groups: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")):
+                path = f"{prefix}{child.name}"
+                if list_options(path):
+                    groups.append(path)
+                walk(child, path + "/")
+
+    walk(_conf_dir(), "")
+    return sorted(groups)
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:

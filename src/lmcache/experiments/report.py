@@ -117,11 +117,14 @@ def write_csv(rows: Rows, path: str | os.PathLike, columns: Sequence[str] = ROUN
 
 
 def request_rows(passes: dict[str, Rows | None]) -> list[dict[str, Any]]:
-    """Flatten ``{pass name: per-request rows}`` into rows with :data:`REQUEST_COLUMNS`."""
+    """Flatten ``{pass name: per-request rows}`` into rows with :data:`REQUEST_COLUMNS`
+    (``round`` 1-based, as in the summary)."""
     out = []
     for name, rows in passes.items():
         for r in rows or ():
-            out.append({"pass": name, **{c: r[c] for c in REQUEST_COLUMNS if c != "pass"}})
+            row = {"pass": name, **{c: r[c] for c in REQUEST_COLUMNS if c != "pass"}}
+            row["round"] = int(r["round"]) + 1
+            out.append(row)
     return out
 
 
@@ -133,10 +136,10 @@ def render_table(summary: Rows, title: str = "long-document QA: TTFT per round")
         return "—" if v is None else f"{v * 1e3:.1f}"
 
     table = Table(title=title)
-    for name in ("round", "phase", "requests", "prompt tokens", "TTFT w/o lmcache (ms)",
-                 "TTFT with lmcache (ms)", "speedup", "hit tokens w/o", "hit tokens with",
-                 "outputs identical"):
-        table.add_column(name, justify="right")
+    table.caption = "TTFT in ms (mean over the round); hits = tokens loaded, summed over the round"
+    for name in ("round", "phase", "reqs", "prompt", "TTFT w/o", "TTFT lmc", "speedup",
+                 "hits w/o", "hits lmc", "same out"):
+        table.add_column(name, justify="right", no_wrap=True)
     for s in summary:
         speed = "—" if s["speedup"] is None else f"{s['speedup']:.2f}x"
         ident = {None: "—", True: "yes", False: "NO"}[s["outputs_identical"]]

@@ -77,8 +77,8 @@ class VLLMPagedMemGPUConnectorV2(GPUConnectorInterface):
                 raise ValueError(f"kvcaches[{i}]: {err}") from None
             if self.layout.num_blocks(tensor) != blocks:
                 raise ValueError(
-                    f"kvcaches[{i}] has shape {tuple(tensor.shape)}: {self.layout.num_blocks(tensor)}"
-                    f" blocks, kvcaches[0] has {blocks}"
+                    f"kvcaches[{i}] has shape {tuple(tensor.shape)}: "
+                    f"{self.layout.num_blocks(tensor)} blocks, kvcaches[0] has {blocks}"
                 )
 
     # ---- transfers --------------------------------------------------------------------
@@ -134,7 +134,8 @@ class VLLMPagedMemGPUConnectorV2(GPUConnectorInterface):
                 raise ValueError(f"need ints 0 <= start <= end, got start={start!r}, end={end!r}")
             want = self.get_shape(end - start)
             tensor = obj.tensor
-            if tensor.shape != want or tensor.dtype != self.metadata.kv_dtype or obj.fmt != self.fmt:
+            kv_dtype = self.metadata.kv_dtype
+            if tensor.shape != want or tensor.dtype != kv_dtype or obj.fmt != self.fmt:
                 raise ValueError(
                     f"MemoryObj for tokens [{start}, {end}) has shape {tuple(tensor.shape)} "
                     f"dtype {tensor.dtype} fmt {obj.fmt.name}; expected {tuple(want)} "

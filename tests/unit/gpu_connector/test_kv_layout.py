@@ -42,7 +42,8 @@ def test_bad_fields_rejected(args, msg):
 def test_check_tensor_names_shape_dtype_and_expected():
     layout = KVCacheLayout("flash_packed", 16, 4, 64)
     layout.check_tensor(torch.zeros(3, 4, 16, 128, dtype=torch.bfloat16), torch.bfloat16)
-    with pytest.raises(ValueError, match=r"shape \(3, 4, 16, 64\).*expected \[num_blocks, 4, 16, 128\]"):
+    expected = r"shape \(3, 4, 16, 64\).*expected \[num_blocks, 4, 16, 128\]"
+    with pytest.raises(ValueError, match=expected):
         layout.check_tensor(torch.zeros(3, 4, 16, 64))
     with pytest.raises(ValueError, match=r"dtype torch.float16, expected torch.bfloat16"):
         layout.check_tensor(torch.zeros(3, 4, 16, 128, dtype=torch.float16), torch.bfloat16)

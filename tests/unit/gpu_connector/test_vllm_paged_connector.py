@@ -109,15 +109,19 @@ def test_errors_name_shapes_and_dtypes():
         with pytest.raises(ValueError, match="kvcaches has 2 layers, metadata kv_shape .* has 3"):
             conn.from_gpu(obj, 0, 4, kvcaches=caches[:2], slot_mapping=torch.arange(8))
         bad = [c.float() for c in caches]
-        with pytest.raises(ValueError, match=r"kvcaches\[0\].*dtype torch.float32, expected torch.bfloat16"):
+        msg = r"kvcaches\[0\].*dtype torch.float32, expected torch.bfloat16"
+        with pytest.raises(ValueError, match=msg):
             conn.from_gpu(obj, 0, 4, kvcaches=bad, slot_mapping=torch.arange(8))
-        with pytest.raises(ValueError, match=r"shape \(12, 2, 4, 8\).*expected \[num_blocks, 2, 4, 16\]"):
-            conn.to_gpu(obj, 0, 4, kvcaches=[c[..., :8] for c in caches], slot_mapping=torch.arange(8))
+        msg = r"shape \(12, 2, 4, 8\).*expected \[num_blocks, 2, 4, 16\]"
+        with pytest.raises(ValueError, match=msg):
+            conn.to_gpu(obj, 0, 4, kvcaches=[c[..., :8] for c in caches],
+                        slot_mapping=torch.arange(8))
         with pytest.raises(TypeError, match="kvcaches must be a non-empty list"):
             conn.from_gpu(obj, 0, 4, slot_mapping=torch.arange(8))
         with pytest.raises(ValueError, match=r"tokens \[0, 5\).*expected \(2, 3, 5, 16\)"):
             conn.from_gpu(obj, 0, 5, **ok)
-        with pytest.raises(ValueError, match=r"slots in \[-1, 3\]; valid slots are \[0, 47\].*padding"):
+        msg = r"slots in \[-1, 3\]; valid slots are \[0, 47\].*padding"
+        with pytest.raises(ValueError, match=msg):
             conn.from_gpu(obj, 0, 4, kvcaches=caches, slot_mapping=torch.tensor([0, -1, 2, 3]))
         with pytest.raises(ValueError, match=r"slots in \[0, 48\]; valid slots are \[-1, 47\]"):
             conn.to_gpu(obj, 0, 4, kvcaches=caches, slot_mapping=torch.tensor([0, 48, 2, 3]))

@@ -1,0 +1,198 @@
+"""Parsers for LMCache config values (typed YAML values or environment strings) and the
+formatting of a value as a Hydra override.
+
+Every parser returns the parsed value or raises ValueError saying what was expected
+(the caller adds the key and the source).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+_TRUE = {"true", "1", "yes", "y", "on", "t"}
+_FALSE = {"false", "0", "no", "n", "off", "f"}
+_NONE = {"", "none", "null"}
+
+
+def boolean(value: Any) -> bool:
+    """true/false; strings true/1/yes/on and false/0/no/off (any case); ints 0 and 1."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+    raise ValueError("expected a boolean (true/false, 1/0)")
+
+
+def integer(value: Any) -> int:
+    """An int, or a string of one (no bools, no fractions)."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValueError("expected an integer")
+
+
+def number(value: Any) -> float:
+    """A finite int or float, or a string of one (no bools)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value.strip())
+        except ValueError:
+            raise ValueError("expected a number") from None
+    else:
+        raise ValueError("expected a number")
+    if not math.isfinite(result):
+        raise ValueError("expected a finite number")
+    return result
+
+
+def positive_int(value: Any) -> int:
+    result = integer(value)
+    if result <= 0:
+        raise ValueError("expected an integer > 0")
+    return result
+
+
+def positive_float(value: Any) -> float:
+    result = number(value)
+    if result <= 0:
+        raise ValueError("expected a number > 0")
+    return result
+
+
+def non_negative_float(value: Any) -> float:
+    result = number(value)
+    if result < 0:
+        raise ValueError("expected a number >= 0")
+    return result
+
+
+def string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def optional_str(value: Any) -> str | None:
+    """None, or a string; "", "none" and "null" (any case, as from an env var) mean None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string or null")
+    return None if value.strip().lower() in _NONE else value.strip()
+
+
+def local_disk_path(value: Any) -> str | None:
+    """LMCache's local_disk: a directory, plain or as ``file://<path>``; None for no disk."""
+    path = optional_str(value)
+    if path is None:
+        return None
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if not path:
+        raise ValueError("expected a directory path")
+    if "," in path:
+        raise ValueError("expected one directory (several local_disk paths are not supported)")
+    return path
+
+
+def optional_dict(value: Any) -> dict | None:
+    """None, a mapping, or a JSON object string (as from an env var)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in _NONE:
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError("expected a JSON object") from None
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping")
+    return dict(value)
+
+
+def any_list(value: Any) -> list | None:
+    """None, a list, or a comma-separated string of items (as from an env var)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        if value.strip().lower() in _NONE:
+            return None
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return [value]
+
+
+def like(default: Any, value: Any) -> Any:
+    """Parse ``value`` as the type of ``default`` (None default: any value, lists lenient)."""
+    if isinstance(default, bool):
+        return boolean(value)
+    if isinstance(default, int):
+        return integer(value)
+    if isinstance(default, float):
+        return number(value)
+    if isinstance(default, str):
+        return value if isinstance(value, str) else str(value)
+    if isinstance(value, str) and value.strip().lower() in _NONE:
+        return None
+    return value
+
+
+_BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\*)'")
+_TRAILING_BACKSLASHES = re.compile(r"(\\+)$")
+
+
+def override_value(value: Any) -> str:
+    """``value`` written in Hydra's override grammar (strings single-quoted and escaped).
+
+    Raises:
+        ValueError: a value Hydra overrides cannot carry (e.g. a non-identifier dict key).
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot write the non-finite number {value!r} as an override")
+        return repr(value)
+    if isinstance(value, str):
+        # Hydra unescapes \' and a run of backslashes before a quote (2N → N).
+        escaped = _BACKSLASHES_BEFORE_QUOTE.sub(lambda m: m.group(1) * 2 + "\\'", value)
+        escaped = _TRAILING_BACKSLASHES.sub(lambda m: m.group(1) * 2, escaped)
+        return f"'{escaped}'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(x) for x in value) + "]"
+    if isinstance(value, dict):
+        items = []
+        for k, x in value.items():
+            if not (isinstance(k, str) and re.fullmatch(r"[A-Za-z_][\w\-]*", k)):
+                raise ValueError(f"cannot write the dict key {k!r} as an override "
+                                 "(expected letters, digits, '_' or '-')")
+            items.append(f"{k}:{override_value(x)}")
+        return "{" + ",".join(items) + "}"
+    raise ValueError(f"cannot write a {type(value).__name__} ({value!r}) as an override")

@@ -1,0 +1,262 @@
+"""The component graph of one lmcache process, wired from a composed config.
+
+This is the only module that sees the whole graph. The containers wire **slots, not
+implementations**: each slot's option names its class with ``_target_`` and
+:func:`build` instantiates it, passing only the shared collaborators its constructor
+names (``metadata``, ``allocator``, ``policy``, ``allocator_backend``, ``serde``,
+``remote_connector``, ``layout``, ``token_database``, ``gpu_connector``,
+``storage_manager``, ``engine``). Collaborators are built lazily: a tier that does not
+ask for ``serde`` never causes one to be built; each tier that asks for ``policy`` gets
+its own CachePolicy; every tier shares the one allocator.
+
+Use::
+
+    container = build_worker_container(cfg, metadata, layout)
+    engine = container.engine()          # builds what the engine needs, once
+    ...
+    shutdown(container)                  # closes engine → tiers → connector → allocator
+
+Tests replace a slot with e.g. ``container.storage_manager.override(providers.Object(m))``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
+
+from dependency_injector import containers, providers
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from lmcache.config.checks import check_config
+from lmcache.engine.lmcache_engine import LMCacheEngine
+from lmcache.gpu_connector.kv_layout import KVCacheLayout
+from lmcache.metadata import LMCacheMetadata
+from lmcache.storage.manager import StorageManager
+
+logger = logging.getLogger(__name__)
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def _materialize(value: Any) -> Any:
+    """Nested option values: a mapping with ``_target_`` is built, containers recursed."""
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            return build(value)
+        return {k: _materialize(x) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_materialize(x) for x in value]
+    return value
+
+
+def build(node: Mapping[str, Any] | DictConfig | None, **shared: Any) -> Any:
+    """Instantiate one config option; pass it only the shared objects its constructor names.
+
+    Args:
+        node: the option (``{"_target_": "pkg.module.Class", <keyword values>...}``), or
+            None for a null option (``blend=none``), which builds nothing.
+        **shared: collaborators offered to the constructor; one it does not name is not
+            passed (and, if it is a provider, not built). A provider value is called.
+
+    Returns:
+        The new object, or None for a None node.
+
+    Raises:
+        ValueError: the node has no ``_target_``, uses another ``_key_``, or sets a key that
+            is also a shared collaborator; errors of the import or of the constructor
+            propagate with a note naming the target.
+    """
+    if node is None:
+        return None
+    node = _plain(node)
+    if not isinstance(node, Mapping) or not isinstance(node.get("_target_"), str):
+        raise ValueError(f"a config option must be a mapping with a _target_ class path, got {node!r}")
+    target = node["_target_"]
+    special = [k for k in node if k.startswith("_") and k.endswith("_") and k != "_target_"]
+    if special:
+        raise ValueError(f"option {target}: unsupported keys {special} (options hold _target_ "
+                         "and keyword values only)")
+    kwargs = {k: _materialize(x) for k, x in node.items() if k != "_target_"}
+    try:
+        cls = get_class(target)
+        params = inspect.signature(cls).parameters
+        for name, value in shared.items():
+            if name not in params:
+                continue
+            if name in kwargs:
+                raise ValueError(f"option {target} sets {name!r}, which is a shared collaborator "
+                                 "injected by the container; remove it from the option file")
+            kwargs[name] = value() if isinstance(value, providers.Provider) else value
+        return cls(**kwargs)
+    except Exception as e:
+        e.add_note(f"(while building the config option {target})")
+        raise
+
+
+def _is_allocator_backend(tier: Any) -> bool:
+    return callable(getattr(tier, "allocate", None))
+
+
+def build_tiers(nodes: Mapping[str, Any] | DictConfig | None, **shared: Any) -> list:
+    """Build the ordered storage tiers (``storage.backends``, in list order).
+
+    The first tier that can allocate (the LocalCPUBackend) becomes the
+    ``allocator_backend`` offered to the tiers after it. If a tier fails to build, the
+    tiers already built are closed before the error propagates.
+
+    Raises:
+        ValueError: no tier; errors of :func:`build`.
+    """
+    nodes = _plain(nodes)
+    if not nodes:
+        raise ValueError("storage/backends is empty: give at least one tier")
+    tiers: list = []
+    allocator_backend = shared.pop("allocator_backend", None)
+    try:
+        for node in nodes.values():
+            tier = build(node, allocator_backend=allocator_backend, **shared)
+            if allocator_backend is None and _is_allocator_backend(tier):
+                allocator_backend = tier
+            tiers.append(tier)
+    except BaseException:
+        for tier in reversed(tiers):
+            _close(tier)
+        raise
+    return tiers
+
+
+def find_allocator_backend(tiers: list) -> Any:
+    """The allocator_backend of a tier list: the first tier that can allocate, or None."""
+    return next((t for t in tiers if _is_allocator_backend(t)), None)
+
+
+def _built(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[Any]:
+    """Resource body: build once; closing is done by :func:`shutdown`, which knows owners."""
+    yield factory(*args, **kwargs)
+
+
+def _resource(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> providers.Resource:
+    return providers.Resource(_built, factory, *args, **kwargs)
+
+
+class SchedulerContainer(containers.DeclarativeContainer):
+    """The scheduler process: the token database only (no allocator, no tiers)."""
+
+    config = providers.Configuration()
+    metadata = providers.Dependency(instance_of=LMCacheMetadata)
+    token_database = providers.Singleton(build, config.token_database, metadata=metadata.provider)
+
+
+class WorkerContainer(containers.DeclarativeContainer):
+    """One worker process: the whole graph, one provider per slot."""
+
+    config = providers.Configuration()
+    metadata = providers.Dependency(instance_of=LMCacheMetadata)
+    layout = providers.Dependency(instance_of=KVCacheLayout)  # from the serving engine
+
+    token_database = providers.Singleton(build, config.token_database, metadata=metadata.provider)
+    allocator = _resource(build, config.allocator, metadata=metadata.provider)
+    policy = providers.Factory(build, config.storage.policy)  # one per tier that asks
+    serde = providers.Singleton(build, config.serde, metadata=metadata.provider)
+    remote_connector = _resource(build, config.remote_connector, metadata=metadata.provider)
+    backends = _resource(
+        build_tiers, config.storage.backends,
+        metadata=metadata.provider, allocator=allocator.provider, policy=policy.provider,
+        serde=serde.provider, remote_connector=remote_connector.provider,
+    )
+    allocator_backend = providers.Callable(find_allocator_backend, backends)
+    storage_manager = _resource(StorageManager, backends=backends,
+                                allocator_backend=allocator_backend)
+    gpu_connector = _resource(build, config.gpu_connector, metadata=metadata.provider,
+                              layout=layout.provider)
+    engine = _resource(LMCacheEngine, metadata=metadata, token_database=token_database,
+                       gpu_connector=gpu_connector, storage_manager=storage_manager)
+    blender = _resource(
+        build, config.blend,
+        metadata=metadata.provider, engine=engine.provider, token_database=token_database.provider,
+        gpu_connector=gpu_connector.provider, storage_manager=storage_manager.provider,
+    )
+
+
+def _config_dict(cfg: DictConfig | Mapping[str, Any]) -> dict:
+    plain = _plain(cfg)
+    if not isinstance(plain, Mapping):
+        raise TypeError(f"cfg must be a DictConfig or a mapping, got {type(cfg).__name__}")
+    return dict(plain)
+
+
+def build_worker_container(cfg: DictConfig | Mapping[str, Any], metadata: LMCacheMetadata,
+                           layout: KVCacheLayout) -> WorkerContainer:
+    """A worker container for ``cfg`` (checked first); nothing is built until asked for.
+
+    Raises:
+        ValueError: a cross-group invariant fails (:func:`lmcache.config.checks.check_config`).
+    """
+    plain = _config_dict(cfg)
+    check_config(plain, metadata, role="worker")
+    container = WorkerContainer(metadata=metadata, layout=layout)
+    container.config.from_dict(plain)
+    return container
+
+
+def build_scheduler_container(cfg: DictConfig | Mapping[str, Any],
+                              metadata: LMCacheMetadata) -> SchedulerContainer:
+    """A scheduler container for ``cfg``: only the token database (checked first).
+
+    Raises:
+        ValueError: chunk_size invalid or different from ``metadata``'s.
+    """
+    plain = _config_dict(cfg)
+    check_config(plain, metadata, role="scheduler")
+    container = SchedulerContainer(metadata=metadata)
+    container.config.from_dict(plain)
+    return container
+
+
+def _close(obj: Any) -> None:
+    close = getattr(obj, "close", None)
+    if not callable(close):
+        return
+    try:
+        close()
+    except Exception:  # noqa: BLE001 - shutdown goes on; the failure is logged
+        logger.exception("closing %s failed", type(obj).__name__)
+
+
+def shutdown(container: containers.Container) -> None:
+    """Close everything ``container`` built, each object once, users before what they use.
+
+    Ownership: the engine closes its storage manager, which closes its tiers; so only the
+    top-most of engine / storage_manager / backends that was built is closed. Then the
+    blender, the gpu connector, the remote connector and the allocator. A failing close is
+    logged and the rest still close. Calling it again is a no-op until something is rebuilt.
+    """
+    def built(name: str) -> Any:
+        provider = getattr(container, name, None)
+        if isinstance(provider, providers.Resource) and provider.initialized:
+            return provider()
+        return None
+
+    blender = built("blender")
+    if blender is not None:
+        _close(blender)
+    engine, manager, tiers = built("engine"), built("storage_manager"), built("backends")
+    if engine is not None:
+        _close(engine)
+    elif manager is not None:
+        _close(manager)
+    elif tiers is not None:
+        for tier in reversed(tiers):
+            _close(tier)
+    for name in ("gpu_connector", "remote_connector", "allocator"):
+        obj = built(name)
+        if obj is not None:
+            _close(obj)
+    container.shutdown_resources()

@@ -1,0 +1,299 @@
+"""LMCacheEngine: store / retrieve / lookup of KV chunks for one worker (DESIGN.md §1, §4)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Optional, Union
+
+import torch
+
+from lmcache.gpu_connector.base import GPUConnectorInterface
+from lmcache.keys import CacheEngineKey
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.memory.memory_obj import MemoryObj
+from lmcache.metadata import LMCacheMetadata
+from lmcache.observability.stats import LMCStatsMonitor
+from lmcache.token_database.base import TokenDatabase, Tokens
+
+logger = logging.getLogger(__name__)
+
+_ENGINE_KWARGS = ("request_configs", "lookup_id", "req_id")  # not for the connector
+
+
+class LMCacheEngine:
+    """Joins the token database, GPU connector and storage tiers of one worker.
+
+    Data paths (DESIGN.md §1): store = chunks → allocate → gather (connector) → every tier;
+    retrieve = chunks → longest contiguous prefix over the tiers → scatter → ret_mask;
+    lookup = how many leading tokens are cached (optionally pinned until ``lookup_unpin``).
+    Reference counts (§4.8): the store path hands its allocation to ``batched_put``, which
+    drops it; every object returned by ``batched_get`` is released here after the scatter.
+
+    Transfer kwargs of ``store``/``retrieve`` (forwarded to the connector): ``kvcaches``
+    (list of per-layer paged tensors), ``slot_mapping`` (int tensor of the full sequence's
+    slots, -1 = padding), ``offset`` (leading tokens not covered by slot_mapping). Engine
+    kwargs: ``request_configs`` (dict; ``lmcache.tag.<t>`` entries become key tags),
+    ``lookup_id`` / ``req_id`` (retrieve releases that lookup's pins).
+
+    Args:
+        metadata: this worker's LMCacheMetadata.
+        token_database: cuts tokens into (start, end, key) chunks.
+        gpu_connector: moves KV between the paged cache and MemoryObjs.
+        storage_manager: the tiers (``lmcache.storage.manager.StorageManager`` interface).
+
+    Attributes:
+        stats: LMCStatsMonitor with this engine's counters (own Prometheus registry).
+    """
+
+    def __init__(
+        self,
+        metadata: LMCacheMetadata,
+        token_database: TokenDatabase,
+        gpu_connector: GPUConnectorInterface,
+        storage_manager,
+    ) -> None:
+        for name, value, cls in (
+            ("metadata", metadata, LMCacheMetadata),
+            ("token_database", token_database, TokenDatabase),
+            ("gpu_connector", gpu_connector, GPUConnectorInterface),
+        ):
+            if not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+        self.metadata = metadata
+        self.token_database = token_database
+        self.gpu_connector = gpu_connector
+        self.storage_manager = storage_manager
+        self.fmt = MemoryFormat.KV_MLA_FMT if metadata.use_mla else MemoryFormat.KV_2LTD
+        self.stats = LMCStatsMonitor(metadata.model_name, metadata.worker_id)
+        self._lookup_pins: dict[object, list[CacheEngineKey]] = {}
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()  # log-once topics
+        self._closed = False
+
+    # ---- store --------------------------------------------------------------------------
+    def store(self, tokens: Tokens, mask: Optional[torch.Tensor] = None, **kwargs) -> int:
+        """Store the KV of the chunks of ``tokens`` selected by ``mask`` (store_mask).
+
+        Chunks already cached in some tier are skipped. When memory runs out the prefix of
+        chunks that fit is stored and the rest is counted in ``failed_store_tokens`` (logged
+        once); a store never blocks waiting for memory.
+
+        Args:
+            tokens: 1-D int tensor or list of ints, the whole sequence.
+            mask: 1-D bool tensor, False prefix (already stored, a multiple of chunk_size).
+            **kwargs: transfer kwargs and ``request_configs`` (see the class docstring).
+
+        Returns:
+            Number of tokens newly stored.
+
+        Raises:
+            ValueError / TypeError: bad mask, tokens, kvcaches (naming shape/dtype) or slots.
+            RuntimeError: the engine is closed.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        xfer = self._transfer_kwargs(kwargs)
+        chunks = list(self.token_database.process_tokens(
+            tokens, mask, request_configs=kwargs.get("request_configs")))
+        self.stats.inc("store_requests")
+        self.stats.inc("store_requested_tokens", sum(e - s for s, e, _ in chunks))
+        keys, objs, starts, ends = [], [], [], []
+        skipped = failed = 0
+        for start, end, key in chunks:
+            if self.storage_manager.contains_prefix([key]) == 1:
+                skipped += end - start
+                continue
+            obj = self.storage_manager.allocate(
+                self.gpu_connector.get_shape(end - start), self.metadata.kv_dtype, self.fmt)
+            if obj is None:
+                failed = chunks[-1][1] - start
+                break
+            keys.append(key), objs.append(obj), starts.append(start), ends.append(end)
+        if objs:
+            try:
+                self.gpu_connector.batched_from_gpu(objs, starts, ends, **xfer)
+            except BaseException:
+                for obj in objs:
+                    obj.ref_count_down()
+                raise
+            self.storage_manager.batched_put(keys, objs)
+        stored = sum(e - s for s, e in zip(starts, ends))
+        self.stats.inc("stored_tokens", stored)
+        self.stats.inc("store_skipped_tokens", skipped)
+        if failed:
+            self._count_failed_store(failed, stored)
+        self.stats.observe("store_seconds", time.perf_counter() - t0)
+        return stored
+
+    def _count_failed_store(self, failed: int, stored: int) -> None:
+        self.stats.inc("failed_stores")
+        self.stats.inc("failed_store_tokens", failed)
+        self._warn_once("memory", "no memory for %d tokens (stored %d); further failures are "
+                        "only counted in lmcache_failed_store_tokens", failed, stored)
+
+    def _warn_once(self, topic: str, msg: str, *args) -> None:
+        """Warn the first time per topic, then log at debug level."""
+        log = logger.debug if topic in self._warned else logger.warning
+        self._warned.add(topic)
+        log("LMCacheEngine: " + msg, *args)
+
+    # ---- retrieve -----------------------------------------------------------------------
+    def retrieve(
+        self, tokens: Tokens, mask: Optional[torch.Tensor] = None, **kwargs
+    ) -> torch.Tensor:
+        """Load the longest cached contiguous prefix of chunks into the paged cache.
+
+        Args:
+            tokens: 1-D int tensor or list of ints, the whole sequence.
+            mask: token_mask, 1-D bool, False prefix (vLLM already has those tokens; a
+                multiple of chunk_size).
+            **kwargs: transfer kwargs, ``request_configs``, ``lookup_id`` or ``req_id``
+                (that lookup's pins are released when the retrieve ends, also on error).
+
+        Returns:
+            ret_mask: CPU bool tensor ``[len(tokens)]``, True exactly for the tokens loaded.
+
+        Raises:
+            ValueError / TypeError: bad mask, tokens, kvcaches or slots.
+            RuntimeError: the engine is closed.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        lookup_id = kwargs.get("lookup_id", kwargs.get("req_id"))
+        try:
+            xfer = self._transfer_kwargs(kwargs)
+            chunks = list(self.token_database.process_tokens(
+                tokens, mask, request_configs=kwargs.get("request_configs")))
+            ret_mask = torch.zeros(len(tokens), dtype=torch.bool)
+            self.stats.inc("retrieve_requests")
+            self.stats.inc("retrieve_requested_tokens", sum(e - s for s, e, _ in chunks))
+            loaded = self._load_prefix(chunks, xfer)
+            if loaded:
+                ret_mask[chunks[0][0]:chunks[loaded - 1][1]] = True
+                self.stats.inc("retrieve_hit_tokens", chunks[loaded - 1][1] - chunks[0][0])
+        finally:
+            if lookup_id is not None:
+                self.lookup_unpin(lookup_id)
+        self.stats.observe("retrieve_seconds", time.perf_counter() - t0)
+        return ret_mask
+
+    def _load_prefix(self, chunks: list, xfer: dict) -> int:
+        """Scatter the contiguous cached prefix of ``chunks``; returns how many chunks."""
+        keys = [key for _, _, key in chunks]
+        hits = self.storage_manager.contains_prefix(keys) if keys else 0
+        objs: list[Optional[MemoryObj]] = (
+            self.storage_manager.batched_get(keys[:hits]) if hits else [])
+        good = 0
+        for (start, end, _), obj in zip(chunks, objs):
+            if obj is None or not self._usable(obj, end - start):
+                break
+            good += 1
+        try:
+            if good:
+                self.gpu_connector.batched_to_gpu(
+                    objs[:good], [c[0] for c in chunks[:good]], [c[1] for c in chunks[:good]],
+                    **xfer)
+        finally:
+            for obj in objs:
+                if obj is not None:
+                    obj.ref_count_down()
+        return good
+
+    def _usable(self, obj: MemoryObj, num_tokens: int) -> bool:
+        """A tier's object of the wrong shape/dtype is a miss, never wrong KV."""
+        want = self.gpu_connector.get_shape(num_tokens)
+        if obj.shape == want and obj.dtype == self.metadata.kv_dtype:
+            return True
+        self._warn_once("bad_obj", "cached object %r does not match expected shape %s dtype %s;"
+                        " treated as a miss", obj, tuple(want), self.metadata.kv_dtype)
+        return False
+
+    # ---- lookup -------------------------------------------------------------------------
+    def lookup(
+        self,
+        tokens: Tokens,
+        pin: bool = False,
+        lookup_id: object = None,
+        request_configs: Optional[dict] = None,
+    ) -> int:
+        """Number of leading tokens cached (contiguous chunk prefix over the tiers).
+
+        A trailing partial chunk counts when it is stored (save_unfull_chunk). With
+        ``pin=True`` the counted chunks stay pinned (not evictable) until
+        ``lookup_unpin(lookup_id)`` or a ``retrieve(..., lookup_id=...)``.
+
+        Raises:
+            ValueError: ``pin=True`` without a ``lookup_id``; bad tokens.
+            RuntimeError: the engine is closed.
+        """
+        self._check_open()
+        if pin and lookup_id is None:
+            raise ValueError("lookup(pin=True) needs a lookup_id to release the pins with")
+        chunks = list(self.token_database.process_tokens(tokens, request_configs=request_configs))
+        keys = [key for _, _, key in chunks]
+        hits = self.storage_manager.contains_prefix(keys, pin=pin) if keys else 0
+        hit_tokens = chunks[hits - 1][1] if hits else 0
+        if pin and hits:
+            with self._lock:
+                self._lookup_pins.setdefault(lookup_id, []).extend(keys[:hits])
+                self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
+        self.stats.inc("lookup_requests")
+        self.stats.inc("lookup_tokens", len(tokens))
+        self.stats.inc("lookup_hit_tokens", hit_tokens)
+        return hit_tokens
+
+    def lookup_unpin(self, lookup_id: Union[object, Iterable[object]]) -> None:
+        """Release the pins taken by ``lookup(..., pin=True, lookup_id=...)``.
+
+        Accepts one id or a list/tuple of ids; unknown ids are ignored (the integration calls
+        this for every finished request).
+        """
+        ids = lookup_id if isinstance(lookup_id, (list, tuple)) else [lookup_id]
+        keys: list[CacheEngineKey] = []
+        with self._lock:
+            for one in ids:
+                keys.extend(self._lookup_pins.pop(one, ()))
+            self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
+        if keys:
+            self.storage_manager.unpin(keys)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def clear(self) -> None:
+        """Release every lookup pin and drop every stored chunk from every tier."""
+        self._release_all_pins()
+        self.storage_manager.clear()
+
+    def close(self) -> None:
+        """Release pins and close the storage manager. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release_all_pins()
+        self.storage_manager.close()
+
+    def _release_all_pins(self) -> None:
+        self.lookup_unpin(list(self._lookup_pins))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("LMCacheEngine is closed")
+
+    def _transfer_kwargs(self, kwargs: dict) -> dict:
+        """The connector's kwargs, with ``kvcaches`` checked against the metadata."""
+        xfer = {k: v for k, v in kwargs.items() if k not in _ENGINE_KWARGS}
+        kvcaches = xfer.get("kvcaches")
+        self.gpu_connector.validate_kvcaches(kvcaches)
+        md = self.metadata
+        if len(kvcaches) != md.num_layers:
+            raise ValueError(
+                f"kvcaches has {len(kvcaches)} layers, metadata kv_shape {md.kv_shape} has "
+                f"{md.num_layers}")
+        for i, tensor in enumerate(kvcaches):
+            if tensor.dtype != md.kv_dtype:
+                raise ValueError(
+                    f"kvcaches[{i}] has dtype {tensor.dtype} (shape {tuple(tensor.shape)}), "
+                    f"metadata kv_dtype is {md.kv_dtype}")
+        return xfer

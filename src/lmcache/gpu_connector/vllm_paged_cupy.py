@@ -1,0 +1,205 @@
+"""VLLMPagedMemGPUConnectorV2Cupy: VLLMPagedMemGPUConnectorV2 whose transfers run the csrc kernels.
+
+Same MemoryObj format and semantics as the torch connector (KV_2LTD ``[2, L, T, H*D]``,
+KV_MLA_FMT ``[1, L, T, D]``; store rejects padding slots, retrieve skips them), but when the KV
+cache is on a CUDA device every chunk of a batched call moves in ONE kernel launch
+(``csrc/vllm_paged.cu``) that reads/writes the pinned MemoryObjs directly through their mapped
+addresses. ``backend`` chooses: ``"cupy"`` (kernels, error without CuPy/CUDA), ``"torch"`` (the
+parent's torch path everywhere), ``"auto"`` (kernels when CuPy sees a GPU and the cache is on
+it, torch otherwise, e.g. on CPU-only machines and in CI).
+
+Stream ordering (DESIGN §6, the races vLLM's offloader had):
+  - store: ``store_stream`` waits on an event recorded on the caller's current (compute) stream,
+    so it reads the cache only after the forward pass that wrote it;
+  - retrieve: ``load_stream`` waits likewise, so it never overwrites pages that compute queued
+    earlier still reads (blocks freed by finished requests and handed to this one);
+  - both calls return only after their copy finished (host wait): the MemoryObjs are complete
+    (store) or no longer read (retrieve) when the engine hands them on or frees them, and the
+    pages the copy read may be freed and reused right away. ``synchronize()`` waits for both
+    streams (for callers that enqueue on them directly).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+
+from lmcache.gpu_connector.base import _check_batch
+from lmcache.gpu_connector.cupy_kernels import cupy_available, launch_transfer
+from lmcache.gpu_connector.kv_layout import KVCacheLayout
+from lmcache.gpu_connector.vllm_paged import VLLMPagedMemGPUConnectorV2
+from lmcache.memory.memory_obj import MemoryObj
+from lmcache.metadata import LMCacheMetadata
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "cupy", "torch")
+
+
+def resolve_backend(backend: str) -> str:
+    """``"cupy"`` or ``"torch"`` for a configured ``backend`` value.
+
+    Raises:
+        ValueError: ``backend`` is not one of auto, cupy, torch.
+        RuntimeError: ``"cupy"`` was asked for but CuPy or a CUDA device is missing.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"gpu_connector backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy" and not cupy_available():
+        raise RuntimeError(
+            "gpu_connector backend 'cupy' needs CuPy and a CUDA device "
+            "(pip install 'lmcache[cuda12]' or 'lmcache[cuda13]'), or use backend: auto|torch"
+        )
+    if backend == "auto":
+        return "cupy" if cupy_available() else "torch"
+    return backend
+
+
+class CopyStreams:
+    """The store_stream and load_stream of one CUDA device (created on first use)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+    def get(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+        """``(store_stream, load_stream)`` of ``device``."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = (torch.cuda.Stream(index), torch.cuda.Stream(index))
+        return self._streams[index]
+
+    def synchronize(self) -> None:
+        """Block until every copy enqueued on any of these streams finished."""
+        for store, load in self._streams.values():
+            store.synchronize()
+            load.synchronize()
+
+
+class VLLMPagedMemGPUConnectorV2Cupy(VLLMPagedMemGPUConnectorV2):
+    """VLLMPagedMemGPUConnectorV2 with the CuPy kernel path (see module docstring).
+
+    Args:
+        metadata: the worker's LMCacheMetadata.
+        layout: the layer tensors' KVCacheLayout.
+        backend: ``"auto"`` (default), ``"cupy"`` or ``"torch"``.
+
+    Raises:
+        ValueError / RuntimeError: see :func:`resolve_backend`; the parent's checks.
+    """
+
+    def __init__(
+        self, metadata: LMCacheMetadata, layout: KVCacheLayout, backend: str = "auto"
+    ) -> None:
+        super().__init__(metadata, layout)
+        self.backend = resolve_backend(backend)
+        self.streams = CopyStreams()
+        self._checked_caches: Optional[tuple] = None
+
+    def uses_kernels(self, kvcaches: Sequence[torch.Tensor]) -> bool:
+        """True when a transfer over ``kvcaches`` runs the CuPy kernels."""
+        return self.backend == "cupy" and bool(kvcaches) and kvcaches[0].is_cuda
+
+    def synchronize(self) -> None:
+        """Wait until every copy this connector enqueued finished (no-op on the torch path)."""
+        self.streams.synchronize()
+
+    def batched_from_gpu(
+        self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
+        **kwargs,
+    ) -> None:
+        """Gather every chunk ``[starts[i], ends[i])`` into ``memory_objs[i]`` in one launch.
+
+        Raises:
+            ValueError: bad kwargs or objects, a slot outside the cache, or a padding slot
+                (< 0: no KV to store); the objects' contents are then undefined.
+        """
+        kvcaches = kwargs.get("kvcaches")
+        if not (isinstance(kvcaches, (list, tuple)) and self.uses_kernels(kvcaches)):
+            return super().batched_from_gpu(memory_objs, starts, ends, **kwargs)
+        self._transfer(memory_objs, starts, ends, kwargs, to_paged=False)
+
+    def batched_to_gpu(
+        self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
+        **kwargs,
+    ) -> None:
+        """Scatter every ``memory_objs[i]`` into tokens ``[starts[i], ends[i])`` in one launch.
+
+        Padding slots (< 0) are skipped. Raises ValueError on bad kwargs/objects or a slot
+        outside the cache (the other tokens were written).
+        """
+        kvcaches = kwargs.get("kvcaches")
+        if not (isinstance(kvcaches, (list, tuple)) and self.uses_kernels(kvcaches)):
+            return super().batched_to_gpu(memory_objs, starts, ends, **kwargs)
+        self._transfer(memory_objs, starts, ends, kwargs, to_paged=True)
+
+    # ---- kernel path ------------------------------------------------------------------
+    def _transfer(self, memory_objs, starts, ends, kwargs, *, to_paged: bool) -> None:
+        kvcaches = kwargs["kvcaches"]
+        self._check_caches(kvcaches)
+        slot_mapping, offset = _slot_kwargs(kwargs)
+        _check_batch(memory_objs, starts, ends)
+        tensors, slot_starts, staged = [], [], []
+        device = kvcaches[0].device
+        for obj, start, end in zip(memory_objs, starts, ends):
+            self._check_obj(obj, start, end, offset)
+            tensor = obj.tensor
+            if not tensor.is_cuda and not tensor.is_pinned():
+                staged.append((tensor, torch.empty_like(tensor, device=device)))
+                tensor = staged[-1][1]
+            tensors.append(tensor)
+            slot_starts.append(start - offset)
+        store_stream, load_stream = self.streams.get(device)
+        stream = load_stream if to_paged else store_stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        if staged and to_paged:
+            with torch.cuda.stream(stream):
+                for host, dev in staged:
+                    dev.copy_(host)
+        handle = launch_transfer(
+            kvcaches, self.layout, tensors, slot_mapping, slot_starts,
+            to_paged=to_paged, single_layer=False, stream=stream,
+        )
+        handle.wait()
+        if not to_paged and handle.saw_padding:
+            raise ValueError("slot_mapping holds padding slots (< 0) in a stored range: "
+                             "padding has no KV to store")
+        if staged and not to_paged:
+            for host, dev in staged:
+                host.copy_(dev)
+
+    def _check_caches(self, kvcaches: Sequence[torch.Tensor]) -> None:
+        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in kvcaches)
+        if key != self._checked_caches:  # vLLM hands the same tensors every step
+            self.validate_kvcaches(kvcaches)
+            self._checked_caches = key
+
+    def _check_obj(self, obj: MemoryObj, start: int, end: int, offset: int) -> None:
+        if not isinstance(start, int) or not isinstance(end, int) or not offset <= start <= end:
+            raise ValueError(
+                f"need ints offset={offset} <= start <= end, got start={start!r}, end={end!r}"
+            )
+        tensor = obj.tensor
+        want = self.get_shape(end - start)
+        if tensor.shape != want or tensor.dtype != self.metadata.kv_dtype or obj.fmt != self.fmt:
+            raise ValueError(
+                f"MemoryObj for tokens [{start}, {end}) has shape {tuple(tensor.shape)} dtype "
+                f"{tensor.dtype} fmt {obj.fmt.name}; expected {tuple(want)} "
+                f"{self.metadata.kv_dtype} {self.fmt.name}"
+            )
+
+
+def _slot_kwargs(kwargs: dict) -> tuple[torch.Tensor, int]:
+    """``(slot_mapping, offset)`` from the connector kwargs, checked."""
+    slot_mapping = kwargs.get("slot_mapping")
+    offset = kwargs.get("offset", 0)
+    if (
+        not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1
+        or slot_mapping.dtype.is_floating_point or slot_mapping.dtype == torch.bool
+    ):
+        raise ValueError(f"slot_mapping must be a 1-D integer torch.Tensor, got {slot_mapping!r:.80}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    return slot_mapping, offset

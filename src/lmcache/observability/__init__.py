@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics of an lmcache engine (``stats.LMCStatsMonitor``)."""

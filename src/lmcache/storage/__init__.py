@@ -1,0 +1,1 @@
+"""Storage: StorageManager, tiers (backends/), eviction policies (policy/)."""

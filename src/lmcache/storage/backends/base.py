@@ -1,0 +1,78 @@
+"""StorageBackendInterface: one storage tier (CPU, disk, remote, ...)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Optional
+
+from lmcache.keys import CacheEngineKey
+from lmcache.memory.memory_obj import MemoryObj
+
+
+class StorageBackendInterface(abc.ABC):
+    """A tier that stores MemoryObjs under CacheEngineKeys.
+
+    Reference rules (DESIGN.md §4.8): ``put`` keeps the object by adding the tier's own
+    reference (or copies it and keeps nothing of the caller's); the caller keeps and later drops
+    its own. ``get_blocking`` returns an object with +1 reference for the caller, who must drop
+    it. A tier that fails (I/O error, server down) must cost hits, never raise into the engine
+    on the read path: return False / None and count the failure. Constructors are up to each
+    tier (slower tiers normally take the allocator_backend to allocate objects they read back).
+
+    Subclasses must set ``name`` (used by StorageManager.get_block_mapping) and implement the
+    abstract methods; the batched forms default to loops over the single ones.
+    """
+
+    name: str = "StorageBackend"
+
+    @abc.abstractmethod
+    def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
+        """True if the tier holds ``key``; with ``pin`` the object is also pinned (kept from
+        eviction until :meth:`unpin`)."""
+
+    def batched_contains(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
+        """Length of the contiguous prefix of ``keys`` that the tier holds (pinning those)."""
+        n = 0
+        for key in keys:
+            if not self.contains(key, pin=pin):
+                break
+            n += 1
+        return n
+
+    @abc.abstractmethod
+    def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        """Store ``obj`` under ``key`` (the tier takes its own reference or copy)."""
+
+    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> None:
+        """:meth:`put` each (key, obj) pair. ValueError when the lengths differ."""
+        if len(keys) != len(objs):
+            raise ValueError(f"batched_put got {len(keys)} keys but {len(objs)} objects")
+        for key, obj in zip(keys, objs):
+            self.put(key, obj)
+
+    @abc.abstractmethod
+    def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
+        """The object for ``key`` with +1 reference for the caller, or None on a miss."""
+
+    def batched_get_blocking(
+        self, keys: Sequence[CacheEngineKey]
+    ) -> list[Optional[MemoryObj]]:
+        """:meth:`get_blocking` for each key (None for each miss)."""
+        return [self.get_blocking(key) for key in keys]
+
+    @abc.abstractmethod
+    def unpin(self, key: CacheEngineKey) -> bool:
+        """Remove one pin from ``key``; False when the key is absent or was not pinned."""
+
+    @abc.abstractmethod
+    def remove(self, key: CacheEngineKey) -> bool:
+        """Drop ``key`` (and the tier's reference); False when absent."""
+
+    @abc.abstractmethod
+    def clear(self) -> int:
+        """Drop every key; returns how many were dropped."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the tier's resources (idempotent)."""

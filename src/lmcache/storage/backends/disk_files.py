@@ -1,0 +1,103 @@
+"""Chunk files of the LocalDiskBackend (and of any tier that keeps one file per chunk).
+
+A chunk file is ``wire_format``'s single-value layout: ``b"LMCACHE1"`` | 36-byte metadata
+(28-byte LMCache header + xxh3_64 of header and payload) | payload. Its name is the key string
+encoded with :func:`wire_format.key_to_filename` plus ``.kvc``. Files are written to a
+``.tmp-*`` name and renamed into place, so a complete name never holds a half-written file
+unless the machine itself crashed — which the checksum then catches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+from lmcache.keys import CacheEngineKey
+from lmcache.memory.memory_obj import MemoryObj
+from lmcache.storage.connectors import wire_format as wf
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".kvc"
+TMP_PREFIX = ".tmp-"
+
+
+def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview) -> None:
+    """Write header and payload to ``path`` (a new file). OSError as raised by the OS."""
+    with open(path, "wb", buffering=0) as f:
+        for part in (wf.encode_file_header(meta, payload), payload):
+            view = memoryview(part).cast("B")
+            while view.nbytes:
+                view = view[f.write(view):]
+
+
+def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str]:
+    """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``.
+
+    Returns None when the file is complete and its checksum matches, else a short description
+    of what is wrong (the caller treats the chunk as a miss).
+
+    Raises:
+        OSError: the file cannot be opened or read (FileNotFoundError when it is gone).
+    """
+    with open(path, "rb", buffering=0) as f:
+        header = f.read(wf.FILE_HEADER_SIZE)
+        try:
+            metadata = wf.split_file_header(header)
+            meta, digest = wf.decode_metadata(metadata, max_payload_bytes)
+        except wf.WireFormatError as e:
+            return f"corrupt ({e})"
+        size = os.fstat(f.fileno()).st_size
+        if meta.length != obj.nbytes or size != wf.FILE_HEADER_SIZE + obj.nbytes:
+            return f"truncated or mismatched ({size} bytes)"
+        view = obj.byte_array
+        got = 0
+        while got < obj.nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                return "truncated"
+            got += n
+    if digest is None or wf.checksum(metadata[: wf.HEADER.size], view) != digest:
+        return "corrupt (checksum mismatch)"
+    return None
+
+
+def scan(directory: str, max_payload_bytes: int) -> list[tuple[CacheEngineKey, wf.RemoteMetadata, int]]:
+    """Index the chunk files of ``directory``, oldest first: (key, metadata, file size).
+
+    Reads only the 44-byte headers. Deletes leftover temporary files (writes interrupted by a
+    crash) and chunk files that are torn (size disagrees with the header), have a bad header,
+    or a name that is not an encoded key; other files are left alone.
+    """
+    found = []
+    for entry in os.scandir(directory):
+        if entry.name.startswith(TMP_PREFIX):
+            _unlink(entry.path)
+            continue
+        if not entry.name.endswith(SUFFIX) or not entry.is_file():
+            continue
+        try:
+            key = CacheEngineKey.from_string(wf.filename_to_key(entry.name, SUFFIX))
+            with open(entry.path, "rb") as f:
+                header = f.read(wf.FILE_HEADER_SIZE)
+            meta, _ = wf.decode_metadata(wf.split_file_header(header), max_payload_bytes)
+            st = entry.stat()
+            if st.st_size != wf.FILE_HEADER_SIZE + meta.length:
+                raise wf.WireFormatError(
+                    f"file is {st.st_size} bytes, header says {wf.FILE_HEADER_SIZE + meta.length}"
+                )
+        except (ValueError, OSError) as e:
+            logger.warning("removing bad disk chunk file %s: %s", entry.name, e)
+            _unlink(entry.path)
+            continue
+        found.append((st.st_mtime_ns, entry.name, key, meta, st.st_size))
+    found.sort(key=lambda t: (t[0], t[1]))
+    return [(key, meta, size) for _, _, key, meta, size in found]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

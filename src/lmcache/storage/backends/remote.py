@@ -1,0 +1,272 @@
+"""RemoteBackend: the remote tier (L3) through a Serde and a RemoteConnector."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from collections.abc import Sequence
+from typing import Callable, Optional, TypeVar
+
+from lmcache.keys import CacheEngineKey
+from lmcache.memory.memory_obj import MemoryObj
+from lmcache.serde.base import Allocating, Serde
+from lmcache.storage.backends.base import StorageBackendInterface
+from lmcache.storage.connectors import wire_format as wf
+from lmcache.storage.connectors.base import RemoteConnector
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def release_when_done(future: "Future[Optional[MemoryObj]]") -> None:
+    """Drop the caller's reference on the future's MemoryObj once it completes (for results
+    nobody will read: a timed-out or unneeded get)."""
+
+    def _drop(f: Future) -> None:
+        if not f.cancelled() and f.exception() is None and f.result() is not None:
+            f.result().ref_count_down()
+
+    future.add_done_callback(_drop)
+
+
+class RemoteBackend(StorageBackendInterface):
+    """Chunks in a remote store (Valkey, Valkey Cluster, fs, lm, ...).
+
+    * ``put`` never waits on the network: it takes the tier's own reference and queues the
+      upload on ``num_put_workers`` threads (at most ``max_pending_puts`` queued; more are
+      dropped and counted); the reference is dropped once sent. A queued chunk is served from
+      memory.
+    * Reads run on ``num_get_workers`` threads and every blocking call returns within
+      ``blocking_timeout_secs`` seconds: a late answer is a miss (its memory is released when
+      it arrives). Remote bytes are verified with :mod:`wire_format` (sizes, header, checksum;
+      a header whose length disagrees with the payload is a miss) before the Serde copies them
+      into memory from ``allocator_backend``.
+    * Any remote failure is a miss or a dropped put, never an exception (see RemoteConnector).
+      Remote data cannot be pinned (``unpin`` returns False); ``clear`` drops queued puts but
+      leaves the shared remote store as it is (other instances may use it).
+
+    Args:
+        allocator_backend: gives memory for the chunks read back.
+        serde: turns MemoryObjs into payload bytes and back.
+        remote_connector: the store.
+        blocking_timeout_secs: deadline of one blocking call (contains/get/remove), > 0.
+        num_get_workers / num_put_workers: threads, >= 1.
+        max_pending_puts: queued uploads at most, >= 1.
+
+    Raises:
+        ValueError: non-positive timeout or counts.
+    """
+
+    def __init__(
+        self,
+        allocator_backend: Allocating,
+        serde: Serde,
+        remote_connector: RemoteConnector,
+        blocking_timeout_secs: float = 10.0,
+        num_get_workers: int = 8,
+        num_put_workers: int = 2,
+        max_pending_puts: int = 64,
+    ) -> None:
+        if not blocking_timeout_secs > 0:
+            raise ValueError(f"blocking_timeout_secs must be > 0, got {blocking_timeout_secs!r}")
+        if min(num_get_workers, num_put_workers, max_pending_puts) < 1:
+            raise ValueError(
+                f"num_get_workers, num_put_workers, max_pending_puts must be >= 1, got "
+                f"{num_get_workers}, {num_put_workers}, {max_pending_puts}"
+            )
+        self.name = "RemoteBackend"
+        self.allocator_backend = allocator_backend
+        self.serde = serde
+        self.connector = remote_connector
+        self.blocking_timeout_secs = float(blocking_timeout_secs)
+        self.max_pending_puts = max_pending_puts
+        self._lock = threading.Lock()
+        self._pending: dict[CacheEngineKey, MemoryObj] = {}
+        self._closed = False
+        self._warned: set[str] = set()
+        self.stats = dict.fromkeys(
+            ("puts", "put_failures", "dropped_backlog", "hits", "misses", "corrupt",
+             "timeouts"), 0)
+        self._getters = ThreadPoolExecutor(num_get_workers, thread_name_prefix="lmc-remote-r")
+        self._putters = ThreadPoolExecutor(num_put_workers, thread_name_prefix="lmc-remote-w")
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _wait(self, future: "Future[T]", default: T, deadline: Optional[float] = None) -> T:
+        """Result of ``future`` by ``deadline`` (default now + blocking_timeout_secs)."""
+        if deadline is None:
+            deadline = time.monotonic() + self.blocking_timeout_secs
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            self.stats["timeouts"] += 1
+            self._warn_once("timeout", "remote call took longer than %.1fs; treated as a miss",
+                            self.blocking_timeout_secs)
+            return default
+        except (CancelledError, Exception) as e:  # never raise into the engine
+            self._warn_once(f"error:{type(e).__name__}", "remote call failed: %r", e)
+            return default
+
+    def _run(self, fn: Callable[[], T], default: T) -> T:
+        if self._closed:
+            return default
+        try:
+            return self._wait(self._getters.submit(fn), default)
+        except RuntimeError:  # pool shut down by a concurrent close()
+            return default
+
+    # ---- queries -------------------------------------------------------------------------
+    def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
+        """True when queued or in the remote store (``pin`` has no effect on a remote)."""
+        if key in self._pending:
+            return True
+        return self._run(lambda: self.connector.exists(key.to_string()), False)
+
+    def batched_contains(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
+        """Contiguous prefix of ``keys`` held (queued or remote); one batched remote query."""
+        keys = list(keys)
+        n = 0
+        while n < len(keys) and keys[n] in self._pending:
+            n += 1
+        rest = [k.to_string() for k in keys[n:]]
+        if not rest:
+            return n
+        flags = self._run(lambda: self.connector.batched_exists(rest), [])
+        for flag in flags:
+            if not flag:
+                break
+            n += 1
+        return n
+
+    def unpin(self, key: CacheEngineKey) -> bool:
+        """Remote chunks are never pinned: always False."""
+        return False
+
+    def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
+        """The chunk in new allocator memory (+1 ref for the caller) or None (miss, failure,
+        corrupt bytes, no memory, or no answer within ``blocking_timeout_secs``)."""
+        future = self._submit_get(key)
+        result = self._wait(future, None)
+        if result is None and not future.done():
+            release_when_done(future)
+        return result
+
+    def batched_get_non_blocking(
+        self, keys: Sequence[CacheEngineKey]
+    ) -> list["Future[Optional[MemoryObj]]"]:
+        """One future per key, fetched in parallel; each result as from get_blocking (the
+        caller owns each non-None result, see :func:`release_when_done`)."""
+        return [self._submit_get(k) for k in keys]
+
+    def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+        """Fetches all keys in parallel under one deadline of ``blocking_timeout_secs``."""
+        futures = self.batched_get_non_blocking(keys)
+        deadline = time.monotonic() + self.blocking_timeout_secs
+        results = []
+        for future in futures:
+            result = self._wait(future, None, deadline)
+            if result is None and not future.done():
+                release_when_done(future)
+            results.append(result)
+        return results
+
+    def _submit_get(self, key: CacheEngineKey) -> "Future[Optional[MemoryObj]]":
+        obj = self._pending.get(key)
+        if obj is not None:
+            try:
+                obj.ref_count_up()
+                done: Future = Future()
+                done.set_result(obj)
+                self.stats["hits"] += 1
+                return done
+            except RuntimeError:  # the upload finished and released it just now
+                pass
+        try:
+            if self._closed:
+                raise RuntimeError("closed")
+            return self._getters.submit(self._fetch, key)
+        except RuntimeError:
+            missed: Future = Future()
+            missed.set_result(None)
+            return missed
+
+    def _fetch(self, key: CacheEngineKey) -> Optional[MemoryObj]:
+        raw = self.connector.get(key.to_string())
+        if raw is None:
+            self.stats["misses"] += 1
+            return None
+        metadata, payload = raw
+        try:
+            meta = wf.verify_payload(metadata, payload, self.connector.max_payload_bytes)
+            obj = self.serde.deserialize(meta, payload, self.allocator_backend)
+        except ValueError as e:
+            self.stats["corrupt"] += 1
+            self._warn_once("corrupt", "remote chunk %s rejected (%s); a miss", key, e)
+            return None
+        self.stats["hits" if obj is not None else "misses"] += 1
+        return obj
+
+    # ---- writes --------------------------------------------------------------------------
+    def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        """Queue an upload of ``obj`` (dropped when the queue is full or the tier closed)."""
+        with self._lock:
+            if self._closed or key in self._pending:
+                return
+            if len(self._pending) >= self.max_pending_puts:
+                self.stats["dropped_backlog"] += 1
+                self._warn_once("backlog", "remote uploads backlogged (%d queued); dropping "
+                                "new chunks from the remote tier", len(self._pending))
+                return
+            obj.ref_count_up()
+            self._pending[key] = obj
+        self._putters.submit(self._upload, key, obj)
+
+    def _upload(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        try:
+            with self._lock:
+                if self._pending.get(key) is not obj:
+                    return  # cleared before it was sent
+            meta, payload = self.serde.serialize(obj)
+            metadata = wf.encode_metadata(meta, payload)
+            ok = self.connector.put(key.to_string(), metadata, payload)
+            self.stats["puts" if ok else "put_failures"] += 1
+        except ValueError as e:
+            self.stats["put_failures"] += 1
+            self._warn_once("serialize", "chunk %s cannot go to the remote tier: %s", key, e)
+        finally:
+            with self._lock:
+                if self._pending.get(key) is obj:
+                    del self._pending[key]
+            obj.ref_count_down()
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        """Delete ``key`` from the remote store (and the upload queue)."""
+        with self._lock:
+            queued = self._pending.pop(key, None) is not None
+        removed = self._run(lambda: self.connector.remove(key.to_string()), False)
+        return queued or removed
+
+    def clear(self) -> int:
+        """Drop queued uploads (returns how many); the remote store itself is left as is."""
+        with self._lock:
+            n = len(self._pending)
+            self._pending.clear()
+        return n
+
+    def close(self) -> None:
+        """Finish queued uploads (each bounded by the connector's timeouts), stop the
+        threads and close the connector. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._putters.shutdown(wait=True)
+        self._getters.shutdown(wait=True, cancel_futures=True)
+        self.connector.close()
+
+    def _warn_once(self, what: str, msg: str, *args: object) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logger.warning(msg, *args)

@@ -1,0 +1,155 @@
+"""ValkeyClusterConnector: the ``valkey-cluster://`` remote, sharded over a Valkey Cluster."""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+from urllib.parse import unquote
+
+import valkey.exceptions as vexc
+from valkey.cluster import ClusterNode, ValkeyCluster
+
+from lmcache.storage.connectors.base import Buffer, RemoteConnector
+from lmcache.storage.connectors.valkey import (
+    METADATA_SUFFIX,
+    PAYLOAD_SUFFIX,
+    TRANSPORT_ERRORS,
+    client_options,
+)
+from lmcache.storage.connectors.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
+
+SCHEMES = ("valkey-cluster", "redis-cluster", "valkeys-cluster", "rediss-cluster")
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], Optional[str], Optional[str]]:
+    """``scheme://[user[:password]@]h1:p1,h2:p2,...`` → (nodes, username, password).
+
+    Raises:
+        ValueError: unknown scheme, no node, or a node without a numeric port.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SCHEMES:
+        raise ValueError(f"valkey cluster url scheme must be one of {SCHEMES}, got {url!r}")
+    rest = rest.split("/", 1)[0].split("?", 1)[0]
+    userinfo, at, hosts = rest.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if colon else None
+    nodes = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"cluster node {item!r} in {url!r} is not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes, username, password
+
+
+class ValkeyClusterConnector(RemoteConnector):
+    """A Valkey Cluster (slots spread over several primaries), same key layout as
+    :class:`ValkeyConnector` (``<key>kv_bytes`` written before ``<key>metadata``; the two keys
+    may live on different nodes, so the checksum in the metadata is what guards a get).
+
+    The cluster client is built lazily, so a cluster that is down at start costs hits, not a
+    failed startup. After a transport error the client is discarded and rebuilt from the url's
+    nodes on the next attempt (valkey-py drops unreachable startup nodes from its own list, so
+    reusing it could never reconnect after a full outage).
+
+    Args:
+        url: ``valkey-cluster://[user[:password]@]host1:port1,host2:port2`` (also
+            ``redis-cluster://``; ``valkeys-cluster://`` / ``rediss-cluster://`` use TLS).
+        blocking_timeout_secs, retry_interval_secs, max_payload_bytes: see RemoteConnector.
+        username, password, tls, tls_ca_certs, tls_certfile, tls_keyfile, tls_check_hostname:
+            as for ValkeyConnector (no ``db``: clusters have only database 0).
+
+    Raises:
+        ValueError: a malformed url.
+    """
+
+    name = "valkey_cluster"
+    transport_errors = TRANSPORT_ERRORS + (vexc.ClusterError, vexc.ValkeyClusterException,
+                                           vexc.ClusterDownError, vexc.SlotNotCoveredError)
+
+    def __init__(
+        self,
+        url: str,
+        blocking_timeout_secs: float = 10.0,
+        retry_interval_secs: float = 1.0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        tls: bool = False,
+        tls_ca_certs: Optional[str] = None,
+        tls_certfile: Optional[str] = None,
+        tls_keyfile: Optional[str] = None,
+        tls_check_hostname: bool = True,
+    ) -> None:
+        super().__init__(url, blocking_timeout_secs, retry_interval_secs, max_payload_bytes)
+        self.nodes, url_user, url_password = parse_cluster_url(url)
+        tls = tls or url.lower().startswith(("valkeys-", "rediss-"))
+        self._options = client_options(
+            self.blocking_timeout_secs,
+            username if username is not None else url_user,
+            password if password is not None else url_password,
+            tls, tls_ca_certs, tls_certfile, tls_keyfile, tls_check_hostname,
+        )
+        if tls:
+            self._options["ssl"] = True
+        self._client: Optional[ValkeyCluster] = None
+        self._client_lock = threading.Lock()
+
+    def _cluster(self) -> ValkeyCluster:
+        client = self._client
+        if client is not None:
+            return client
+        with self._client_lock:
+            if self._client is None:
+                self._client = ValkeyCluster(
+                    startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],
+                    cluster_error_retry_attempts=0,
+                    require_full_coverage=False,
+                    **self._options,
+                )
+            return self._client
+
+    def _exists(self, key: str) -> bool:
+        return self._cluster().exists(key + METADATA_SUFFIX) == 1
+
+    def _batched_exists(self, keys: list[str]) -> list[bool]:
+        pipe = self._cluster().pipeline()
+        for key in keys:
+            pipe.exists(key + METADATA_SUFFIX)
+        return [r == 1 for r in pipe.execute()]
+
+    def _get(self, key: str) -> Optional[tuple[bytes, Buffer]]:
+        client = self._cluster()
+        metadata = client.get(key + METADATA_SUFFIX)
+        if metadata is None:
+            return None
+        payload = client.get(key + PAYLOAD_SUFFIX)
+        if payload is None:
+            return None
+        return metadata, payload
+
+    def _put(self, key: str, metadata: bytes, payload: Buffer) -> None:
+        client = self._cluster()
+        client.set(key + PAYLOAD_SUFFIX, memoryview(payload).cast("B"))
+        client.set(key + METADATA_SUFFIX, metadata)
+
+    def _remove(self, key: str) -> bool:
+        client = self._cluster()
+        removed = client.delete(key + METADATA_SUFFIX)
+        return (client.delete(key + PAYLOAD_SUFFIX) + removed) > 0
+
+    def _on_transport_error(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass

@@ -1,0 +1,68 @@
+"""lmcache as vLLM's KV connector, end to end with real vLLM on the CPU."""
+
+import pytest
+
+CHUNK = 64
+EXTRA = {"lmcache.chunk_size": CHUNK, "lmcache.max_local_cpu_size": 0.25}
+
+
+def tokens_of(report, rnd):
+    return [r["token_ids"] for r in report["rounds"][rnd]]
+
+
+def test_repeated_document_is_served_from_lmcache_with_identical_output(tiny_model, documents, run_vllm):
+    prompts = [documents[0] + "\nQuestion: what is this license about?", documents[0] + "\nQuestion: who may copy it?"]
+    rounds = [[prompts[0]], [prompts[1]], [prompts[0]]]
+    base = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": False})
+    cached = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": True, "extra_config": EXTRA})
+    first, second, third = (cached["rounds"][i][0] for i in range(3))
+    assert first["num_cached_tokens"] == 0
+    # the document is a shared prefix: every whole chunk of it is a hit on the second question
+    assert second["num_cached_tokens"] >= (len(documents[0]) // 8 // CHUNK - 1) * CHUNK > 0
+    assert second["num_cached_tokens"] % CHUNK == 0
+    # the exact prompt again: all but the last token come from lmcache
+    assert third["num_cached_tokens"] == third["prompt_len"] - 1 or third["num_cached_tokens"] == \
+        third["prompt_len"] // CHUNK * CHUNK
+    assert [tokens_of(cached, i) for i in range(3)] == [tokens_of(base, i) for i in range(3)]
+    assert base["rounds"][1][0]["num_cached_tokens"] == 0
+
+
+def test_corrupted_kv_changes_output_negative_control(tiny_model, documents, run_vllm):
+    """Proof that vLLM attends over what lmcache loads: noise in the tier changes the answer."""
+    prompt = documents[1] + "\nQuestion: summarise the grant of rights."
+    rounds = [[prompt], [prompt]]
+    clean = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": True, "extra_config": EXTRA,
+                      "max_tokens": 16})
+    dirty = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": True, "extra_config": EXTRA,
+                      "max_tokens": 16, "corrupt_after_round": 0})
+    assert dirty["corrupted"] > 0
+    assert dirty["rounds"][1][0]["num_cached_tokens"] > 0
+    assert tokens_of(clean, 1) == tokens_of(clean, 0)
+    assert tokens_of(dirty, 1) != tokens_of(clean, 1)
+
+
+def test_cleared_tier_is_a_miss_and_output_unchanged(tiny_model, documents, run_vllm):
+    prompt = documents[2] + "\nQuestion: what is a contributor?"
+    report = run_vllm({"model": tiny_model, "rounds": [[prompt], [prompt]], "lmcache": True,
+                       "extra_config": EXTRA, "clear_cpu_after_round": 0})
+    assert report["rounds"][1][0]["num_cached_tokens"] == 0
+    assert tokens_of(report, 1) == tokens_of(report, 0)
+
+
+def test_multiprocess_scheduler_and_worker_apart(tiny_model, documents, run_vllm):
+    """vLLM's multi-process mode: the scheduler's LookupClient reaches the worker over ZMQ IPC."""
+    prompts = [documents[0] + "\nQuestion: A?", documents[0] + "\nQuestion: B?"]
+    rounds = [[prompts[0]], [prompts[1]]]
+    base = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": False})
+    report = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": True, "extra_config": EXTRA,
+                       "multiprocess": True})
+    assert report["rounds"][1][0]["num_cached_tokens"] > 0
+    assert [tokens_of(report, i) for i in range(2)] == [tokens_of(base, i) for i in range(2)]
+
+
+@pytest.mark.parametrize("role, expect_hit", [("kv_producer", False)])
+def test_producer_never_loads(tiny_model, documents, run_vllm, role, expect_hit):
+    prompt = documents[0] + "\nQuestion: C?"
+    report = run_vllm({"model": tiny_model, "rounds": [[prompt], [prompt]], "lmcache": True,
+                       "extra_config": EXTRA, "kv_role": role})
+    assert (report["rounds"][1][0]["num_cached_tokens"] > 0) is expect_hit

@@ -32,7 +32,9 @@
 // before the first store (PCIe latency is microseconds). blockIdx.y is the chunk.
 #pragma once
 
+#ifndef LMC_ROWS_PER_THREAD  // rows (independent 16-byte loads) per thread; -D to tune
 #define LMC_ROWS_PER_THREAD 4
+#endif
 
 // Per-chunk descriptor: 6 int64 values, in this order.
 #define LMC_DESC_OBJ_PTR 0      // byte address of the chunk's MemoryObj as the device sees it

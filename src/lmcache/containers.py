@@ -193,8 +193,9 @@ def _config_dict(cfg: DictConfig | Mapping[str, Any]) -> dict:
 
 
 def build_worker_container(cfg: DictConfig | Mapping[str, Any], metadata: LMCacheMetadata,
-                           layout: KVCacheLayout) -> WorkerContainer:
-    """A worker container for ``cfg`` (checked first); nothing is built until asked for.
+                           layout: KVCacheLayout) -> containers.DynamicContainer:
+    """A :class:`WorkerContainer` instance for ``cfg`` (checked first); nothing is built
+    until a provider is called (e.g. ``container.engine()``).
 
     Raises:
         ValueError: a cross-group invariant fails (:func:`lmcache.config.checks.check_config`).
@@ -207,8 +208,9 @@ def build_worker_container(cfg: DictConfig | Mapping[str, Any], metadata: LMCach
 
 
 def build_scheduler_container(cfg: DictConfig | Mapping[str, Any],
-                              metadata: LMCacheMetadata) -> SchedulerContainer:
-    """A scheduler container for ``cfg``: only the token database (checked first).
+                              metadata: LMCacheMetadata) -> containers.DynamicContainer:
+    """A :class:`SchedulerContainer` instance for ``cfg``: only the token database
+    (checked first).
 
     Raises:
         ValueError: chunk_size invalid or different from ``metadata``'s.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import itertools
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf
 
 from lmcache.config import REMOTE_SCHEMES, compose_config, list_groups, list_options
 from lmcache.config.checks import option_name
+from lmcache.config.values import override_value
 from lmcache.containers import build_worker_container, shutdown
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata
@@ -37,6 +39,7 @@ _spec.loader.exec_module(servers_mod)
 L, H, D, C, N, BLOCKS = 2, 2, 8, 16, 16, 8  # layers, kv heads, head size, chunk, block, blocks
 DTYPE = torch.float32
 NUM_TOKENS = 2 * C
+_SEEDS = itertools.count(1)  # fresh tokens per case: remote stores outlive one case
 
 # config group → the container provider that builds its option
 PROVIDER_OF_GROUP = {
@@ -126,7 +129,7 @@ def _layout() -> KVCacheLayout:
 
 
 def _sizes(tmp_path: Path) -> list[str]:
-    return [f"chunk_size={C}", "max_local_cpu_size=0.01", f"local_disk={tmp_path / 'disk'}",
+    return [f"chunk_size={C}", "max_local_cpu_size=0.01", "local_disk=" + override_value(str(tmp_path / "disk")),
             "max_local_disk_size=0.01"]
 
 
@@ -134,13 +137,13 @@ def _option_overrides(group: str, option: str, servers: Servers) -> list[str]:
     if group == "storage/backends":
         tiers = ["local_cpu"] if option == "local_cpu" else ["local_cpu", option]
         return [f"storage/backends=[{','.join(tiers)}]", "remote_connector=blackhole",
-                f"remote_url={servers.url('blackhole')}"]
+                "remote_url=" + override_value(servers.url("blackhole"))]
     if group == "remote_connector":
         return ["storage/backends=[local_cpu,remote]", f"remote_connector={option}",
-                f"remote_url={servers.url(option)}"]
+                "remote_url=" + override_value(servers.url(option))]
     if group == "serde":
         return ["storage/backends=[local_cpu,remote]", f"serde={option}",
-                "remote_connector=valkey", f"remote_url={servers.url('valkey')}"]
+                "remote_connector=valkey", "remote_url=" + override_value(servers.url("valkey"))]
     return [f"{group}={option}"]
 
 
@@ -154,7 +157,7 @@ def _round_trip(container) -> None:
     """Store 2 chunks through the engine, retrieve them into a zeroed cache, compare; then
     again with the CPU tier emptied when a slower tier holds them."""
     engine = container.engine()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(next(_SEEDS))
     shape = (BLOCKS, H, N, 2 * D)
     kv = [torch.randn(shape, generator=gen, dtype=DTYPE) for _ in range(L)]
     tokens = torch.randint(0, 30000, (NUM_TOKENS,), generator=gen)
@@ -230,7 +233,7 @@ def test_deployment_composes_and_builds(deployment, servers, tmp_path):
     cfg = compose_config(overrides)
     if cfg.get("remote_connector") is not None:
         cfg = compose_config(
-            overrides + [f"remote_url={servers.url(option_name(cfg.remote_connector))}"])
+            overrides + ["remote_url=" + override_value(servers.url(option_name(cfg.remote_connector)))])
     _build_and_check(cfg, None, None)
 
 

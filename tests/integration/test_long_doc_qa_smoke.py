@@ -23,7 +23,7 @@ TINY = ["model.tiny.vocab_size=4096", "model.tiny.hidden_size=256", "model.tiny.
 
 
 @pytest.fixture(scope="module")
-def model_cache(tmp_path_factory) -> Path:
+def model_cache() -> Path:
     root = Path(os.environ.get("LMCACHE_TEST_CACHE", REPO / ".cache"))
     return root / "long-doc-qa-smoke-llama"
 

@@ -144,18 +144,29 @@ def run_experiment(cfg: DictConfig, output_dir: str | os.PathLike) -> int:
                                 report.REQUEST_COLUMNS)
     console.print(report.render_table(summary))
     console.print(f"per-round CSV: {csv_path}\nper-request CSV: {req_path}")
-    if results["without_lmcache"] and results["with_lmcache"]:
-        bad = report.mismatched_outputs(results["without_lmcache"], results["with_lmcache"])
-        if bad:
-            msg = (f"greedy outputs differ with and without lmcache for {len(bad)} of "
-                   f"{len(requests)} requests: {', '.join(bad)}")
-            if cfg.check_outputs:
-                console.print(f"[bold red]ERROR[/] {msg}")
-                return EXIT_MISMATCH
-            console.print(f"[yellow]WARNING[/] {msg}")
-        else:
-            console.print("greedy outputs are identical with and without lmcache")
-    return 0
+    status, message = output_check(results["without_lmcache"], results["with_lmcache"],
+                                   bool(cfg.check_outputs))
+    if message:
+        (Console(stderr=True) if status else console).print(message, markup=False, highlight=False)
+    return status
+
+
+def output_check(without, with_, check: bool) -> tuple[int, str]:
+    """Compare the greedy outputs of the two passes.
+
+    Returns ``(exit status, message)``: ``(0, "greedy outputs are identical ...")`` when they
+    match; ``(EXIT_MISMATCH, "ERROR: ...")`` naming the differing requests when they do not and
+    ``check`` is on (``(0, "WARNING: ...")`` when it is off); ``(0, "")`` when a pass was not run.
+    """
+    if not without or not with_:
+        return 0, ""
+    bad = report.mismatched_outputs(without, with_)
+    if not bad:
+        return 0, "greedy outputs are identical with and without lmcache"
+    total = len({r["request_key"] for r in without} | {r["request_key"] for r in with_})
+    msg = (f"greedy outputs differ with and without lmcache for {len(bad)} of {total} "
+           f"requests: {', '.join(bad)}")
+    return (EXIT_MISMATCH, f"ERROR: {msg}") if check else (0, f"WARNING: {msg}")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)

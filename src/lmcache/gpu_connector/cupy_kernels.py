@@ -31,10 +31,12 @@ from lmcache.gpu_connector.transfer_plan import TransferPlan, device_address, pl
 __all__ = ["cupy_available", "csrc_dir", "kernel_source", "TransferHandle", "launch_transfer"]
 
 _ENTRY = {"vllm_paged": "multi_layer_kv", "vllm_layerwise": "single_layer_kv"}
-_THREADS = 256
-_ROWS_PER_THREAD = 4  # LMC_ROWS_PER_THREAD in csrc/paged_kv_transfer.cuh
-_MAX_GRID_X = 1 << 16
 _MAX_GRID_Y = 65535
+
+# Launch shape. Defaults chosen by the H200 measurements in docs/GPU_NOTES.md; scripts/bench_gpu.py
+# sweeps them. threads <= 256 (__launch_bounds__); rows_per_thread is compiled in
+# (LMC_ROWS_PER_THREAD); max_grid_x caps blocks per chunk (the kernel loops over the rest).
+TUNING = {"threads": 256, "rows_per_thread": 4, "max_grid_x": 1 << 16}
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,19 +94,21 @@ def kernel_source(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(name: str, device_index: int):
+def _module(name: str, device_index: int, rows_per_thread: int):
     import cupy  # noqa: PLC0415
 
+    options = ("-std=c++17", f"-DLMC_ROWS_PER_THREAD={int(rows_per_thread)}")
     with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(name), options=("-std=c++17",))
+        module = cupy.RawModule(code=kernel_source(name), options=options)
         module.compile()
     return module
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str, device_index: int, to_paged: bool, width: int):
+def _function(name: str, device_index: int, to_paged: bool, width: int, rows_per_thread: int):
     direction = "to_paged" if to_paged else "from_paged"
-    return _module(name, device_index).get_function(f"{_ENTRY[name]}_{direction}_w{width}")
+    module = _module(name, device_index, rows_per_thread)
+    return module.get_function(f"{_ENTRY[name]}_{direction}_w{width}")
 
 
 @dataclass
@@ -228,10 +232,11 @@ def launch_transfer(
             table = _layer_table(dev_index, plan.layer_addresses)
             table_ptr, single_base = table.data_ptr(), 0
         name = "vllm_layerwise" if single_layer else "vllm_paged"
-        fn = _function(name, dev_index, to_paged, plan.word_bytes)
-        bx = min(_THREADS, -(-plan.words_per_row // 32) * 32)
-        by = max(1, _THREADS // bx)
-        gx = min(_MAX_GRID_X, max(1, -(-plan.max_rows // (by * _ROWS_PER_THREAD))))
+        threads, rows = TUNING["threads"], TUNING["rows_per_thread"]
+        fn = _function(name, dev_index, to_paged, plan.word_bytes, rows)
+        bx = min(threads, -(-plan.words_per_row // 32) * 32)
+        by = max(1, threads // bx)
+        gx = min(TUNING["max_grid_x"], max(1, -(-plan.max_rows // (by * rows))))
         s = plan.strides
         with cupy.cuda.Device(dev_index), cupy.cuda.ExternalStream(stream.cuda_stream, dev_index):
             for first in range(0, plan.num_chunks, _MAX_GRID_Y):

@@ -49,9 +49,12 @@ class CPUMemoryAllocator:
         pin = pin_memory is not False and torch.cuda.is_available()
         if pin_memory is True and not pin:
             logger.warning("pin_memory=True but CUDA is not available: buffer is not pinned")
-        self._buffer: Optional[torch.Tensor] = torch.empty(
-            size_bytes, dtype=torch.uint8, pin_memory=pin
-        )
+        # A normal (not inference-mode) tensor even when built under vLLM's inference_mode:
+        # tiers fill MemoryObjs from other threads, outside inference mode.
+        with torch.inference_mode(False):
+            self._buffer: Optional[torch.Tensor] = torch.empty(
+                size_bytes, dtype=torch.uint8, pin_memory=pin
+            )
         self.pinned = pin
         self._capacity = size_bytes
         self._free_offsets: list[int] = [0]  # sorted starts of free blocks

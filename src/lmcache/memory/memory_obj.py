@@ -65,7 +65,8 @@ class MemoryObj:
                 f"needs {nbytes}"
             )
         self._raw = raw_data
-        self._tensor = raw_data.view(dtype).view(shape)
+        with torch.inference_mode(False):  # a normal tensor, writable from any thread
+            self._tensor = raw_data.view(dtype).view(shape)
         self.fmt = MemoryFormat(fmt)
         self.nbytes = nbytes
         self.offset = offset

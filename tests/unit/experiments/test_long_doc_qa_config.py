@@ -70,3 +70,16 @@ def test_prepare_model_rejects_missing_path(tmp_path):
     cfg = compose_app([f"model.path={tmp_path / 'nope'}"])
     with pytest.raises(app.ExperimentConfigError, match="model.path="):
         app.prepare_model(cfg)
+
+
+def test_output_check_statuses():
+    a = [{"request_key": "d0#q0", "output_token_ids": [1, 2]},
+         {"request_key": "d0#q1", "output_token_ids": [3, 4]}]
+    b = [dict(a[0]), {"request_key": "d0#q1", "output_token_ids": [3, 5]}]
+    assert app.output_check(a, [dict(r) for r in a], True) == (
+        0, "greedy outputs are identical with and without lmcache")
+    status, msg = app.output_check(a, b, True)
+    assert status == app.EXIT_MISMATCH == 1
+    assert msg == "ERROR: greedy outputs differ with and without lmcache for 1 of 2 requests: d0#q1"
+    assert app.output_check(a, b, False) == (0, msg.replace("ERROR", "WARNING"))
+    assert app.output_check(a, None, True) == (0, "")

@@ -90,9 +90,12 @@ def test_write_csv_rejects_missing_column(tmp_path):
 
 
 def test_render_table():
-    console = Console(record=True, width=120)
+    console = Console(record=True, width=80)
     console.print(report.render_table(report.summarize_rounds(WITHOUT, WITH)))
     text = console.export_text()
-    assert "cold" in text and "warm" in text
+    assert "1 cold" in text and "2 warm" in text
     assert "4.00x" in text and "0.75x" in text and "1280" in text
     assert "1500.0" in text and "500.0" in text  # ms
+    assert "…" not in text  # nothing truncated at 80 columns
+    lines = text.splitlines()
+    assert any(ln.split("│")[1:-1] and ln.split("│")[-2].strip() == "yes" for ln in lines)

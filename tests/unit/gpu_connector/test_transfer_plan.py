@@ -92,7 +92,7 @@ def _layers(kind, num_layers, num_blocks, n, h, d, dtype, interleaved):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_multi_layer_plan_matches_reference(kind, dtype, interleaved):
-    torch.manual_seed(hash((kind, str(dtype), interleaved)) % 1000)
+    torch.manual_seed(len(kind) * 7 + interleaved)
     n, h, d, blocks, layers = 4, (1 if kind == "mla" else 2), 8, 6, 3
     layout = KVCacheLayout(kind, n, h, d)
     kv = _layers(kind, layers, blocks, n, h, d, dtype, interleaved)

@@ -202,3 +202,15 @@ def test_assert_allocators_empty_detects_leak(assert_allocators_empty):
         assert_allocators_empty([alloc])
     obj.ref_count_down()
     assert_allocators_empty([alloc])
+
+
+def test_objects_allocated_under_inference_mode_are_writable_outside_it():
+    """vLLM builds lmcache under torch.inference_mode; tiers fill objects from other threads."""
+    with torch.inference_mode():
+        alloc = CPUMemoryAllocator(1 << 16)
+        obj = alloc.allocate((2, 3, 4), torch.bfloat16, MemoryFormat.KV_2LTD)
+    assert not obj.tensor.is_inference()
+    obj.tensor.fill_(1.5)
+    assert torch.equal(obj.tensor, torch.full((2, 3, 4), 1.5, dtype=torch.bfloat16))
+    obj.ref_count_down()
+    alloc.close()

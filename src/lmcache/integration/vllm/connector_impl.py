@@ -55,7 +55,7 @@ class LMCacheConnectorV1Impl:
         if is_scheduler:
             self.planner = ConnectorPlanner(self.chunk_size, self.block_size, self.kv_role,
                                             bool(self.cfg.get("save_decode_cache", False)))
-            timeout_ms = int(float(self.cfg.get("blocking_timeout_secs", 10)) * 1000)
+            timeout_ms = int(self.cfg.get("lookup_timeout_ms", 3000))
             self.lookup_client = LookupClient([lookup_address(self.engine_id, r) for r in range(self.tp_size)],
                                               timeout_ms=timeout_ms)
             self._requests: dict[str, Any] = {}

@@ -9,8 +9,11 @@ unless the machine itself crashed — which the checksum then catches.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import threading
+import time
 from typing import Optional
 
 from lmcache.keys import CacheEngineKey
@@ -63,7 +66,9 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str
     return None
 
 
-def scan(directory: str, max_payload_bytes: int) -> list[tuple[CacheEngineKey, wf.RemoteMetadata, int]]:
+def scan(
+    directory: str, max_payload_bytes: int
+) -> list[tuple[CacheEngineKey, wf.RemoteMetadata, int]]:
     """Index the chunk files of ``directory``, oldest first: (key, metadata, file size).
 
     Reads only the 44-byte headers. Deletes leftover temporary files (writes interrupted by a
@@ -73,7 +78,7 @@ def scan(directory: str, max_payload_bytes: int) -> list[tuple[CacheEngineKey, w
     found = []
     for entry in os.scandir(directory):
         if entry.name.startswith(TMP_PREFIX):
-            _unlink(entry.path)
+            unlink(entry.path)
             continue
         if not entry.name.endswith(SUFFIX) or not entry.is_file():
             continue
@@ -89,15 +94,66 @@ def scan(directory: str, max_payload_bytes: int) -> list[tuple[CacheEngineKey, w
                 )
         except (ValueError, OSError) as e:
             logger.warning("removing bad disk chunk file %s: %s", entry.name, e)
-            _unlink(entry.path)
+            unlink(entry.path)
             continue
         found.append((st.st_mtime_ns, entry.name, key, meta, st.st_size))
     found.sort(key=lambda t: (t[0], t[1]))
     return [(key, meta, size) for _, _, key, meta, size in found]
 
 
-def _unlink(path: str) -> None:
+def unlink(path: str) -> None:
+    """Remove ``path`` if it can be removed (no error when it is already gone)."""
     try:
         os.unlink(path)
     except OSError:
         pass
+
+
+class FullDiskGate:
+    """Stops a tier's admissions after the disk reports it is full (ENOSPC, EDQUOT, EFBIG),
+    logging one warning per episode, and reopens once ``statvfs`` shows free space for two
+    more chunks (checked at most every ``retry_secs`` seconds)."""
+
+    FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+    def __init__(self, path: str, retry_secs: float) -> None:
+        if retry_secs < 0:
+            raise ValueError(f"disk_full_retry_secs must be >= 0, got {retry_secs!r}")
+        self.path = path
+        self.retry_secs = float(retry_secs)
+        self.full = False
+        self.episodes = 0
+        self._next_check = 0.0
+        self._lock = threading.Lock()
+
+    def trip(self, error: OSError) -> bool:
+        """Record a failed write; True when ``error`` means the disk is full."""
+        if error.errno not in self.FULL_ERRNOS:
+            return False
+        with self._lock:
+            if not self.full:
+                self.full = True
+                self.episodes += 1
+                self._next_check = time.monotonic() + self.retry_secs
+                logger.warning("disk %s is full (%s); the disk tier admits nothing until space "
+                               "is free again", self.path, error)
+        return True
+
+    def admits(self, size: int) -> bool:
+        """False while full, unless free space for 2 x ``size`` bytes is back (then reopens)."""
+        if not self.full:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if not self.full or now < self._next_check:
+                return not self.full
+            self._next_check = now + self.retry_secs
+            try:
+                st = os.statvfs(self.path)
+            except OSError:
+                return False
+            if st.f_bavail * st.f_frsize < 2 * size:
+                return False
+            self.full = False
+        logger.warning("disk %s has free space again; the disk tier admits chunks", self.path)
+        return True

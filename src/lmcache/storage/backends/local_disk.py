@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
-import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
@@ -24,22 +22,18 @@ from lmcache.storage.policy.base import CachePolicy
 
 logger = logging.getLogger(__name__)
 
-GiB = 1024**3
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
 
 class LocalDiskBackend(StorageBackendInterface):
     """KV chunks as files ``<local_disk>/<encoded key>.kvc`` (layout: ``wire_format`` file =
     magic, 36-byte metadata with xxh3_64 checksum, payload).
 
     * Stores never wait for the disk: ``put`` takes the tier's own reference on the MemoryObj
-      and hands the write to a bounded pool of ``num_writers`` threads, which drops the
-      reference once the file is renamed into place (write to a temporary file, then atomic
-      rename). While a write is pending the chunk is served from that memory.
+      and queues the write (temporary file, then atomic rename) on ``num_writers`` threads,
+      which drop the reference when done; meanwhile the chunk is served from that memory.
     * Reads go into memory from ``allocator_backend.allocate`` and are verified (size, header,
       checksum); a torn, truncated or corrupt file is a miss and is deleted.
-    * At start the index is rebuilt from the files (headers only, oldest first into the policy),
-      so the tier survives a restart with correct usage; leftover temporary files are removed.
+    * At start the index is rebuilt from the files (:func:`disk_files.scan`), so the tier
+      survives a restart with correct usage accounting.
     * ``max_local_disk_size`` bounds the bytes of files (headers included); eviction follows
       the policy, skipping pinned and pending chunks. When the disk itself is full (ENOSPC,
       EDQUOT, EFBIG) admissions stop with one warning, and resume once free space is seen again
@@ -71,7 +65,7 @@ class LocalDiskBackend(StorageBackendInterface):
         max_pending_writes: int = 64,
         disk_full_retry_secs: float = 5.0,
     ) -> None:
-        if not local_disk or not isinstance(local_disk, str):
+        if not isinstance(local_disk, str) or not local_disk:
             raise ValueError(f"local_disk must be a directory path, got {local_disk!r}")
         if isinstance(max_local_disk_size, bool) or not max_local_disk_size > 0:
             raise ValueError(f"max_local_disk_size must be > 0 GiB, got {max_local_disk_size!r}")
@@ -85,31 +79,28 @@ class LocalDiskBackend(StorageBackendInterface):
         os.makedirs(self.path, exist_ok=True)
         self.allocator_backend = allocator_backend
         self.policy = type(policy)()
-        self.capacity_bytes = int(max_local_disk_size * GiB)
+        self.capacity_bytes = int(max_local_disk_size * (1 << 30))
         self.max_pending_writes = max_pending_writes
-        self.disk_full_retry_secs = float(disk_full_retry_secs)
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._index: dict[CacheEngineKey, wf.RemoteMetadata] = {}
         self._pending: dict[CacheEngineKey, MemoryObj] = {}
         self._pins: dict[CacheEngineKey, int] = {}
         self.used_bytes = 0
-        self._full_since: Optional[float] = None
-        self._next_space_check = 0.0
+        self._full_gate = disk_files.FullDiskGate(self.path, disk_full_retry_secs)
         self._warned: set[str] = set()
-        self.stats = dict.fromkeys(
-            ("writes", "write_errors", "dropped_disk_full", "dropped_capacity",
-             "dropped_backlog", "hits", "misses", "corrupt", "evictions"), 0)
+        self.stats = dict.fromkeys(("writes", "write_errors", "dropped_disk_full",
+                                    "dropped_capacity", "dropped_backlog", "hits", "misses",
+                                    "corrupt", "evictions"), 0)
         self._closed = False
         self._writers = ThreadPoolExecutor(num_writers, thread_name_prefix="lmc-disk-w")
         self._readers = ThreadPoolExecutor(num_readers, thread_name_prefix="lmc-disk-r")
         self._rebuild_index()
 
-    # ---- queries ------------------------------------------------------------------------
     def _file(self, key: CacheEngineKey) -> str:
         return os.path.join(self.path, wf.key_to_filename(key.to_string(), disk_files.SUFFIX))
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # chunks stored or being written
         return len(self._index) + len(self._pending)
 
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
@@ -122,14 +113,10 @@ class LocalDiskBackend(StorageBackendInterface):
 
     def unpin(self, key: CacheEngineKey) -> bool:
         with self._lock:
-            count = self._pins.get(key, 0)
-            if count == 0:
-                return False
-            if count == 1:
-                del self._pins[key]
-            else:
+            count = self._pins.pop(key, 0)
+            if count > 1:
                 self._pins[key] = count - 1
-            return True
+            return count > 0
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """The chunk in new allocator memory (+1 ref for the caller), or None on a miss, when
@@ -164,9 +151,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self._discard(key, problem)
         return None
 
-    def batched_get_non_blocking(
-        self, keys: Sequence[CacheEngineKey]
-    ) -> list["Future[Optional[MemoryObj]]"]:
+    def batched_get_non_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Future]:
         """One future per key, read by the reader pool (each result as from get_blocking)."""
         return [self._readers.submit(self.get_blocking, k) for k in keys]
 
@@ -185,13 +170,13 @@ class LocalDiskBackend(StorageBackendInterface):
             meta = wf.RemoteMetadata.for_tensor(obj.tensor, obj.fmt)
             self._file(key)
         except ValueError as e:
-            self._warn_once(f"bad:{type(e).__name__}", "chunk %s not written to disk: %s", key, e)
+            self._warn_once("bad", "chunk %s not written to disk: %s", key, e)
             return
         size = wf.FILE_HEADER_SIZE + meta.length
         with self._lock:
             if key in self._index or key in self._pending:
                 return
-            if self._full_since is not None and not self._space_back(size):
+            if not self._full_gate.admits(size):
                 self.stats["dropped_disk_full"] += 1
                 return
             if len(self._pending) >= self.max_pending_writes:
@@ -208,8 +193,7 @@ class LocalDiskBackend(StorageBackendInterface):
             self.used_bytes += size
         self._writers.submit(self._write, key, obj, meta, size)
 
-    def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata,
-               size: int) -> None:
+    def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata, size: int):
         tmp = os.path.join(self.path, f"{disk_files.TMP_PREFIX}{uuid.uuid4().hex}")
         try:
             disk_files.write_file(tmp, meta, obj.byte_array)
@@ -225,10 +209,7 @@ class LocalDiskBackend(StorageBackendInterface):
             os.unlink(tmp)
         except OSError as e:
             self._write_failed(key, obj, size, e)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            disk_files.unlink(tmp)
         finally:
             obj.ref_count_down()
 
@@ -239,27 +220,8 @@ class LocalDiskBackend(StorageBackendInterface):
                 del self._pending[key]
                 self.used_bytes -= size
                 self._idle.notify_all()
-            if e.errno in _FULL_ERRNOS:
-                if self._full_since is None:
-                    self._full_since = time.monotonic()
-                    self._next_space_check = self._full_since + self.disk_full_retry_secs
-                    logger.warning("disk %s is full (%s); the disk tier admits nothing until "
-                                   "space is free again", self.path, e)
-                return
-        self._warn_once(f"errno{e.errno}", "disk write of %s failed: %s", key, e)
-
-    def _space_back(self, size: int) -> bool:
-        """While full: True (and admissions resume) once 2x ``size`` bytes are free."""
-        now = time.monotonic()
-        if now < self._next_space_check:
-            return False
-        self._next_space_check = now + self.disk_full_retry_secs
-        st = os.statvfs(self.path)
-        if st.f_bavail * st.f_frsize < 2 * size:
-            return False
-        self._full_since = None
-        logger.warning("disk %s has free space again; the disk tier admits chunks", self.path)
-        return True
+        if not self._full_gate.trip(e):
+            self._warn_once(f"errno{e.errno}", "disk write of %s failed: %s", key, e)
 
     def _make_room(self, size: int) -> bool:
         if size > self.capacity_bytes:
@@ -275,7 +237,6 @@ class LocalDiskBackend(StorageBackendInterface):
                 return True
         return False
 
-    # ---- removal ------------------------------------------------------------------------
     def remove(self, key: CacheEngineKey) -> bool:
         with self._lock:
             return self._remove_locked(key)
@@ -311,10 +272,7 @@ class LocalDiskBackend(StorageBackendInterface):
         if meta is not None:
             self.used_bytes -= wf.FILE_HEADER_SIZE + meta.length
             self.policy.on_remove(key)
-            try:
-                os.unlink(self._file(key))
-            except OSError:
-                pass
+            disk_files.unlink(self._file(key))
         return True
 
     def _discard(self, key: CacheEngineKey, problem: str) -> None:
@@ -331,9 +289,8 @@ class LocalDiskBackend(StorageBackendInterface):
             self.used_bytes += size
         while self.used_bytes > self.capacity_bytes and self._index:
             self._remove_locked(next(self.policy.victims(list(self._index))))
-        if self._index:
-            logger.info("disk tier %s: %d chunks (%d bytes) found at start", self.path,
-                        len(self._index), self.used_bytes)
+        logger.info("disk tier %s: %d chunks (%d bytes) at start", self.path, len(self._index),
+                    self.used_bytes)
 
     def _warn_once(self, what: str, msg: str, *args: object) -> None:
         if what not in self._warned:

@@ -57,6 +57,7 @@ class RemoteBackend(StorageBackendInterface):
         max_pending_puts: queued uploads at most, >= 1.
 
     Raises:
+        TypeError: no RemoteConnector or Serde given.
         ValueError: non-positive timeout or counts.
     """
 
@@ -70,6 +71,11 @@ class RemoteBackend(StorageBackendInterface):
         num_put_workers: int = 2,
         max_pending_puts: int = 64,
     ) -> None:
+        if not isinstance(remote_connector, RemoteConnector):
+            raise TypeError(f"remote_connector must be a RemoteConnector (select one, e.g. "
+                            f"remote_connector=valkey), got {remote_connector!r}")
+        if not isinstance(serde, Serde):
+            raise TypeError(f"serde must be a Serde (e.g. serde=naive), got {serde!r}")
         if not blocking_timeout_secs > 0:
             raise ValueError(f"blocking_timeout_secs must be > 0, got {blocking_timeout_secs!r}")
         if min(num_get_workers, num_put_workers, max_pending_puts) < 1:
@@ -84,6 +90,7 @@ class RemoteBackend(StorageBackendInterface):
         self.blocking_timeout_secs = float(blocking_timeout_secs)
         self.max_pending_puts = max_pending_puts
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._pending: dict[CacheEngineKey, MemoryObj] = {}
         self._closed = False
         self._warned: set[str] = set()
@@ -239,12 +246,14 @@ class RemoteBackend(StorageBackendInterface):
             with self._lock:
                 if self._pending.get(key) is obj:
                     del self._pending[key]
+                    self._idle.notify_all()
             obj.ref_count_down()
 
     def remove(self, key: CacheEngineKey) -> bool:
         """Delete ``key`` from the remote store (and the upload queue)."""
         with self._lock:
             queued = self._pending.pop(key, None) is not None
+            self._idle.notify_all()
         removed = self._run(lambda: self.connector.remove(key.to_string()), False)
         return queued or removed
 
@@ -253,7 +262,13 @@ class RemoteBackend(StorageBackendInterface):
         with self._lock:
             n = len(self._pending)
             self._pending.clear()
+            self._idle.notify_all()
         return n
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every queued upload was sent (or failed); False on ``timeout`` seconds."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._pending, timeout)
 
     def close(self) -> None:
         """Finish queued uploads (each bounded by the connector's timeouts), stop the

@@ -141,8 +141,9 @@ def encode_metadata(meta: RemoteMetadata, payload: Buffer) -> bytes:
     Raises:
         ValueError: ``len(payload)`` differs from ``meta.length``.
     """
-    if memoryview(payload).nbytes != meta.length:
-        raise ValueError(f"payload has {memoryview(payload).nbytes} bytes, metadata says {meta.length}")
+    size = memoryview(payload).nbytes
+    if size != meta.length:
+        raise ValueError(f"payload has {size} bytes, metadata says {meta.length}")
     header = meta.header_bytes()
     return header + CHECKSUM.pack(checksum(header, payload))
 
@@ -201,8 +202,8 @@ def verify_payload(
 
 
 def key_to_filename(key: str, suffix: str = "") -> str:
-    """A file name for a key string: ``%`` → ``%25``, ``/`` → ``%2F``, a leading ``.`` → ``%2E``
-    (reversible with :func:`filename_to_key`), then ``suffix``.
+    """A file name for a key string, then ``suffix``: ``%`` → ``%25``, ``/`` → ``%2F``, and a
+    leading ``.`` → ``%2E`` (reversible with :func:`filename_to_key`).
 
     Raises:
         ValueError: empty key, NUL in key, or a name longer than 255 bytes.

@@ -1,0 +1,167 @@
+"""RemoteBackend over the fs:// and blackhole:// connectors (real files, no server needed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+import pytest
+import torch
+
+from lmcache.keys import CacheEngineKey
+from lmcache.memory.cpu import CPUMemoryAllocator
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde.naive import NaiveSerde
+from lmcache.storage.backends.local_cpu import LocalCPUBackend
+from lmcache.storage.backends.remote import RemoteBackend
+from lmcache.storage.connectors import wire_format as wf
+from lmcache.storage.connectors.blackhole import BlackholeConnector
+from lmcache.storage.connectors.fs import FSConnector
+from lmcache.storage.policy.lru import LRUCachePolicy
+
+SHAPE = (2, 2, 16, 32)
+
+
+def key(i: int) -> CacheEngineKey:
+    return CacheEngineKey("org/model", 2, 1, 0x5EED00 + i, torch.float16)
+
+
+@pytest.fixture
+def cpu():
+    allocator = CPUMemoryAllocator(4 << 20, pin_memory=False)
+    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=4 / 1024)
+    yield backend
+    backend.close()
+    allocator.close()
+
+
+@pytest.fixture
+def fs_remote(cpu, tmp_path):
+    remote = RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/remote"),
+                           blocking_timeout_secs=30)
+    yield remote
+    remote.close()
+
+
+def put_chunks(remote, cpu, ids):
+    ref = {}
+    for i in ids:
+        obj = cpu.allocate(SHAPE, torch.float16, MemoryFormat.KV_2LTD)
+        obj.tensor.copy_(torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)))
+        ref[i] = obj.tensor.clone()
+        remote.put(key(i), obj)
+        obj.ref_count_down()
+    assert remote.flush(timeout=60)
+    return ref
+
+
+def test_round_trip_through_files(fs_remote, cpu, tmp_path):
+    ref = put_chunks(fs_remote, cpu, range(3))
+    names = sorted(os.listdir(tmp_path / "remote"))
+    assert names == [wf.key_to_filename(key(i).to_string(), ".lmc") for i in range(3)]
+    assert names[0] == "org%2Fmodel@2@1@5eed00@half.lmc"
+    assert fs_remote.batched_contains([key(0), key(1), key(5), key(2)]) == 2
+    objs = fs_remote.batched_get_blocking([key(i) for i in range(4)])
+    assert objs[3] is None
+    for i in range(3):
+        assert objs[i].get_ref_count() == 1 and torch.equal(objs[i].tensor, ref[i])
+        objs[i].ref_count_down()
+    assert fs_remote.stats["puts"] == 3 and fs_remote.stats["hits"] == 3
+    assert not fs_remote.unpin(key(0))
+
+
+def test_a_second_instance_sees_the_shared_store(cpu, fs_remote, tmp_path):
+    ref = put_chunks(fs_remote, cpu, [4])
+    other = RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/remote"))
+    try:
+        got = other.get_blocking(key(4))
+        assert torch.equal(got.tensor, ref[4])
+        got.ref_count_down()
+        assert other.clear() == 0 and other.contains(key(4))  # clear leaves the shared store
+        assert other.remove(key(4)) and not fs_remote.contains(key(4))
+    finally:
+        other.close()
+
+
+def _file(tmp_path, i):
+    return tmp_path / "remote" / wf.key_to_filename(key(i).to_string(), ".lmc")
+
+
+@pytest.mark.parametrize("damage", ["payload_bit", "length_field", "truncated", "magic"])
+def test_damaged_remote_bytes_are_misses(fs_remote, cpu, tmp_path, damage, caplog):
+    put_chunks(fs_remote, cpu, [1])
+    path = _file(tmp_path, 1)
+    data = bytearray(path.read_bytes())
+    if damage == "payload_bit":
+        data[500] ^= 1
+    elif damage == "length_field":  # header length disagrees with the payload
+        struct.pack_into("<i", data, 8, len(data) - 44 - 2)
+    elif damage == "truncated":
+        data = data[:-2]
+    else:
+        data[0:8] = b"NOTLMCAC"
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        assert fs_remote.get_blocking(key(1)) is None
+    assert cpu.allocator.num_active_allocations == 0
+
+
+def test_lmcache_legacy_28_byte_header_is_read(fs_remote, cpu, tmp_path):
+    put_chunks(fs_remote, cpu, [2])
+    path = _file(tmp_path, 2)
+    data = path.read_bytes()
+    payload = data[44:]
+    header = struct.pack("<7i", len(payload), 1, 2, *SHAPE)
+    assert data[8:36] == header
+    # a value whose metadata carries no checksum is still checked by length
+    got = fs_remote.serde.deserialize(wf.verify_payload(header, payload), payload, cpu)
+    assert bytes(got.byte_array) == payload
+    got.ref_count_down()
+
+
+def test_queued_upload_is_served_from_memory_and_clear_drops_the_queue(cpu, tmp_path):
+    remote = RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/r"),
+                           num_put_workers=1)
+    remote._putters.submit(remote._lock.acquire)  # park the only upload thread
+    try:
+        obj = cpu.allocate(SHAPE, torch.float16, MemoryFormat.KV_2LTD)
+        obj.tensor.fill_(3)
+        remote.put(key(0), obj)
+        assert obj.get_ref_count() == 2            # the tier's own reference
+        obj.ref_count_down()
+        assert remote.contains(key(0))
+        got = remote.get_blocking(key(0))
+        assert got is obj and bool((got.tensor == 3).all())
+        got.ref_count_down()
+        assert remote.clear() == 1
+    finally:
+        remote._lock.release()
+    assert remote.flush(timeout=60)
+    remote.close()
+    assert os.listdir(tmp_path / "r") == []        # the cleared upload was never sent
+    assert cpu.allocator.num_active_allocations == 0
+
+
+def test_blackhole_drops_everything(cpu):
+    remote = RemoteBackend(cpu, NaiveSerde(), BlackholeConnector("blackhole://"))
+    put_chunks(remote, cpu, range(3))
+    assert remote.connector.stats["dropped_puts"] == 3
+    assert remote.batched_contains([key(0)]) == 0 and remote.get_blocking(key(0)) is None
+    remote.close()
+    remote.close()
+    remote.put(key(9), None)  # after close: ignored
+
+
+def test_bad_collaborators_and_values(cpu, tmp_path):
+    conn = FSConnector(f"fs://{tmp_path}/x")
+    with pytest.raises(TypeError, match="remote_connector must be a RemoteConnector"):
+        RemoteBackend(cpu, NaiveSerde(), None)
+    with pytest.raises(TypeError, match="serde must be a Serde"):
+        RemoteBackend(cpu, "naive", conn)
+    with pytest.raises(ValueError, match="blocking_timeout_secs must be > 0, got 0"):
+        RemoteBackend(cpu, NaiveSerde(), conn, blocking_timeout_secs=0)
+    with pytest.raises(ValueError, match="fs://"):
+        FSConnector("valkey://localhost:6379")
+    with pytest.raises(ValueError, match="blackhole://"):
+        BlackholeConnector("fs:///tmp")

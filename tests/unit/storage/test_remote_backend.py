@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 
 import pytest
 import torch
@@ -123,7 +124,8 @@ def test_lmcache_legacy_28_byte_header_is_read(fs_remote, cpu, tmp_path):
 def test_queued_upload_is_served_from_memory_and_clear_drops_the_queue(cpu, tmp_path):
     remote = RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/r"),
                            num_put_workers=1)
-    remote._putters.submit(remote._lock.acquire)  # park the only upload thread
+    gate = threading.Event()
+    remote._putters.submit(gate.wait, 60)          # park the only upload thread
     try:
         obj = cpu.allocate(SHAPE, torch.float16, MemoryFormat.KV_2LTD)
         obj.tensor.fill_(3)
@@ -136,7 +138,7 @@ def test_queued_upload_is_served_from_memory_and_clear_drops_the_queue(cpu, tmp_
         got.ref_count_down()
         assert remote.clear() == 1
     finally:
-        remote._lock.release()
+        gate.set()
     assert remote.flush(timeout=60)
     remote.close()
     assert os.listdir(tmp_path / "r") == []        # the cleared upload was never sent

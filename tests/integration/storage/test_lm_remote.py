@@ -1,0 +1,131 @@
+"""The lm:// remote against a real `python -m lmcache.server` process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmcache.server import protocol
+from lmcache.storage.connectors import wire_format as wf
+from lmcache.storage.connectors.lm import LMConnector
+from storage_servers import LMServerProcess, chunk_key, eventually, free_port
+
+
+def url(server) -> str:
+    return f"lm://127.0.0.1:{server.port}"
+
+
+def test_round_trip_exists_remove(lm_server, make_remote, put_chunks, fetch):
+    remote = make_remote(LMConnector(url(lm_server), blocking_timeout_secs=5))
+    ref = put_chunks(remote, range(5))
+    assert remote.batched_contains([chunk_key(i) for i in (0, 1, 2, 9, 3)]) == 3
+    objs = remote.batched_get_blocking([chunk_key(i) for i in range(5)])
+    for i, obj in enumerate(objs):
+        assert torch.equal(obj.tensor, ref[i])
+        obj.ref_count_down()
+    assert remote.remove(chunk_key(2)) and not remote.contains(chunk_key(2))
+    assert not remote.connector.remove(chunk_key(2).to_string())
+
+
+def test_raw_protocol_bytes(lm_server):
+    """The documented headers, byte by byte."""
+    with socket.create_connection(("127.0.0.1", lm_server.port), timeout=5) as s:
+        s.sendall(b"LMCQ" + bytes([1, protocol.Op.PUT, 0, 0]) + (3).to_bytes(4, "little")
+                  + (5).to_bytes(8, "little") + b"key" + b"hello")
+        assert protocol.recv_exact(s, 16) == b"LMCR" + bytes([1, 0, 0, 0]) + bytes(8)
+        s.sendall(protocol.pack_request(protocol.Op.GET, b"key"))
+        head = bytes(protocol.recv_exact(s, 16))
+        assert protocol.unpack_response(head, 100) == (protocol.Status.OK, 5)
+        assert protocol.recv_exact(s, 5) == b"hello"
+        s.sendall(protocol.pack_request(protocol.Op.EXISTS, b"nope"))
+        assert protocol.unpack_response(bytes(protocol.recv_exact(s, 16)), 0)[0] == \
+            protocol.Status.NOT_FOUND
+        s.sendall(b"GARBAGE!" * 3)  # a bad header closes this connection...
+        assert s.recv(16) == b""
+    with socket.create_connection(("127.0.0.1", lm_server.port), timeout=5) as s:
+        s.sendall(protocol.pack_request(protocol.Op.PING, b"x"))  # ...and only this one
+        assert protocol.unpack_response(bytes(protocol.recv_exact(s, 16)), 0)[0] == \
+            protocol.Status.OK
+
+
+def test_size_limits_on_both_sides(make_remote, put_chunks, fetch, cpu):
+    server = LMServerProcess(None, "--max-value-mb", "0.01").start()  # 10 KiB per value
+    try:
+        remote = make_remote(LMConnector(url(server), blocking_timeout_secs=5))
+        put_chunks(remote, [1])  # a 16 KiB chunk is refused (TOO_LARGE), nothing raised
+        assert remote.stats["put_failures"] == 1 and not remote.contains(chunk_key(1))
+        conn = remote.connector
+        assert conn.put("small", wf.encode_metadata(
+            wf.RemoteMetadata(4, wf.MemoryFormat.BINARY, None, (4,)), b"abcd"), b"abcd")
+        assert conn.get("small")[1] == b"abcd"  # the connection survived the refusal
+    finally:
+        server.kill()
+    server = LMServerProcess().start()
+    try:
+        big = make_remote(LMConnector(url(server)))
+        put_chunks(big, [2])
+        small = make_remote(LMConnector(url(server), max_payload_bytes=1024))
+        assert fetch(small, 2) is None  # the reply announces more than the client accepts
+        assert fetch(big, 2) is not None
+    finally:
+        server.kill()
+
+
+def test_server_evicts_least_recently_used(make_remote, put_chunks):
+    server = LMServerProcess(None, "--max-size-gb", str(40_000 / (1 << 30))).start()
+    try:
+        remote = make_remote(LMConnector(url(server)))
+        put_chunks(remote, [0, 1])          # two 16 KiB values fit in 40 000 bytes
+        assert remote.contains(chunk_key(0))
+        remote.get_blocking(chunk_key(0)).ref_count_down()  # 0 is now most recently used
+        put_chunks(remote, [2])
+        assert [remote.contains(chunk_key(i)) for i in range(3)] == [True, False, True]
+    finally:
+        server.kill()
+
+
+def test_down_at_start_killed_restarted_empty_and_stalled(make_remote, put_chunks, fetch):
+    port = free_port()
+    remote = make_remote(LMConnector(f"lm://127.0.0.1:{port}", blocking_timeout_secs=0.5,
+                                     retry_interval_secs=0.1), blocking_timeout_secs=0.5)
+    put_chunks(remote, [0])
+    assert fetch(remote, 0) is None and not remote.contains(chunk_key(0))
+    server = LMServerProcess(port).start()
+    try:
+        assert eventually(lambda: bool(put_chunks(remote, [0])) and remote.contains(chunk_key(0)))
+        ref = put_chunks(remote, [1])
+        server.pause()  # stalled: answers nothing
+        assert fetch(remote, 1) is None
+        with open(f"/proc/{server.proc.pid}/stat") as f:
+            assert f.read().split(") ")[1][0] == "T"
+        server.resume()
+        assert eventually(lambda: fetch(remote, 1) is not None)
+        assert torch.equal(fetch(remote, 1), ref[1])
+        server.kill()
+        assert fetch(remote, 1) is None and remote.batched_contains([chunk_key(1)]) == 0
+        server = LMServerProcess(port).start()  # back, empty
+        assert eventually(lambda: bool(put_chunks(remote, [3])) and remote.contains(chunk_key(3)))
+        assert fetch(remote, 1) is None and fetch(remote, 3) is not None
+        assert remote.connector.stats["recoveries"] >= 2
+    finally:
+        server.kill()
+
+
+def test_console_script_and_bad_urls():
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    exe = shutil.which("lmcache-server", path=search)
+    assert exe is not None, "the lmcache-server console script is installed with the package"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--max-size-gb" in out.stdout
+    bad = subprocess.run([exe, "127.0.0.1", "70000"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "port must be in 0..65535" in bad.stderr
+    with pytest.raises(ValueError, match="lm://host:port"):
+        LMConnector("lm://nohost")
+    with pytest.raises(ValueError, match="lm://host:port"):
+        LMConnector("valkey://h:1")

@@ -7,12 +7,12 @@ each prompt length it measures, in the same process:
 
   ceiling    one pinned ``copy_`` of the same bytes (host->device and device->host)
   engine     LMCacheEngine.store / .retrieve (chunk 256, LocalCPUBackend over a pinned
-             CPUMemoryAllocator, VLLMPagedMemGPUConnectorV2Cupy): hashing, allocation, tiers
-             and the kernel, wall clock, host-synchronous as the engine returns
-  connector  VLLMPagedMemGPUConnectorV2Cupy.batched_from_gpu / batched_to_gpu alone (one launch
-             over every chunk, pinned MemoryObjs read/written through mapped pointers)
-  staged     for comparison: DMA copy_ of the same MemoryObjs to a device buffer, then the same
-             kernel from device memory
+             CPUMemoryAllocator, VLLMPagedMemGPUConnectorV2Cupy with either transfer): hashing,
+             allocation, tiers and the copy, wall clock, host-synchronous as the engine returns
+  conn       VLLMPagedMemGPUConnectorV2Cupy.batched_from_gpu / batched_to_gpu alone, with
+             transfer="dma" (copy engine through two 64 MiB staging buffers, pipelined with the
+             kernel) and transfer="mapped" (one launch over every chunk, the kernel reading and
+             writing the pinned MemoryObjs through their mapped pointers)
   torch      the torch reference connector (VLLMPagedMemGPUConnectorV2) on the same data
   layerwise  VLLMPagedMemLayerwiseGPUConnector, all layers back to back (no compute overlap)
 
@@ -144,33 +144,6 @@ def bench_connector(s: Setup, conn, tokens: int, reps: int) -> tuple[float, floa
     return nbytes / store, nbytes / load
 
 
-def bench_staged(s: Setup, tokens: int, reps: int) -> tuple[float, float]:
-    """DMA between the pinned MemoryObjs and a device buffer + the kernel on device memory."""
-    conn = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy")
-    starts, ends = chunks(tokens)
-    objs = [s.alloc.allocate(conn.get_shape(e - b), DTYPE, conn.fmt) for b, e in zip(starts, ends)]
-    stage = [torch.empty_like(o.tensor, device="cuda") for o in objs]
-    src, dst = s.slots(tokens, 1), s.slots(tokens, 2)
-
-    def store():
-        cupy_kernels.launch_transfer(s.kv, s.layout, stage, src, starts, to_paged=False,
-                                     single_layer=False).wait()
-        for o, d in zip(objs, stage):
-            o.tensor.copy_(d, non_blocking=True)
-
-    def load():
-        for o, d in zip(objs, stage):
-            d.copy_(o.tensor, non_blocking=True)
-        cupy_kernels.launch_transfer(s.kv, s.layout, stage, dst, starts, to_paged=True,
-                                     single_layer=False).wait()
-
-    st, ld = timed(store, reps), timed(load, reps)
-    for o in objs:
-        o.ref_count_down()
-    nbytes = tokens * BYTES_PER_TOKEN
-    return nbytes / st, nbytes / ld
-
-
 def bench_layerwise(s: Setup, tokens: int, reps: int) -> tuple[float, float]:
     conn = VLLMPagedMemLayerwiseGPUConnector(s.meta, s.layout, backend="cupy")
     starts, ends = chunks(tokens)
@@ -197,7 +170,7 @@ def bench_layerwise(s: Setup, tokens: int, reps: int) -> tuple[float, float]:
     return nbytes / st, nbytes / ld
 
 
-def make_engine(s: Setup):
+def make_engine(s: Setup, transfer: str):
     from lmcache.engine.lmcache_engine import LMCacheEngine
     from lmcache.storage.backends.local_cpu import LocalCPUBackend
     from lmcache.storage.manager import StorageManager
@@ -205,7 +178,7 @@ def make_engine(s: Setup):
     from lmcache.token_database.chunked import ChunkedTokenDatabase
 
     backend = LocalCPUBackend(s.alloc, LRUCachePolicy(), max_local_cpu_size=s.alloc.capacity_bytes / 2**30)
-    conn = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy")
+    conn = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer=transfer)
     return LMCacheEngine(s.meta, ChunkedTokenDatabase(s.meta, CHUNK), conn, StorageManager([backend]))
 
 
@@ -273,19 +246,58 @@ def bench_prefill(tokens: int, reps: int) -> float:
 
 
 def sweep(s: Setup, reps: int) -> list[dict]:
-    """Launch-shape variants of the connector path at 8k tokens (direct mapped access)."""
+    """Variants: mapped-path launch shapes and L2 prefetch hints, dma-path staging sizes."""
     rows = []
     base = dict(cupy_kernels.TUNING)
-    conn = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy")
-    for threads, rpt, grid in [(256, 4, 1 << 16), (256, 8, 1 << 16), (256, 2, 1 << 16),
-                               (128, 4, 1 << 16), (256, 4, 132 * 4), (256, 8, 132 * 2)]:
-        cupy_kernels.TUNING.update(threads=threads, rows_per_thread=rpt, max_grid_x=grid)
-        st, ld = bench_connector(s, conn, 8192, reps)
-        rows.append({"threads": threads, "rows_per_thread": rpt, "max_grid_x": grid,
-                     "store_GBps": st / 1e9, "retrieve_GBps": ld / 1e9})
-        print(f"  sweep threads={threads} rows={rpt} grid_x<={grid}: store {st/1e9:.1f} GB/s, "
-              f"retrieve {ld/1e9:.1f} GB/s", flush=True)
-    cupy_kernels.TUNING.update(base)
+    mapped = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="mapped")
+    variants = [dict(threads=256, rows_per_thread=4, l2_prefetch=0),
+                dict(threads=256, rows_per_thread=4, l2_prefetch=128),
+                dict(threads=256, rows_per_thread=4, l2_prefetch=256),
+                dict(threads=256, rows_per_thread=8, l2_prefetch=256),
+                dict(threads=128, rows_per_thread=2, l2_prefetch=0)]
+    for tokens in (8192, 32768):
+        for v in variants:
+            cupy_kernels.TUNING.update(v)
+            st, ld = bench_connector(s, mapped, tokens, reps)
+            rows.append({"path": "mapped", "tokens": tokens, **v, "store_GBps": st / 1e9,
+                         "retrieve_GBps": ld / 1e9})
+            print(f"  sweep mapped {tokens} {v}: store {st/1e9:.1f} GB/s, retrieve {ld/1e9:.1f}",
+                  flush=True)
+        cupy_kernels.TUNING.update(base)
+    for mib in (16, 32, 64, 256):
+        dma = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="dma",
+                                             staging_mib=mib)
+        for tokens in (1024, 8192):
+            st, ld = bench_connector(s, dma, tokens, reps)
+            rows.append({"path": "dma", "staging_mib": mib, "tokens": tokens,
+                         "store_GBps": st / 1e9, "retrieve_GBps": ld / 1e9})
+            print(f"  sweep dma staging {mib} MiB {tokens}: store {st/1e9:.1f} GB/s, "
+                  f"retrieve {ld/1e9:.1f}", flush=True)
+        del dma
+        torch.cuda.empty_cache()
+    # where the time of a small transfer goes (mapped path, 1k tokens)
+    starts, ends = chunks(1024)
+    objs = [s.alloc.allocate(mapped.get_shape(e - b), DTYPE, mapped.fmt) for b, e in zip(starts, ends)]
+    src = s.slots(1024, 1)
+    stream = torch.cuda.current_stream()
+    enq, kern = [], []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        e0 = stream.record_event(torch.cuda.Event(enable_timing=True))
+        h = cupy_kernels.launch_transfer(s.kv, s.layout, [o.tensor for o in objs], src, starts,
+                                         to_paged=False, single_layer=False, stream=stream)
+        e1 = stream.record_event(torch.cuda.Event(enable_timing=True))
+        enq.append(time.perf_counter() - t0)
+        h.wait()
+        kern.append(e0.elapsed_time(e1) / 1e3)
+    for o in objs:
+        o.ref_count_down()
+    row = {"path": "breakdown_1k_mapped_store", "enqueue_s": statistics.median(enq[1:]),
+           "gpu_s": statistics.median(kern[1:])}
+    print(f"  1k mapped store: host enqueue {row['enqueue_s']*1e6:.0f} us, stream time "
+          f"{row['gpu_s']*1e6:.0f} us", flush=True)
+    rows.append(row)
     return rows
 
 
@@ -304,12 +316,13 @@ def main() -> None:
     print(json.dumps(result["device"]), flush=True)
     sizes = sorted(set(args.tokens + ([args.prefill_tokens] if args.prefill else [])))
     s = Setup(max(sizes))
-    fast = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy")
+    dma = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="dma")
+    mapped = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="mapped")
     slow = VLLMPagedMemGPUConnectorV2(s.meta, s.layout)
-    engine = None
+    engines = {}
     if not args.no_engine:
         try:
-            engine = make_engine(s)
+            engines = {t: make_engine(s, t) for t in ("dma", "mapped")}
         except Exception as err:  # report, and measure through the connector only
             print(f"engine unavailable ({type(err).__name__}: {err}); connector only", flush=True)
             result["engine_error"] = repr(err)
@@ -318,13 +331,13 @@ def main() -> None:
     for tokens in sizes:
         row = {"tokens": tokens, "bytes": tokens * BYTES_PER_TOKEN}
         row["ceil_h2d"], row["ceil_d2h"] = ceiling(tokens, args.reps)
-        row["conn_store"], row["conn_retrieve"] = bench_connector(s, fast, tokens, args.reps)
-        row["staged_store"], row["staged_retrieve"] = bench_staged(s, tokens, args.reps)
+        row["dma_store"], row["dma_retrieve"] = bench_connector(s, dma, tokens, args.reps)
+        row["mapped_store"], row["mapped_retrieve"] = bench_connector(s, mapped, tokens, args.reps)
         row["torch_store"], row["torch_retrieve"] = bench_connector(s, slow, tokens, max(1, args.reps // 2))
         if tokens <= 8192:
             row["lw_store"], row["lw_retrieve"] = bench_layerwise(s, tokens, args.reps)
-        if engine is not None:
-            row["engine"] = bench_engine(s, engine, tokens, args.reps)
+        for transfer, engine in engines.items():
+            row[f"engine_{transfer}"] = bench_engine(s, engine, tokens, args.reps)
         result["sizes"].append(row)
         print(json.dumps(row), flush=True)
     if args.prefill:
@@ -336,34 +349,41 @@ def main() -> None:
 
 
 def print_table(result: dict, args) -> None:
-    def gbs(x):
-        return f"{x / 1e9:6.1f}"
+    def cell(r, bps, ceil):
+        return f"{bps / 1e9:5.1f} ({bps / r[ceil]:4.0%})"
 
-    print("\nGB/s (fraction of the pinned copy_ ceiling in the same direction)")
-    print(f"{'tokens':>7} {'MiB':>6} | {'ceil D2H':>8} {'ceil H2D':>8} | {'engine store':>15} "
-          f"{'engine retr.':>15} | {'conn store':>15} {'conn retr.':>15} | {'staged st/rt':>13} "
-          f"| {'torch st/rt':>11} | {'layerwise st/rt':>15}")
+    print("\nGB/s, and in () the fraction of the pinned copy_ ceiling in the same direction "
+          "(store: D2H, retrieve: H2D)")
+    head = (f"{'tokens':>6} {'MiB':>5} | {'ceil D2H/H2D':>12} | {'engine(dma) store':>17} "
+            f"{'retrieve':>12} | {'engine(mapped) st':>17} {'retrieve':>12} | "
+            f"{'conn dma store':>14} {'retrieve':>12} | {'conn mapped st':>14} {'retrieve':>12} | "
+            f"{'torch st/rt':>11} | {'layerwise st/rt':>15}")
+    print(head)
     for r in result["sizes"]:
-        e = r.get("engine")
-        eng = (f"{gbs(e['store_Bps'])} ({e['store_Bps'] / r['ceil_d2h']:4.0%}) "
-               f"{gbs(e['retrieve_Bps'])} ({e['retrieve_Bps'] / r['ceil_h2d']:4.0%})") if e else \
-            f"{'n/a':>15} {'n/a':>15}"
-        lw = f"{gbs(r['lw_store'])}/{gbs(r['lw_retrieve'])}" if "lw_store" in r else "-"
-        print(f"{r['tokens']:>7} {r['bytes'] / 2**20:6.0f} | {gbs(r['ceil_d2h']):>8} "
-              f"{gbs(r['ceil_h2d']):>8} | {eng} | {gbs(r['conn_store'])} "
-              f"({r['conn_store'] / r['ceil_d2h']:4.0%}) {gbs(r['conn_retrieve'])} "
-              f"({r['conn_retrieve'] / r['ceil_h2d']:4.0%}) | {gbs(r['staged_store'])}/"
-              f"{gbs(r['staged_retrieve'])} | {gbs(r['torch_store'])}/{gbs(r['torch_retrieve'])} "
-              f"| {lw:>15}")
+        parts = [f"{r['tokens']:>6} {r['bytes'] / 2**20:5.0f}",
+                 f"{r['ceil_d2h'] / 1e9:5.1f}/{r['ceil_h2d'] / 1e9:5.1f} "]
+        for t in ("dma", "mapped"):
+            e = r.get(f"engine_{t}")
+            parts.append(f"{cell(r, e['store_Bps'], 'ceil_d2h'):>17} "
+                         f"{cell(r, e['retrieve_Bps'], 'ceil_h2d'):>12}" if e else f"{'n/a':>30}")
+        for t in ("dma", "mapped"):
+            parts.append(f"{cell(r, r[t + '_store'], 'ceil_d2h'):>14} "
+                         f"{cell(r, r[t + '_retrieve'], 'ceil_h2d'):>12}")
+        parts.append(f"{r['torch_store'] / 1e9:5.1f}/{r['torch_retrieve'] / 1e9:5.1f}")
+        parts.append(f"{r['lw_store'] / 1e9:7.1f}/{r['lw_retrieve'] / 1e9:5.1f}"
+                     if "lw_store" in r else f"{'-':>15}")
+        print(" | ".join(parts))
     if "prefill_s" in result:
         pt = args.prefill_tokens
         row = next(r for r in result["sizes"] if r["tokens"] == pt)
-        retr = row["engine"]["retrieve_s"] if "engine" in row else row["bytes"] / row["conn_retrieve"]
-        via = "engine" if "engine" in row else "connector"
+        if "engine_dma" in row:
+            retr, via = row["engine_dma"]["retrieve_s"], "engine, dma"
+        else:
+            retr, via = row["bytes"] / row["dma_retrieve"], "connector, dma"
+        result["prefill_speedup"] = result["prefill_s"] / retr
         print(f"\nprefill of {pt} tokens (Llama-3-8B shape, random bf16 weights, sdpa): "
               f"{result['prefill_s'] * 1e3:.1f} ms; lmcache retrieve of its KV ({via}): "
-              f"{retr * 1e3:.1f} ms; speed-up {result['prefill_s'] / retr:.1f}x")
-        result["prefill_speedup"] = result["prefill_s"] / retr
+              f"{retr * 1e3:.1f} ms; speed-up {result['prefill_speedup']:.1f}x")
 
 
 if __name__ == "__main__":

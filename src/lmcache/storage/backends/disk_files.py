@@ -14,29 +14,52 @@ import logging
 import os
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.storage.connectors import wire_format as wf
 
 logger = logging.getLogger(__name__)
+Buffer = Union[bytes, bytearray, memoryview]
 
 SUFFIX = ".kvc"
 TMP_PREFIX = ".tmp-"
+BLOCK = 1 << 20  # bytes read/written (and hashed) at a time: stays in cache between the two
 
 
 def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview) -> None:
-    """Write header and payload to ``path`` (a new file). OSError as raised by the OS."""
-    with open(path, "wb", buffering=0) as f:
-        for part in (wf.encode_file_header(meta, payload), payload):
-            view = memoryview(part).cast("B")
-            while view.nbytes:
-                view = view[f.write(view):]
+    """Write a chunk file to ``path`` (a new file): the payload in BLOCK-sized pieces, each
+    hashed just before it is written (cache-hot), then the header with the checksum at offset 0.
+
+    Raises:
+        OSError: as raised by the OS (ENOSPC on a full disk, ...).
+    """
+    view = memoryview(payload).cast("B")
+    state = wf.start_checksum(meta)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        offset = wf.FILE_HEADER_SIZE
+        for start in range(0, view.nbytes, BLOCK):
+            block = view[start : start + BLOCK]
+            state.update(block)
+            _pwrite_all(fd, block, offset)
+            offset += block.nbytes
+        _pwrite_all(fd, wf.FILE_MAGIC + wf.finish_metadata(meta, state), 0)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str]:
-    """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``.
+    """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``, hashing each
+    BLOCK-sized piece right after reading it.
 
     Returns None when the file is complete and its checksum matches, else a short description
     of what is wrong (the caller treats the chunk as a miss).
@@ -54,14 +77,18 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str
         size = os.fstat(f.fileno()).st_size
         if meta.length != obj.nbytes or size != wf.FILE_HEADER_SIZE + obj.nbytes:
             return f"truncated or mismatched ({size} bytes)"
+        if digest is None:
+            return "corrupt (no checksum)"
+        state = wf.start_checksum(meta)
         view = obj.byte_array
         got = 0
         while got < obj.nbytes:
-            n = f.readinto(view[got:])
+            n = f.readinto(view[got : got + BLOCK])
             if not n:
                 return "truncated"
+            state.update(view[got : got + n])
             got += n
-    if digest is None or wf.checksum(metadata[: wf.HEADER.size], view) != digest:
+    if state.intdigest() != digest:
         return "corrupt (checksum mismatch)"
     return None
 

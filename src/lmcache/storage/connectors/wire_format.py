@@ -135,6 +135,19 @@ def checksum(header: Buffer, payload: Buffer) -> int:
     return h.intdigest()
 
 
+def start_checksum(meta: RemoteMetadata) -> "xxhash.xxh3_64":
+    """Incremental :func:`checksum`: a state already fed the header; ``update()`` it with the
+    payload in pieces (while they are hot in cache), then :func:`finish_metadata`."""
+    state = xxhash.xxh3_64()
+    state.update(meta.header_bytes())
+    return state
+
+
+def finish_metadata(meta: RemoteMetadata, state: "xxhash.xxh3_64") -> bytes:
+    """The 36-byte metadata whose checksum is ``state``'s digest (see start_checksum)."""
+    return meta.header_bytes() + CHECKSUM.pack(state.intdigest())
+
+
 def encode_metadata(meta: RemoteMetadata, payload: Buffer) -> bytes:
     """36 bytes: header then checksum of (header, payload).
 

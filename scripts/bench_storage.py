@@ -16,9 +16,10 @@ moved by the tier and by the plainest code that can move them, in the same run:
           chunk); retrieve = batched_get_blocking (payload verified, copied into allocator
           memory). ceiling: raw valkey-py SET / GET of the same bytes.
 
-Every ceiling is the best of 1 thread and the tier's own thread count, so a tier never gets
-credit for parallelism the raw path was denied. Times are medians of --reps runs after one
-warm-up; throughput = bytes / time. With --cold, written files are synced and dropped from the
+Every ceiling is the best of its variants (1 thread and the tier's own thread count; for files
+also whole-chunk, 8 MiB and 1 MiB pieces), so a tier never gets credit for something the raw
+path was denied. Tier and ceiling runs alternate (the same machine load hits both); times are
+medians of --reps runs after one warm-up; throughput = bytes / time. With --cold, written files are synced and dropped from the
 page cache (posix_fadvise DONTNEED) before every read, for the tier and the ceiling alike.
 
 Usage: PYTHONPATH=src python scripts/bench_storage.py [--chunks 16] [--reps 3]
@@ -55,28 +56,30 @@ CHUNK_BYTES = 2 * 32 * 256 * 8 * 128 * 2  # 32 MiB
 GiB = 1 << 30
 
 
-def median_time(fn: Callable[[], None], reps: int, setup: Callable[[], None] = lambda: None):
-    setup()
-    fn()
-    times = []
-    for _ in range(reps):
-        setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def paired(tier: Callable[[], None], ceilings: list[Callable[[], None]], reps: int,
+           setup: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Median seconds of ``tier`` and of the best ceiling variant, runs interleaved (so both
+    see the same machine load), each after one warm-up; ``setup`` runs untimed before each."""
+    fns = [tier, *ceilings]
+    times: list[list[float]] = [[] for _ in fns]
+    for rep in range(reps + 1):
+        for j, fn in enumerate(fns if rep % 2 else fns[::-1]):
+            j = j if rep % 2 else len(fns) - 1 - j
+            setup()
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                times[j].append(time.perf_counter() - t0)
+    medians = [statistics.median(t) for t in times]
+    return medians[0], min(medians[1:])
 
 
 def threaded(fn: Callable[[int], None], n: int, threads: int) -> Callable[[], None]:
+    """Call fn(0..n-1) on ``threads`` threads (in order on the caller's thread for 1)."""
     if threads == 1:
         return lambda: [fn(i) for i in range(n)]
     pool = ThreadPoolExecutor(threads)
     return lambda: list(pool.map(fn, range(n)))
-
-
-def best_ceiling(make: Callable[[int], Callable[[int], None]], n: int, threads: int, reps: int,
-                 setup: Callable[[], None] = lambda: None) -> float:
-    return min(median_time(threaded(make(t), n, t), reps, setup) for t in sorted({1, threads}))
 
 
 def key(i: int) -> CacheEngineKey:
@@ -116,21 +119,54 @@ def bench_cpu(cpu: LocalCPUBackend, n: int, reps: int) -> list:
             dst.copy_(obj.tensor)
             obj.ref_count_down()
 
-    rows = [("cpu", "store", median_time(store, reps, cpu.clear),
-             median_time(lambda: [b.copy_(src) for b in bufs], reps))]
+    rows = [("cpu", "store", *paired(store, [lambda: [b.copy_(src) for b in bufs]], reps,
+                                     cpu.clear))]
     store()
-    rows.append(("cpu", "retrieve", median_time(retrieve, reps),
-                 median_time(lambda: [dst.copy_(b) for b in bufs], reps)))
+    rows.append(("cpu", "retrieve", *paired(retrieve, [lambda: [dst.copy_(b) for b in bufs]],
+                                            reps)))
     cpu.clear()
     return rows
 
 
-def drop_cache(paths) -> None:
+def drop_cache(directory: str) -> None:
+    """Write back and evict ``directory``'s files from the page cache."""
     os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
+    for name in os.listdir(directory):
+        fd = os.open(os.path.join(directory, name), os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
+
+
+def raw_file_io(objs: list, directory: str, threads: int):
+    """Ceiling variants: one file per chunk, written/read whole or in 1/8 MiB pieces, on 1 or
+    ``threads`` threads. Returns (writers, readers, wipe)."""
+    n = len(objs)
+    paths = [os.path.join(directory, f"chunk{i}") for i in range(n)]
+    bufs = [memoryview(torch.zeros(CHUNK_BYTES, dtype=torch.uint8).numpy()) for _ in range(n)]
+
+    def write(block):
+        def one(i):
+            data = objs[i].byte_array
+            with open(paths[i], "wb", buffering=0) as f:
+                for start in range(0, CHUNK_BYTES, block):
+                    f.write(data[start : start + block])
+        return one
+
+    def read(block):
+        def one(i):
+            with open(paths[i], "rb", buffering=0) as f:
+                for start in range(0, CHUNK_BYTES, block):
+                    f.readinto(bufs[i][start : start + block])
+        return one
+
+    def wipe():
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    variants = [(b, t) for b in (CHUNK_BYTES, 8 << 20, 1 << 20) for t in sorted({1, threads})]
+    return ([threaded(write(b), n, t) for b, t in variants],
+            [threaded(read(b), n, t) for b, t in variants], wipe)
 
 
 def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -> list:
@@ -138,47 +174,29 @@ def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -
                             max_local_disk_size=2 * n * CHUNK_BYTES / GiB)
     objs = chunks(cpu, n)
     keys = [key(i) for i in range(n)]
+    raw_dir = os.path.join(root, "raw")
+    os.makedirs(raw_dir)
+    writers, readers, wipe = raw_file_io(objs, raw_dir, threads=4)
 
     def store():
         for k, obj in zip(keys, objs):
             disk.put(k, obj)
         disk.flush()
 
-    rows = [("disk", "store", median_time(store, reps, disk.clear), 0.0)]
+    rows = [("disk", "store", *paired(store, writers, reps, lambda: (disk.clear(), wipe())))]
     store()
-    files = [os.path.join(disk.path, f) for f in os.listdir(disk.path)]
-    setup = (lambda: drop_cache(files)) if cold else (lambda: None)
+    writers[0]()
+
+    def before_read():
+        if cold:
+            drop_cache(disk.path)
+            drop_cache(raw_dir)
+
     rows.append(("disk", "retrieve",
-                 median_time(lambda: release(disk.batched_get_blocking(keys)), reps, setup), 0.0))
+                 *paired(lambda: release(disk.batched_get_blocking(keys)), readers, reps,
+                         before_read)))
     disk.clear()
     disk.close()
-
-    raw_dir = os.path.join(root, "raw")
-    os.makedirs(raw_dir, exist_ok=True)
-    paths = [os.path.join(raw_dir, f"chunk{i}") for i in range(n)]
-    bufs = [torch.zeros(CHUNK_BYTES, dtype=torch.uint8) for _ in range(n)]
-
-    def make_write(_threads):
-        def write(i):
-            with open(paths[i], "wb", buffering=0) as f:
-                f.write(objs[i].byte_array)
-        return write
-
-    def make_read(_threads):
-        def read(i):
-            with open(paths[i], "rb", buffering=0) as f:
-                f.readinto(memoryview(bufs[i].numpy()))
-        return read
-
-    def wipe():
-        for p in paths:
-            if os.path.exists(p):
-                os.unlink(p)
-
-    rows[0] = rows[0][:3] + (best_ceiling(make_write, n, 4, reps, wipe),)
-    threaded(make_write(1), n, 1)()
-    setup = (lambda: drop_cache(paths)) if cold else (lambda: None)
-    rows[1] = rows[1][:3] + (best_ceiling(make_read, n, 4, reps, setup),)
     wipe()
     release(objs)
     return rows
@@ -187,28 +205,26 @@ def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -
 def bench_valkey(cpu: LocalCPUBackend, n: int, reps: int, url: str) -> list:
     import valkey
 
-    connector = ValkeyConnector(url, blocking_timeout_secs=120)
-    remote = RemoteBackend(cpu, NaiveSerde(), connector, blocking_timeout_secs=120)
-    raw = valkey.Valkey.from_url(url, socket_timeout=120)
+    remote = RemoteBackend(cpu, NaiveSerde(), ValkeyConnector(url, blocking_timeout_secs=120),
+                           blocking_timeout_secs=120)
+    pool = valkey.ConnectionPool.from_url(url, socket_timeout=120)
+    raw = valkey.Valkey(connection_pool=pool)
     objs = chunks(cpu, n)
     keys = [key(i) for i in range(n)]
+    payloads = [obj.byte_array for obj in objs]
 
     def store():
         for k, obj in zip(keys, objs):
             remote.put(k, obj)
         remote.flush()
 
-    rows = [("valkey", "store", median_time(store, reps, raw.flushall), 0.0)]
+    raw_sets = [threaded(lambda i: raw.set(f"raw{i}", payloads[i]), n, t) for t in (1, 2)]
+    rows = [("valkey", "store", *paired(store, raw_sets, reps, raw.flushall))]
     store()
+    raw_sets[0]()
+    raw_gets = [threaded(lambda i: raw.get(f"raw{i}"), n, t) for t in (1, 8)]
     rows.append(("valkey", "retrieve",
-                 median_time(lambda: release(remote.batched_get_blocking(keys)), reps), 0.0))
-    raw.flushall()
-    payloads = [obj.byte_array for obj in objs]
-    rows[0] = rows[0][:3] + (best_ceiling(
-        lambda _t: lambda i: raw.set(f"raw{i}", payloads[i]), n, 2, reps, raw.flushall),)
-    for i in range(n):
-        raw.set(f"raw{i}", payloads[i])
-    rows[1] = rows[1][:3] + (best_ceiling(lambda _t: lambda i: raw.get(f"raw{i}"), n, 8, reps),)
+                 *paired(lambda: release(remote.batched_get_blocking(keys)), raw_gets, reps)))
     raw.flushall()
     raw.close()
     remote.close()

@@ -1,7 +1,5 @@
 """lmcache as vLLM's KV connector, end to end with real vLLM on the CPU."""
 
-import pytest
-
 CHUNK = 64
 EXTRA = {"lmcache.chunk_size": CHUNK, "lmcache.max_local_cpu_size": 0.25}
 
@@ -60,9 +58,23 @@ def test_multiprocess_scheduler_and_worker_apart(tiny_model, documents, run_vllm
     assert [tokens_of(report, i) for i in range(2)] == [tokens_of(base, i) for i in range(2)]
 
 
-@pytest.mark.parametrize("role, expect_hit", [("kv_producer", False)])
-def test_producer_never_loads(tiny_model, documents, run_vllm, role, expect_hit):
+def test_producer_never_loads(tiny_model, documents, run_vllm):
     prompt = documents[0] + "\nQuestion: C?"
     report = run_vllm({"model": tiny_model, "rounds": [[prompt], [prompt]], "lmcache": True,
-                       "extra_config": EXTRA, "kv_role": role})
-    assert (report["rounds"][1][0]["num_cached_tokens"] > 0) is expect_hit
+                       "extra_config": EXTRA, "kv_role": "kv_producer"})
+    assert report["rounds"][1][0]["num_cached_tokens"] == 0
+    assert tokens_of(report, 1) == tokens_of(report, 0)
+
+
+def test_fresh_process_hits_what_the_first_stored(tiny_model, documents, run_vllm, tmp_path):
+    """The disk tier outlives the process: a second vLLM process loads the first one's KV."""
+    extra = {**EXTRA, "lmcache.local_disk": str(tmp_path / "disk"), "lmcache.max_local_disk_size": 0.5}
+    prompt = documents[1] + "\nQuestion: may I sublicense?"
+    base = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": False})
+    first = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra})
+    assert any((tmp_path / "disk").rglob("*")), "the first process left no chunk on disk"
+    second = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra})
+    assert first["rounds"][0][0]["num_cached_tokens"] == 0
+    hit = second["rounds"][0][0]["num_cached_tokens"]
+    assert hit > 0 and hit % CHUNK == 0 or hit == second["rounds"][0][0]["prompt_len"] - 1
+    assert tokens_of(second, 0) == tokens_of(first, 0) == tokens_of(base, 0)

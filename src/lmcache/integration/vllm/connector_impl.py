@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Any
 
@@ -132,6 +133,9 @@ class LMCacheConnectorV1Impl:
         engine = self.container.engine()
         self.worker = ConnectorWorker(engine, tensors, layout.block_size)
         self.lookup_server = LookupServer(engine, lookup_address(self.engine_id, rank))
+        # vLLM does not always shut workers down at interpreter exit; pending tier writes
+        # (e.g. the disk tier's queue) must still be flushed.
+        atexit.register(self.shutdown)
         logger.info("lmcache worker %d ready: %s, layout %s, lookup at %s", rank, metadata, layout.kind,
                     self.lookup_server.address)
 

@@ -10,7 +10,7 @@ each prompt length it measures, in the same process:
              CPUMemoryAllocator, VLLMPagedMemGPUConnectorV2Cupy with either transfer): hashing,
              allocation, tiers and the copy, wall clock, host-synchronous as the engine returns
   conn       VLLMPagedMemGPUConnectorV2Cupy.batched_from_gpu / batched_to_gpu alone, with
-             transfer="dma" (copy engine through two 64 MiB staging buffers, pipelined with the
+             transfer="dma" (copy engine through two 32 MiB staging buffers, pipelined with the
              kernel) and transfer="mapped" (one launch over every chunk, the kernel reading and
              writing the pinned MemoryObjs through their mapped pointers)
   torch      the torch reference connector (VLLMPagedMemGPUConnectorV2) on the same data
@@ -245,6 +245,26 @@ def bench_prefill(tokens: int, reps: int) -> float:
     return t
 
 
+def profile_engine(s: Setup, engine, tokens: int) -> None:
+    """Where the engine's host time goes beyond the copy (top functions by own time)."""
+    import cProfile
+    import pstats
+
+    ids = torch.randint(0, 128000, (tokens,))
+    src, dst = s.slots(tokens, 1), s.slots(tokens, 2)
+    engine.clear()
+    for name, call in (("store", lambda: engine.store(ids, kvcaches=s.kv, slot_mapping=src)),
+                       ("retrieve", lambda: engine.retrieve(ids, kvcaches=s.kv, slot_mapping=dst))):
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        call()
+        prof.disable()
+        print(f"\n--- engine {name} of {tokens} tokens, top functions by own time ---")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    engine.clear()
+
+
 def sweep(s: Setup, reps: int) -> list[dict]:
     """Variants: mapped-path launch shapes and L2 prefetch hints, dma-path staging sizes."""
     rows = []
@@ -309,6 +329,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=16384)
     ap.add_argument("--sweep", action="store_true", help="also try launch-shape variants")
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--profile-engine", action="store_true",
+                    help="cProfile one engine store and retrieve at the largest size")
     ap.add_argument("--json", help="write all numbers to this file")
     args = ap.parse_args()
     assert torch.cuda.is_available() and cupy_kernels.cupy_available(), "needs CUDA and CuPy"
@@ -340,6 +362,8 @@ def main() -> None:
             row[f"engine_{transfer}"] = bench_engine(s, engine, tokens, args.reps)
         result["sizes"].append(row)
         print(json.dumps(row), flush=True)
+    if args.profile_engine and "dma" in engines:
+        profile_engine(s, engines["dma"], max(sizes))
     if args.prefill:
         result["prefill_s"] = bench_prefill(args.prefill_tokens, max(2, args.reps // 2))
     print_table(result, args)

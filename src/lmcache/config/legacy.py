@@ -14,6 +14,7 @@ support set to anything but its default is a ValueError naming the key and its s
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -22,6 +23,8 @@ import yaml
 
 from lmcache.config import values as v
 from lmcache.config.compose import list_options
+
+logger = logging.getLogger(__name__)
 
 REMOTE_SCHEMES: dict[str, str] = {
     "valkey": "valkey",
@@ -41,7 +44,7 @@ ENV_PREFIX = "LMCACHE_"
 # LMCACHE_* variables that are not configuration keys (read elsewhere, or by LMCache tools).
 NON_CONFIG_ENV = frozenset({
     "LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_LOGGING_LEVEL", "LMCACHE_TRACK_USAGE",
-    "LMCACHE_TINY_MODEL_DIR",
+    "LMCACHE_TINY_MODEL_DIR", "LMCACHE_IPC_DIR", "LMCACHE_TEST_CACHE",
 })
 
 # Keys lmcache translates: name → (parser, LMCache default).
@@ -118,12 +121,16 @@ def overrides_from_legacy(
     Sources, lowest precedence first: the YAML file ``yaml_path`` (LMCache's
     ``LMCACHE_CONFIG_FILE``; None or "" → none), ``env`` entries ``LMCACHE_<KEY>`` (the
     key upper-cased; strings parsed: "true"/"1"/"False", numbers, comma lists, JSON
-    dicts), then ``extra_config`` entries whose key starts with ``lmcache.`` (vLLM's
+    dicts; a name far from every key, e.g. ``LMCACHE_IPC_DIR``, belongs to another tool
+    and is skipped with a warning, a near miss is an unknown-key error), then
+    ``extra_config`` entries whose key starts with ``lmcache.`` (vLLM's
     ``kv_connector_extra_config``; other entries belong to others and are skipped).
 
     Returns:
-        Overrides for :func:`lmcache.config.compose_config`, e.g. ``["chunk_size" ...]``;
-        ``[]`` when nothing is set. Only keys that were set are translated.
+        Overrides for :func:`lmcache.config.compose_config`, e.g.
+        ``["storage/backends=[local_cpu,local_disk]", "++local_disk='/nvme'",
+        "++chunk_size=512"]``; ``[]`` when nothing is set. Only keys that were set are
+        translated (group selections first, then values).
 
     Raises:
         ValueError: unknown key (close matches suggested), bad value, a feature lmcache
@@ -135,11 +142,16 @@ def overrides_from_legacy(
     raw: dict[str, tuple[Any, str]] = {}
     if yaml_path:
         for key, value in _read_yaml(yaml_path).items():
-            raw[_canonical(str(key), f"{yaml_path}")] = (value, f"{yaml_path}")
+            source = f"LMCache config file {str(yaml_path)!r}"
+            raw[_canonical(str(key), source)] = (value, source)
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name not in NON_CONFIG_ENV:
+            key = name[len(ENV_PREFIX):].lower()
+            if _is_other_tools_variable(ALIASES.get(key, key)):
+                logger.warning("ignoring environment variable %s: not an LMCache config key", name)
+                continue
             source = f"environment variable {name}"
-            raw[_canonical(name[len(ENV_PREFIX):].lower(), source)] = (value, source)
+            raw[_canonical(key, source)] = (value, source)
     for name, value in (extra_config or {}).items():
         if isinstance(name, str) and name.startswith(EXTRA_CONFIG_PREFIX):
             source = f"kv_connector_extra_config[{name!r}]"
@@ -166,6 +178,13 @@ def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             f"LMCache config file {str(path)!r} must hold a mapping of keys to values, "
             f"got {type(data).__name__}")
     return data
+
+
+def _is_other_tools_variable(key: str) -> bool:
+    """The environment is shared: an LMCACHE_* name far from every config key belongs to
+    something else (e.g. LMCACHE_IPC_DIR); a near miss (LMCACHE_CHUNKSIZE) is a typo."""
+    return key not in KNOWN_KEYS and not difflib.get_close_matches(
+        key, KNOWN_KEYS, n=1, cutoff=0.8)
 
 
 def _canonical(key: str, source: str) -> str:

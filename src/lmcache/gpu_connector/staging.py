@@ -43,7 +43,7 @@ class StagingRing:
         ValueError: buffer_bytes <= 0.
     """
 
-    def __init__(self, buffer_bytes: int = 64 << 20) -> None:
+    def __init__(self, buffer_bytes: int = 32 << 20) -> None:
         if not isinstance(buffer_bytes, int) or buffer_bytes <= 0:
             raise ValueError(f"staging buffer_bytes must be an int > 0, got {buffer_bytes!r}")
         self.buffer_bytes = buffer_bytes

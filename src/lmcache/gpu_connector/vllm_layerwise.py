@@ -148,7 +148,7 @@ class VLLMPagedMemLayerwiseGPUConnector(GPUConnectorInterface):
         Raises (at the first ``next()``): ValueError/TypeError on bad arguments; (at the last)
         ValueError on a slot outside the cache or a padding slot (no KV to store).
         """
-        return self._store({i: objs for i, objs in enumerate(memory_objs)}, starts, ends, kwargs)
+        return self._store(_by_layer(memory_objs), starts, ends, kwargs)
 
     def batched_to_gpu(
         self, memory_objs: Optional[Sequence[Sequence[MemoryObj]]], starts: Sequence[int],
@@ -161,7 +161,7 @@ class VLLMPagedMemLayerwiseGPUConnector(GPUConnectorInterface):
         Raises: ValueError/TypeError on bad arguments (at the step that meets them); ValueError
         at the last step on a slot outside the cache (padding slots < 0 are skipped).
         """
-        layers = None if memory_objs is None else dict(enumerate(memory_objs))
+        layers = None if memory_objs is None else _by_layer(memory_objs)
         return self._load(layers, starts, ends, kwargs)
 
     # ---- implementation ---------------------------------------------------------------
@@ -285,6 +285,19 @@ class VLLMPagedMemLayerwiseGPUConnector(GPUConnectorInterface):
             return
         kv = torch.cat([o.tensor for o in objs]).transpose(0, 1).unsqueeze(1)  # [kv, 1, T, HD]
         scatter_kv([layer_tensor], slots, self.layout, kv)
+
+
+def _by_layer(memory_objs) -> dict:
+    """``{layer: [MemoryObj per chunk]}``; a flat list of MemoryObjs (what the all-layers engine
+    path passes) is a TypeError, raised at the call, not at the first ``next()``."""
+    if not isinstance(memory_objs, (list, tuple)) or any(
+        isinstance(row, MemoryObj) or not isinstance(row, (list, tuple)) for row in memory_objs
+    ):
+        raise TypeError(
+            "VLLMPagedMemLayerwiseGPUConnector moves one layer at a time: memory_objs must be "
+            "memory_objs[layer][chunk] (LMCacheEngine.store_layer / retrieve_layer), got "
+            f"{memory_objs!r:.120}")
+    return dict(enumerate(memory_objs))
 
 
 def _wait_all(handles: Sequence[TransferHandle], padding_is_error: bool) -> None:

@@ -2,11 +2,13 @@
 
 Same MemoryObj format and semantics as the torch connector (KV_2LTD ``[2, L, T, H*D]``,
 KV_MLA_FMT ``[1, L, T, D]``; store rejects padding slots, retrieve skips them), but when the KV
-cache is on a CUDA device every chunk of a batched call moves in ONE kernel launch
-(``csrc/vllm_paged.cu``) that reads/writes the pinned MemoryObjs directly through their mapped
-addresses. ``backend`` chooses: ``"cupy"`` (kernels, error without CuPy/CUDA), ``"torch"`` (the
-parent's torch path everywhere), ``"auto"`` (kernels when CuPy sees a GPU and the cache is on
-it, torch otherwise, e.g. on CPU-only machines and in CI).
+cache is on a CUDA device a batched call runs the paged-KV kernel of ``csrc/vllm_paged.cu``:
+``transfer="mapped"`` moves every chunk in ONE launch that reads/writes the pinned MemoryObjs
+directly through their mapped addresses; ``transfer="dma"`` (default, 2-5 % faster on the H200,
+docs/GPU_NOTES.md) lets the copy engine move the bytes over PCIe through two device staging
+buffers, one kernel launch per chunk group, pipelined. ``backend`` chooses: ``"cupy"`` (kernels,
+error without CuPy/CUDA), ``"torch"`` (the parent's torch path everywhere), ``"auto"`` (kernels
+when CuPy sees a GPU and the cache is on it, torch otherwise, e.g. on CPU-only machines and CI).
 
 Stream ordering (DESIGN §6, the races vLLM's offloader had):
   - store: ``store_stream`` waits on an event recorded on the caller's current (compute) stream,
@@ -102,7 +104,7 @@ class VLLMPagedMemGPUConnectorV2Cupy(VLLMPagedMemGPUConnectorV2):
 
     def __init__(
         self, metadata: LMCacheMetadata, layout: KVCacheLayout, backend: str = "auto",
-        transfer: str = "dma", staging_mib: int = 64,
+        transfer: str = "dma", staging_mib: int = 32,
     ) -> None:
         super().__init__(metadata, layout)
         self.backend = resolve_backend(backend)

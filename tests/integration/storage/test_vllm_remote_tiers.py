@@ -41,6 +41,14 @@ def prompt() -> str:
     return text + "\nQuestion: what does the license grant?"
 
 
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, tiny_model, prompt) -> list[int]:
+    """The output tokens of vLLM without lmcache."""
+    report = run_vllm(tmp_path_factory.mktemp("base"),
+                      {"model": tiny_model, "rounds": [[prompt]], "lmcache": False})
+    return report["rounds"][0][0]["token_ids"]
+
+
 def run_vllm(tmp_path: Path, spec: dict) -> dict:
     spec_path = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.json"
     out_path = spec_path.with_suffix(".out.json")
@@ -52,9 +60,8 @@ def run_vllm(tmp_path: Path, spec: dict) -> dict:
     return json.loads(out_path.read_text())
 
 
-def fresh_process_hits(tmp_path, tiny_model, prompt, remote_url) -> None:
+def fresh_process_hits(tmp_path, tiny_model, prompt, baseline, remote_url) -> None:
     extra = {**EXTRA, "lmcache.remote_url": remote_url}
-    base = run_vllm(tmp_path, {"model": tiny_model, "rounds": [[prompt]], "lmcache": False})
     first = run_vllm(tmp_path, {"model": tiny_model, "rounds": [[prompt]], "lmcache": True,
                                 "extra_config": extra})
     second = run_vllm(tmp_path, {"model": tiny_model, "rounds": [[prompt]], "lmcache": True,
@@ -63,26 +70,27 @@ def fresh_process_hits(tmp_path, tiny_model, prompt, remote_url) -> None:
     assert one["num_cached_tokens"] == 0
     hit = two["num_cached_tokens"]
     assert hit >= (two["prompt_len"] // CHUNK - 1) * CHUNK > 0  # served by the remote tier
-    tokens = [r["rounds"][0][0]["token_ids"] for r in (base, first, second)]
-    assert tokens[0] == tokens[1] == tokens[2]
+    assert one["token_ids"] == two["token_ids"] == baseline
 
 
-def test_fresh_process_hits_from_valkey(tmp_path, tiny_model, prompt, valkey_server):
-    fresh_process_hits(tmp_path, tiny_model, prompt, f"valkey://127.0.0.1:{valkey_server.port}")
+def test_fresh_process_hits_from_valkey(tmp_path, tiny_model, prompt, baseline, valkey_server):
+    url = f"valkey://127.0.0.1:{valkey_server.port}"
+    fresh_process_hits(tmp_path, tiny_model, prompt, baseline, url)
 
 
-def test_fresh_process_hits_from_valkey_cluster(tmp_path, tiny_model, prompt):
+def test_fresh_process_hits_from_valkey_cluster(tmp_path, tiny_model, prompt, baseline):
     cluster = ValkeyClusterProcesses(tmp_path / "cluster").start()
     try:
-        fresh_process_hits(tmp_path, tiny_model, prompt, cluster.url)
+        fresh_process_hits(tmp_path, tiny_model, prompt, baseline, cluster.url)
         assert all(size > 0 for size in cluster.dbsizes())
     finally:
         cluster.stop()
 
 
-def test_fresh_process_hits_from_lm_server(tmp_path, tiny_model, prompt):
+def test_fresh_process_hits_from_lm_server(tmp_path, tiny_model, prompt, baseline):
     server = LMServerProcess().start()
     try:
-        fresh_process_hits(tmp_path, tiny_model, prompt, f"lm://127.0.0.1:{server.port}")
+        url = f"lm://127.0.0.1:{server.port}"
+        fresh_process_hits(tmp_path, tiny_model, prompt, baseline, url)
     finally:
         server.kill()

@@ -93,6 +93,13 @@ def test_env_numbers_and_local_disk():
                          "++max_local_cpu_size=0.5", "++max_local_disk_size=100.0"]
 
 
+def test_env_names_of_other_tools_are_skipped_with_a_warning(caplog):
+    env = {"LMCACHE_IPC_DIR": "/run/x", "LMCACHE_BENCH_OUTPUT": "out.csv", "LMCACHE_CHUNK_SIZE": "64"}
+    with caplog.at_level("WARNING", logger="lmcache.config.legacy"):
+        assert overrides_from_legacy(None, env, {}) == ["++chunk_size=64"]
+    assert "LMCACHE_BENCH_OUTPUT" in caplog.text and "LMCACHE_IPC_DIR" not in caplog.text
+
+
 def test_extra_config_only_reads_the_lmcache_prefix():
     extra = {"lmcache.use_layerwise": False, "lmcache.lookup_timeout_ms": "500",
              "discard_partial_chunks": True, "lmcache_rpc_port": 5}

@@ -132,6 +132,10 @@ def test_bad_input_is_a_clear_error():
         load = conn.batched_to_gpu(None, [0], [2], kvcaches=src, slot_mapping=torch.arange(2))
         next(load)
         load.send([])
+    with pytest.raises(TypeError, match="one layer at a time"):  # the all-layers engine call
+        conn.batched_from_gpu([obj], [0], [2], kvcaches=src, slot_mapping=torch.arange(2))
+    with pytest.raises(TypeError, match="one layer at a time"):
+        conn.batched_to_gpu([obj], [0], [2], kvcaches=src, slot_mapping=torch.arange(2))
     with pytest.raises(ValueError, match="backend"):
         setup("flash_packed", backend="fast")
     obj.ref_count_down()

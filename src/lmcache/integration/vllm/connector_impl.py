@@ -130,7 +130,11 @@ class LMCacheConnectorV1Impl:
         rank = get_tensor_model_parallel_rank()
         metadata = metadata_from_vllm(self._vllm_config, tensors, layout, self.chunk_size, rank)
         self.container = build_worker_container(self.cfg, metadata, layout)
-        engine = self.container.engine()
+        try:
+            engine = self.container.engine()
+        except BaseException:
+            self.shutdown()  # release what was built (e.g. the allocator) before reporting
+            raise
         self.worker = ConnectorWorker(engine, tensors, layout.block_size)
         self.lookup_server = LookupServer(engine, lookup_address(self.engine_id, rank))
         # vLLM does not always shut workers down at interpreter exit; pending tier writes

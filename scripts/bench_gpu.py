@@ -245,24 +245,68 @@ def bench_prefill(tokens: int, reps: int) -> float:
     return t
 
 
-def profile_engine(s: Setup, engine, tokens: int) -> None:
-    """Where the engine's host time goes beyond the copy (top functions by own time)."""
-    import cProfile
-    import pstats
+def profile_engine(s: Setup, engine, tokens: int, reps: int) -> dict:
+    """Where the engine's time goes: its steps replayed through the components' public APIs
+    (token database, storage manager, connector), each timed; and engine.store / retrieve
+    with Python's garbage collector on and off."""
+    import gc
 
     ids = torch.randint(0, 128000, (tokens,))
     src, dst = s.slots(tokens, 1), s.slots(tokens, 2)
-    engine.clear()
-    for name, call in (("store", lambda: engine.store(ids, kvcaches=s.kv, slot_mapping=src)),
-                       ("retrieve", lambda: engine.retrieve(ids, kvcaches=s.kv, slot_mapping=dst))):
+    conn, sm, db = engine.gpu_connector, engine.storage_manager, engine.token_database
+    steps: dict[str, list[float]] = {}
+
+    def tick(name, t0):
+        steps.setdefault(name, []).append(time.perf_counter() - t0)
+        return time.perf_counter()
+
+    for _ in range(reps):
+        engine.clear()
         torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
-        call()
-        prof.disable()
-        print(f"\n--- engine {name} of {tokens} tokens, top functions by own time ---")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        t = time.perf_counter()
+        chunks = list(db.process_tokens(ids))
+        t = tick("hash", t)
+        hits = [sm.contains_prefix([k]) for _, _, k in chunks]
+        t = tick("contains x chunks", t)
+        objs = [sm.allocate(conn.get_shape(e - b), DTYPE, conn.fmt) for b, e, _ in chunks]
+        t = tick("allocate x chunks", t)
+        starts, ends, keys = [c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks]
+        conn.batched_from_gpu(objs, starts, ends, kvcaches=s.kv, slot_mapping=src)
+        t = tick("connector store", t)
+        sm.batched_put(keys, objs)
+        t = tick("batched_put", t)
+        assert not any(hits)
+        db_chunks = list(db.process_tokens(ids))
+        t = tick("hash (retrieve)", t)
+        n = sm.contains_prefix([k for _, _, k in db_chunks])
+        got = sm.batched_get(keys[:n])
+        t = tick("contains_prefix + batched_get", t)
+        conn.batched_to_gpu(got, starts, ends, kvcaches=s.kv, slot_mapping=dst)
+        t = tick("connector retrieve", t)
+        for o in got:
+            o.ref_count_down()
+        tick("release", t)
+    out = {k: statistics.median(v) for k, v in steps.items()}
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        st, rt = [], []
+        for _ in range(reps):
+            engine.clear()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.store(ids, kvcaches=s.kv, slot_mapping=src)
+            st.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            engine.retrieve(ids, kvcaches=s.kv, slot_mapping=dst)
+            rt.append(time.perf_counter() - t)
+        out[f"engine.store gc={'on' if enabled else 'off'}"] = statistics.median(st)
+        out[f"engine.retrieve gc={'on' if enabled else 'off'}"] = statistics.median(rt)
+    gc.enable()
     engine.clear()
+    print(f"\nengine time breakdown, {tokens} tokens (median of {reps}, ms):")
+    for k, v in out.items():
+        print(f"  {k:34s} {v * 1e3:8.2f}")
+    return out
 
 
 def sweep(s: Setup, reps: int) -> list[dict]:
@@ -330,7 +374,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also try launch-shape variants")
     ap.add_argument("--no-engine", action="store_true")
     ap.add_argument("--profile-engine", action="store_true",
-                    help="cProfile one engine store and retrieve at the largest size")
+                    help="time the engine's steps one by one at 8k and the largest size")
     ap.add_argument("--json", help="write all numbers to this file")
     args = ap.parse_args()
     assert torch.cuda.is_available() and cupy_kernels.cupy_available(), "needs CUDA and CuPy"
@@ -363,7 +407,8 @@ def main() -> None:
         result["sizes"].append(row)
         print(json.dumps(row), flush=True)
     if args.profile_engine and "dma" in engines:
-        profile_engine(s, engines["dma"], max(sizes))
+        result["engine_breakdown"] = {
+            t: profile_engine(s, engines["dma"], t, args.reps) for t in (8192, max(sizes))}
     if args.prefill:
         result["prefill_s"] = bench_prefill(args.prefill_tokens, max(2, args.reps // 2))
     print_table(result, args)

@@ -19,8 +19,9 @@ moved by the tier and by the plainest code that can move them, in the same run:
 Every ceiling is the best of its variants (1 thread and the tier's own thread count; for files
 also whole-chunk, 8 MiB and 1 MiB pieces), so a tier never gets credit for something the raw
 path was denied. Tier and ceiling runs alternate (the same machine load hits both); times are
-medians of --reps runs after one warm-up; throughput = bytes / time. With --cold, written files are synced and dropped from the
-page cache (posix_fadvise DONTNEED) before every read, for the tier and the ceiling alike.
+medians of --reps runs after one warm-up; throughput = bytes / time. With --cold, written
+files are synced and dropped from the page cache (posix_fadvise DONTNEED) before every read,
+for the tier and the ceiling alike.
 
 Usage: PYTHONPATH=src python scripts/bench_storage.py [--chunks 16] [--reps 3]
        [--tiers cpu disk valkey] [--disk-dir DIR] [--valkey-url valkey://host:port] [--cold]
@@ -269,8 +270,9 @@ def main(argv=None) -> int:
         cpu.close()
         allocator.close()
     total = n * CHUNK_BYTES
-    print(f"# {n} chunks x 32 MiB, median of {args.reps}, {platform.processor() or platform.machine()}"
-          f", {os.cpu_count()} cores, python {platform.python_version()}, torch {torch.__version__}"
+    cpu_name = platform.processor() or platform.machine()
+    print(f"# {n} chunks x 32 MiB, median of {args.reps}, {cpu_name}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, torch {torch.__version__}"
           f"{', cold page cache' if args.cold else ''}")
     print("| tier | op | tier GiB/s | ceiling GiB/s | ratio |")
     print("|---|---|---:|---:|---:|")

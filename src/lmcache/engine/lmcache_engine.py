@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from typing import Optional, Union
 
 import torch
 
+from lmcache.engine.layerwise import LayerwisePath, drain, is_layerwise
 from lmcache.gpu_connector.base import GPUConnectorInterface
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_format import MemoryFormat
@@ -29,6 +30,8 @@ class LMCacheEngine:
     Data paths (DESIGN.md §1): store = chunks → allocate → gather (connector) → every tier;
     retrieve = chunks → longest contiguous prefix over the tiers → scatter → ret_mask;
     lookup = how many leading tokens are cached (optionally pinned until ``lookup_unpin``).
+    With a layerwise gpu_connector (KV_T2D) chunks are stored per layer (LayerCacheEngineKey)
+    through :mod:`lmcache.engine.layerwise`; store/retrieve then run those generators whole.
     Reference counts (§4.8): the store path hands its allocation to ``batched_put``, which
     drops it; every object returned by ``batched_get`` is released here after the scatter.
 
@@ -48,18 +51,11 @@ class LMCacheEngine:
         stats: LMCStatsMonitor with this engine's counters (own Prometheus registry).
     """
 
-    def __init__(
-        self,
-        metadata: LMCacheMetadata,
-        token_database: TokenDatabase,
-        gpu_connector: GPUConnectorInterface,
-        storage_manager,
-    ) -> None:
-        for name, value, cls in (
-            ("metadata", metadata, LMCacheMetadata),
-            ("token_database", token_database, TokenDatabase),
-            ("gpu_connector", gpu_connector, GPUConnectorInterface),
-        ):
+    def __init__(self, metadata: LMCacheMetadata, token_database: TokenDatabase,
+                 gpu_connector: GPUConnectorInterface, storage_manager) -> None:
+        for name, value, cls in (("metadata", metadata, LMCacheMetadata),
+                                 ("token_database", token_database, TokenDatabase),
+                                 ("gpu_connector", gpu_connector, GPUConnectorInterface)):
             if not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
         self.metadata = metadata
@@ -67,6 +63,8 @@ class LMCacheEngine:
         self.gpu_connector = gpu_connector
         self.storage_manager = storage_manager
         self.fmt = MemoryFormat.KV_MLA_FMT if metadata.use_mla else MemoryFormat.KV_2LTD
+        self.is_layerwise = is_layerwise(gpu_connector)
+        self._layerwise = LayerwisePath(self) if self.is_layerwise else None
         self.stats = LMCStatsMonitor(metadata.model_name, metadata.worker_id)
         self._lookup_pins: dict[object, list[CacheEngineKey]] = {}
         self._lock = threading.Lock()
@@ -75,31 +73,22 @@ class LMCacheEngine:
 
     # ---- store --------------------------------------------------------------------------
     def store(self, tokens: Tokens, mask: Optional[torch.Tensor] = None, **kwargs) -> int:
-        """Store the KV of the chunks of ``tokens`` selected by ``mask`` (store_mask).
+        """Store the KV of the chunks of ``tokens`` selected by ``mask``; returns tokens stored.
 
-        Chunks already cached in some tier are skipped. When memory runs out the prefix of
-        chunks that fit is stored and the rest is counted in ``failed_store_tokens`` (logged
-        once); a store never blocks waiting for memory.
-
-        Args:
-            tokens: 1-D int tensor or list of ints, the whole sequence.
-            mask: 1-D bool tensor, False prefix (already stored, a multiple of chunk_size).
-            **kwargs: transfer kwargs and ``request_configs`` (see the class docstring).
-
-        Returns:
-            Number of tokens newly stored.
+        ``tokens``: 1-D int tensor or list of ints, the whole sequence; ``mask``: store_mask, 1-D
+        bool, False prefix (already stored, a multiple of chunk_size); ``kwargs``: transfer
+        kwargs and ``request_configs`` (class docstring). Chunks already cached in some tier are
+        skipped. When memory runs out the prefix of chunks that fit is stored and the rest is
+        counted in ``failed_store_tokens`` (logged once); a store never blocks for memory.
 
         Raises:
             ValueError / TypeError: bad mask, tokens, kvcaches (naming shape/dtype) or slots.
             RuntimeError: the engine is closed.
         """
-        self._check_open()
+        if self._layerwise is not None:
+            return drain(self.store_layer(tokens, mask, **kwargs))
         t0 = time.perf_counter()
-        xfer = self._transfer_kwargs(kwargs)
-        chunks = list(self.token_database.process_tokens(
-            tokens, mask, request_configs=kwargs.get("request_configs")))
-        self.stats.inc("store_requests")
-        self.stats.inc("store_requested_tokens", sum(e - s for s, e, _ in chunks))
+        xfer, chunks = self._begin("store", tokens, mask, kwargs)
         keys, objs, starts, ends = [], [], [], []
         skipped = failed = 0
         for start, end, key in chunks:
@@ -128,6 +117,16 @@ class LMCacheEngine:
         self.stats.observe("store_seconds", time.perf_counter() - t0)
         return stored
 
+    def _begin(self, op: str, tokens: Tokens, mask, kwargs: dict) -> tuple[dict, list]:
+        """(connector kwargs, chunks) of a store/retrieve (``op``), checked; counts the call."""
+        self._check_open()
+        xfer = self._transfer_kwargs(kwargs)
+        chunks = list(self.token_database.process_tokens(
+            tokens, mask, request_configs=kwargs.get("request_configs")))
+        self.stats.inc(f"{op}_requests")
+        self.stats.inc(f"{op}_requested_tokens", sum(e - s for s, e, _ in chunks))
+        return xfer, chunks
+
     def _count_failed_store(self, failed: int, stored: int) -> None:
         self.stats.inc("failed_stores")
         self.stats.inc("failed_store_tokens", failed)
@@ -141,35 +140,26 @@ class LMCacheEngine:
         log("LMCacheEngine: " + msg, *args)
 
     # ---- retrieve -----------------------------------------------------------------------
-    def retrieve(
-        self, tokens: Tokens, mask: Optional[torch.Tensor] = None, **kwargs
-    ) -> torch.Tensor:
+    def retrieve(self, tokens: Tokens, mask: Optional[torch.Tensor] = None,
+                 **kwargs) -> torch.Tensor:
         """Load the longest cached contiguous prefix of chunks into the paged cache.
 
-        Args:
-            tokens: 1-D int tensor or list of ints, the whole sequence.
-            mask: token_mask, 1-D bool, False prefix (vLLM already has those tokens; a
-                multiple of chunk_size).
-            **kwargs: transfer kwargs, ``request_configs``, ``lookup_id`` or ``req_id``
-                (that lookup's pins are released when the retrieve ends, also on error).
-
-        Returns:
-            ret_mask: CPU bool tensor ``[len(tokens)]``, True exactly for the tokens loaded.
+        ``tokens`` as :meth:`store`; ``mask``: token_mask, False prefix (vLLM already has those
+        tokens; a multiple of chunk_size); ``kwargs``: transfer kwargs, ``request_configs``,
+        ``lookup_id`` or ``req_id`` (that lookup's pins are released at the end, also on error).
+        Returns the ret_mask: CPU bool ``[len(tokens)]``, True exactly for the tokens loaded.
 
         Raises:
             ValueError / TypeError: bad mask, tokens, kvcaches or slots.
             RuntimeError: the engine is closed.
         """
-        self._check_open()
+        if self._layerwise is not None:
+            return drain(self.retrieve_layer(tokens, mask, **kwargs))
         t0 = time.perf_counter()
         lookup_id = kwargs.get("lookup_id", kwargs.get("req_id"))
         try:
-            xfer = self._transfer_kwargs(kwargs)
-            chunks = list(self.token_database.process_tokens(
-                tokens, mask, request_configs=kwargs.get("request_configs")))
+            xfer, chunks = self._begin("retrieve", tokens, mask, kwargs)
             ret_mask = torch.zeros(len(tokens), dtype=torch.bool)
-            self.stats.inc("retrieve_requests")
-            self.stats.inc("retrieve_requested_tokens", sum(e - s for s, e, _ in chunks))
             loaded = self._load_prefix(chunks, xfer)
             if loaded:
                 ret_mask[chunks[0][0]:chunks[loaded - 1][1]] = True
@@ -211,14 +201,26 @@ class LMCacheEngine:
                         " treated as a miss", obj, tuple(want), self.metadata.kv_dtype)
         return False
 
+    # ---- layerwise (protocol, yields and errors: lmcache.engine.layerwise) ----------------
+    def store_layer(self, tokens: Tokens, mask: Optional[torch.Tensor] = None,
+                    **kwargs) -> Generator:
+        """Store layer by layer: one ``next()`` per layer in layer order (the first allocates
+        every (chunk, layer) object), then one more that puts them and yields the tokens stored.
+        Arguments and rules as :meth:`store` (a chunk is stored with all its layers or not at
+        all). TypeError without a layerwise gpu_connector; other errors as :meth:`store`."""
+        return (self._layerwise or LayerwisePath(self)).store_layer(tokens, mask, kwargs)
+
+    def retrieve_layer(self, tokens: Tokens, mask: Optional[torch.Tensor] = None,
+                       **kwargs) -> Generator:
+        """Retrieve layer by layer: the first ``next()`` gets the chunk prefix with every layer
+        cached (yields its token count), one ``next()`` per layer loads it (yields a LayerTransfer
+        or None), the last yields the ret_mask. Arguments as :meth:`retrieve`. TypeError without a
+        layerwise gpu_connector; other errors as :meth:`retrieve`."""
+        return (self._layerwise or LayerwisePath(self)).retrieve_layer(tokens, mask, kwargs)
+
     # ---- lookup -------------------------------------------------------------------------
-    def lookup(
-        self,
-        tokens: Tokens,
-        pin: bool = False,
-        lookup_id: object = None,
-        request_configs: Optional[dict] = None,
-    ) -> int:
+    def lookup(self, tokens: Tokens, pin: bool = False, lookup_id: object = None,
+               request_configs: Optional[dict] = None) -> int:
         """Number of leading tokens cached (contiguous chunk prefix over the tiers).
 
         A trailing partial chunk counts when it is stored (save_unfull_chunk). With
@@ -234,11 +236,15 @@ class LMCacheEngine:
             raise ValueError("lookup(pin=True) needs a lookup_id to release the pins with")
         chunks = list(self.token_database.process_tokens(tokens, request_configs=request_configs))
         keys = [key for _, _, key in chunks]
-        hits = self.storage_manager.contains_prefix(keys, pin=pin) if keys else 0
+        if self._layerwise is not None:  # a chunk counts only with every layer held
+            hits, pinned = self._layerwise.contains_chunks(keys, pin=pin)
+        else:
+            hits = self.storage_manager.contains_prefix(keys, pin=pin) if keys else 0
+            pinned = keys[:hits]
         hit_tokens = chunks[hits - 1][1] if hits else 0
         if pin and hits:
             with self._lock:
-                self._lookup_pins.setdefault(lookup_id, []).extend(keys[:hits])
+                self._lookup_pins.setdefault(lookup_id, []).extend(pinned)
                 self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
         self.stats.inc("lookup_requests")
         self.stats.inc("lookup_tokens", len(tokens))
@@ -246,10 +252,8 @@ class LMCacheEngine:
         return hit_tokens
 
     def lookup_unpin(self, lookup_id: Union[object, Iterable[object]]) -> None:
-        """Release the pins taken by ``lookup(..., pin=True, lookup_id=...)``.
-
-        Accepts one id or a list/tuple of ids; unknown ids are ignored (the integration calls
-        this for every finished request).
+        """Release the pins of ``lookup(..., pin=True, lookup_id=...)``: one id or a list/tuple
+        of ids; unknown ids are ignored (the integration calls this for every finished request).
         """
         ids = lookup_id if isinstance(lookup_id, (list, tuple)) else [lookup_id]
         keys: list[CacheEngineKey] = []
@@ -263,7 +267,7 @@ class LMCacheEngine:
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:
         """Release every lookup pin and drop every stored chunk from every tier."""
-        self._release_all_pins()
+        self.lookup_unpin(list(self._lookup_pins))
         self.storage_manager.clear()
 
     def close(self) -> None:
@@ -271,11 +275,8 @@ class LMCacheEngine:
         if self._closed:
             return
         self._closed = True
-        self._release_all_pins()
-        self.storage_manager.close()
-
-    def _release_all_pins(self) -> None:
         self.lookup_unpin(list(self._lookup_pins))
+        self.storage_manager.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -288,12 +289,10 @@ class LMCacheEngine:
         self.gpu_connector.validate_kvcaches(kvcaches)
         md = self.metadata
         if len(kvcaches) != md.num_layers:
-            raise ValueError(
-                f"kvcaches has {len(kvcaches)} layers, metadata kv_shape {md.kv_shape} has "
-                f"{md.num_layers}")
+            raise ValueError(f"kvcaches has {len(kvcaches)} layers, metadata kv_shape "
+                             f"{md.kv_shape} has {md.num_layers}")
         for i, tensor in enumerate(kvcaches):
             if tensor.dtype != md.kv_dtype:
-                raise ValueError(
-                    f"kvcaches[{i}] has dtype {tensor.dtype} (shape {tuple(tensor.shape)}), "
-                    f"metadata kv_dtype is {md.kv_dtype}")
+                raise ValueError(f"kvcaches[{i}] has dtype {tensor.dtype} (shape "
+                                 f"{tuple(tensor.shape)}), metadata kv_dtype is {md.kv_dtype}")
         return xfer

@@ -56,7 +56,8 @@ def run_vllm(tmp_path: Path, spec: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
     proc = subprocess.run([sys.executable, str(DRIVER), str(spec_path), str(out_path)], env=env,
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"vLLM driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, \
+        f"vLLM driver failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out_path.read_text())
 
 

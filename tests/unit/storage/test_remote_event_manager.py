@@ -101,3 +101,35 @@ def test_errors():
         em.take(EventType.LOADING, "a", -1)
     assert em.take(EventType.LOADING, "nope", 1) is None
     assert em.get_event_status(EventType.LOADING, "a") == EventStatus.DONE
+
+
+def test_prefetch_from_a_slower_tier_then_take(tmp_path):
+    """The intended use: lookup starts per-chunk fetches, retrieve takes what it needs."""
+    from lmcache.keys import CacheEngineKey
+    from lmcache.serde.naive import NaiveSerde
+    from lmcache.storage.backends.local_cpu import LocalCPUBackend
+    from lmcache.storage.backends.remote import RemoteBackend
+    from lmcache.storage.connectors.fs import FSConnector
+    from lmcache.storage.policy.lru import LRUCachePolicy
+
+    allocator = CPUMemoryAllocator(1 << 20, pin_memory=False)
+    cpu = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=1 / 1024)
+    remote = RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}"))
+    keys = [CacheEngineKey("m", 1, 0, i, torch.float32) for i in range(4)]
+    for i, k in enumerate(keys):
+        obj = cpu.allocate((4, 4), torch.float32, MemoryFormat.KV_2LTD)
+        obj.tensor.fill_(i)
+        remote.put(k, obj)
+        obj.ref_count_down()
+    assert remote.flush(timeout=60)
+    em = EventManager()
+    n = remote.batched_contains(keys)
+    em.add_event(EventType.LOADING, "lookup-1", remote.batched_get_non_blocking(keys[:n]))
+    got = em.take(EventType.LOADING, "lookup-1", 2, timeout=60)  # the retrieve needs 2 chunks
+    assert [float(o.tensor[0, 0]) for o in got] == [0.0, 1.0]
+    for o in got:
+        o.ref_count_down()
+    remote.close()  # waits for the two fetches nobody took; they are released on arrival
+    assert allocator.num_active_allocations == 0
+    cpu.close()
+    allocator.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 from typing import Any
 
@@ -23,6 +24,21 @@ def _request_configs(request) -> dict | None:
     params = {**(extra.get("kv_transfer_params") or {}), **params}
     out = {k: str(v) for k, v in params.items() if isinstance(k, str) and k.startswith("lmcache.")}
     return out or None
+
+
+def wants_layerwise(extra_config: dict | None) -> bool:
+    """Whether the lmcache configuration (``kv_connector_extra_config``, ``LMCACHE_CONFIG_FILE``,
+    ``LMCACHE_*`` env) selects a layerwise gpu_connector (e.g. ``use_layerwise: true``). A bad
+    configuration answers False here; the connector's constructor reports it."""
+    from lmcache.gpu_connector.vllm_layerwise import VLLMPagedMemLayerwiseGPUConnector
+
+    try:
+        cfg = compose_from_vllm(dict(extra_config or {}))
+        module, _, name = str(cfg.gpu_connector["_target_"]).rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except Exception:  # noqa: BLE001
+        return False
+    return isinstance(cls, type) and issubclass(cls, VLLMPagedMemLayerwiseGPUConnector)
 
 
 class LMCacheConnectorV1Impl:
@@ -52,6 +68,7 @@ class LMCacheConnectorV1Impl:
         self.tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
         self.container = None
         self.worker = None
+        self.layerwise_worker = None  # the worker, when the engine's gpu_connector is layerwise
         self.lookup_server = None
         if is_scheduler:
             self.planner = ConnectorPlanner(self.chunk_size, self.block_size, self.kv_role,
@@ -135,13 +152,19 @@ class LMCacheConnectorV1Impl:
         except BaseException:
             self.shutdown()  # release what was built (e.g. the allocator) before reporting
             raise
-        self.worker = ConnectorWorker(engine, tensors, layout.block_size)
+        if engine.is_layerwise:
+            from lmcache.integration.vllm.layerwise_worker import LayerwiseConnectorWorker
+
+            self.worker = self.layerwise_worker = LayerwiseConnectorWorker(
+                engine, tensors, layout.block_size, names)
+        else:
+            self.worker = ConnectorWorker(engine, tensors, layout.block_size)
         self.lookup_server = LookupServer(engine, lookup_address(self.engine_id, rank))
         # vLLM does not always shut workers down at interpreter exit; pending tier writes
         # (e.g. the disk tier's queue) must still be flushed.
         atexit.register(self.shutdown)
-        logger.info("lmcache worker %d ready: %s, layout %s, lookup at %s", rank, metadata, layout.kind,
-                    self.lookup_server.address)
+        logger.info("lmcache worker %d ready: %s, layout %s%s, lookup at %s", rank, metadata, layout.kind,
+                    ", layerwise" if engine.is_layerwise else "", self.lookup_server.address)
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         if self.worker is not None:
@@ -151,6 +174,19 @@ class LMCacheConnectorV1Impl:
         if self.worker is not None:
             self.worker.save(self._connector._get_connector_metadata())
 
+    # layerwise hooks (no-ops unless gpu_connector is layerwise; see layerwise_worker.py)
+    def begin_step(self) -> None:
+        if self.layerwise_worker is not None:
+            self.layerwise_worker.begin_step()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.layerwise_worker is not None:
+            self.layerwise_worker.wait_for_layer(layer_name)
+
+    def save_kv_layer(self, layer_name: str) -> None:
+        if self.layerwise_worker is not None:
+            self.layerwise_worker.save_layer(layer_name, self._connector._get_connector_metadata())
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set() if self.worker is None else self.worker.take_invalid_block_ids()
 
@@ -158,6 +194,7 @@ class LMCacheConnectorV1Impl:
         if self.lookup_server is not None:
             self.lookup_server.close()
             self.lookup_server = None
+        self.layerwise_worker = None
         if self.container is not None:
             from lmcache.containers import shutdown
             shutdown(self.container)

@@ -20,7 +20,9 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     """vLLM ``KVConnectorBase_V1`` that delegates to :class:`LMCacheConnectorV1Impl`.
 
     Loads are synchronous in ``start_load_kv`` (all layers at once); saves run in
-    ``wait_for_save`` after the forward pass wrote the KV.
+    ``wait_for_save`` after the forward pass wrote the KV. With ``use_layerwise``
+    (gpu_connector=vllm_layerwise) layer i is loaded in ``wait_for_layer_load`` and copied out in
+    ``save_kv_layer``, and ``wait_for_save`` completes both (``layerwise_worker.py``).
     """
 
     _cache_hit_source = CacheHitSource.EXTERNAL_UNSPECIFIED
@@ -29,18 +31,29 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._impl = LMCacheConnectorV1Impl(vllm_config, role == KVConnectorRole.SCHEDULER, self)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """True with a layerwise gpu_connector: its per-layer hooks must run outside CUDA graphs."""
+        from lmcache.integration.vllm.connector_impl import wants_layerwise
+
+        return wants_layerwise(extra_config)
+
     # worker side
     def register_kv_caches(self, kv_caches: dict) -> None:
         self._impl.register_kv_caches(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        self._impl.begin_step()
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self._impl.start_load_kv(forward_context, **kwargs)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads finish inside start_load_kv
+        self._impl.wait_for_layer_load(layer_name)  # non-layerwise: loads finish in start_load_kv
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return None  # saves run in wait_for_save, after every layer wrote its KV
+        self._impl.save_kv_layer(layer_name)  # non-layerwise: saves run in wait_for_save
 
     def wait_for_save(self) -> None:
         self._impl.wait_for_save()

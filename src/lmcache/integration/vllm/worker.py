@@ -38,13 +38,30 @@ class ConnectorWorker:
         for req in meta.requests:
             if req.load_spec is not None:
                 self._load_one(req)
-        for lookup_id in meta.unpin_ids:
+        self.release_pins(meta.unpin_ids)
+
+    def release_pins(self, lookup_ids: list[str]) -> None:
+        """Release the lookup pins of ``lookup_ids`` (errors are logged, never raised)."""
+        for lookup_id in lookup_ids:
             try:
                 self.engine.lookup_unpin(lookup_id)
             except Exception:  # releasing pins must never fail a step
                 logger.exception("lookup_unpin(%s) failed", lookup_id)
 
     def _load_one(self, req: ReqMeta) -> None:
+        tokens, token_mask, slots = self.load_args(req)
+        try:
+            ret_mask = self.engine.retrieve(tokens, token_mask, kvcaches=self.kv_caches, slot_mapping=slots,
+                                            request_configs=req.request_configs)
+        except Exception:
+            logger.exception("retrieve for request %s failed; vLLM will recompute", req.req_id)
+            ret_mask = None
+        self.record_load(req, ret_mask)
+
+    @staticmethod
+    def load_args(req: ReqMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, token_mask, slot_mapping) of a request's retrieve: whole chunks
+        [load_skip_tokens, load_fetch_end) are fetched, only [load_from, load_end) is written."""
         end = req.load_fetch_end
         tokens = req.token_ids[:end]
         token_mask = torch.ones(end, dtype=torch.bool)
@@ -52,13 +69,15 @@ class ConnectorWorker:
         slots = req.slot_mapping[:end].clone()
         slots[: req.load_from] = -1  # vLLM already holds these: never overwrite its blocks
         slots[req.load_end:] = -1  # beyond what vLLM takes from lmcache
-        try:
-            ret_mask = self.engine.retrieve(tokens, token_mask, kvcaches=self.kv_caches, slot_mapping=slots,
-                                            request_configs=req.request_configs)
-            ok = ret_mask[req.load_from: req.load_end]
-        except Exception:
-            logger.exception("retrieve for request %s failed; vLLM will recompute", req.req_id)
+        return tokens, token_mask, slots
+
+    def record_load(self, req: ReqMeta, ret_mask: torch.Tensor | None) -> None:
+        """Count a request's load; the blocks of tokens it did not deliver (all of them when
+        ``ret_mask`` is None: the load failed) become invalid block ids."""
+        if ret_mask is None:
             ok = torch.zeros(req.load_end - req.load_from, dtype=torch.bool)
+        else:
+            ok = ret_mask[req.load_from: req.load_end]
         self.loaded_tokens += int(ok.sum())
         if not bool(ok.all()):
             self.failed_loads += 1
@@ -68,18 +87,28 @@ class ConnectorWorker:
     def save(self, meta: LMCacheConnectorMetadata) -> None:
         """Store every request's new chunks (after the forward pass wrote their KV)."""
         for req in meta.requests:
-            spec = req.save_spec
-            if spec is None or not spec.can_save:
+            args = self.save_args(req)
+            if args is None:
                 continue
-            end = req.save_end
-            store_mask = torch.ones(end, dtype=torch.bool)
-            store_mask[: spec.skip_leading_tokens] = False
+            tokens, store_mask, slots = args
             try:
-                self.engine.store(req.token_ids[:end], store_mask, kvcaches=self.kv_caches,
-                                  slot_mapping=req.slot_mapping[:end], request_configs=req.request_configs)
+                self.engine.store(tokens, store_mask, kvcaches=self.kv_caches, slot_mapping=slots,
+                                  request_configs=req.request_configs)
             except Exception:  # a failed store costs future hits, never the request
                 self.failed_saves += 1
                 logger.exception("store for request %s failed", req.req_id)
+
+    @staticmethod
+    def save_args(req: ReqMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(tokens, store_mask, slot_mapping) of a request's store in this step, or None when it
+        stores nothing; the store_mask is False over ``save_spec.skip_leading_tokens``."""
+        spec = req.save_spec
+        if spec is None or not spec.can_save:
+            return None
+        end = req.save_end
+        store_mask = torch.ones(end, dtype=torch.bool)
+        store_mask[: spec.skip_leading_tokens] = False
+        return req.token_ids[:end], store_mask, req.slot_mapping[:end]
 
     def take_invalid_block_ids(self) -> set[int]:
         """Block ids whose load failed since the last call (then forgotten)."""

@@ -7,13 +7,13 @@ each prompt length it measures, in the same process:
 
   ceiling    one pinned ``copy_`` of the same bytes (host->device and device->host)
   engine     LMCacheEngine.store / .retrieve (chunk 256, LocalCPUBackend over a pinned
-             CPUMemoryAllocator, VLLMPagedMemGPUConnectorV2Cupy with either transfer): hashing,
+             CPUMemoryAllocator, VLLMPagedMemGPUConnectorV2 with either transfer): hashing,
              allocation, tiers and the copy, wall clock, host-synchronous as the engine returns
-  conn       VLLMPagedMemGPUConnectorV2Cupy.batched_from_gpu / batched_to_gpu alone, with
+  conn       VLLMPagedMemGPUConnectorV2.batched_from_gpu / batched_to_gpu alone, with
              transfer="dma" (copy engine through two 32 MiB staging buffers, pipelined with the
              kernel) and transfer="mapped" (one launch over every chunk, the kernel reading and
              writing the pinned MemoryObjs through their mapped pointers)
-  torch      the torch reference connector (VLLMPagedMemGPUConnectorV2) on the same data
+  torch      the torch reference connector (TorchPagedMemGPUConnector) on the same data
   layerwise  VLLMPagedMemLayerwiseGPUConnector, all layers back to back (no compute overlap)
 
 and, with --prefill, the prefill time of a Llama-3-8B-shaped LlamaForCausalLM (transformers,
@@ -39,8 +39,8 @@ import torch
 from lmcache.gpu_connector import cupy_kernels
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.gpu_connector.vllm_layerwise import VLLMPagedMemLayerwiseGPUConnector
+from lmcache.gpu_connector.paged_torch import TorchPagedMemGPUConnector
 from lmcache.gpu_connector.vllm_paged import VLLMPagedMemGPUConnectorV2
-from lmcache.gpu_connector.vllm_paged_cupy import VLLMPagedMemGPUConnectorV2Cupy
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.metadata import LMCacheMetadata
@@ -178,7 +178,7 @@ def make_engine(s: Setup, transfer: str):
     from lmcache.token_database.chunked import ChunkedTokenDatabase
 
     backend = LocalCPUBackend(s.alloc, LRUCachePolicy(), max_local_cpu_size=s.alloc.capacity_bytes / 2**30)
-    conn = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer=transfer)
+    conn = VLLMPagedMemGPUConnectorV2(s.meta, s.layout, backend="cupy", transfer=transfer)
     return LMCacheEngine(s.meta, ChunkedTokenDatabase(s.meta, CHUNK), conn, StorageManager([backend]))
 
 
@@ -313,7 +313,7 @@ def sweep(s: Setup, reps: int) -> list[dict]:
     """Variants: mapped-path launch shapes and L2 prefetch hints, dma-path staging sizes."""
     rows = []
     base = dict(cupy_kernels.TUNING)
-    mapped = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="mapped")
+    mapped = VLLMPagedMemGPUConnectorV2(s.meta, s.layout, backend="cupy", transfer="mapped")
     variants = [dict(threads=256, rows_per_thread=4, l2_prefetch=0),
                 dict(threads=256, rows_per_thread=4, l2_prefetch=128),
                 dict(threads=256, rows_per_thread=4, l2_prefetch=256),
@@ -329,7 +329,7 @@ def sweep(s: Setup, reps: int) -> list[dict]:
                   flush=True)
         cupy_kernels.TUNING.update(base)
     for mib in (16, 32, 64, 256):
-        dma = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="dma",
+        dma = VLLMPagedMemGPUConnectorV2(s.meta, s.layout, backend="cupy", transfer="dma",
                                              staging_mib=mib)
         for tokens in (1024, 8192):
             st, ld = bench_connector(s, dma, tokens, reps)
@@ -382,9 +382,9 @@ def main() -> None:
     print(json.dumps(result["device"]), flush=True)
     sizes = sorted(set(args.tokens + ([args.prefill_tokens] if args.prefill else [])))
     s = Setup(max(sizes))
-    dma = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="dma")
-    mapped = VLLMPagedMemGPUConnectorV2Cupy(s.meta, s.layout, backend="cupy", transfer="mapped")
-    slow = VLLMPagedMemGPUConnectorV2(s.meta, s.layout)
+    dma = VLLMPagedMemGPUConnectorV2(s.meta, s.layout, backend="cupy", transfer="dma")
+    mapped = VLLMPagedMemGPUConnectorV2(s.meta, s.layout, backend="cupy", transfer="mapped")
+    slow = TorchPagedMemGPUConnector(s.meta, s.layout)
     engines = {}
     if not args.no_engine:
         try:

@@ -39,7 +39,7 @@ from lmcache.gpu_connector.base import GPUConnectorInterface
 from lmcache.gpu_connector.cupy_kernels import TransferHandle, launch_transfer
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
-from lmcache.gpu_connector.vllm_paged_cupy import CopyStreams, _slot_kwargs, resolve_backend
+from lmcache.gpu_connector.vllm_paged import CopyStreams, _slot_kwargs, resolve_backend
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata

@@ -1,177 +1,240 @@
-"""VLLMPagedMemGPUConnectorV2: all layers at once between vLLM's paged KV cache and MemoryObjs."""
+"""VLLMPagedMemGPUConnectorV2: the all-layers paged connector, whose transfers run the csrc kernels.
+
+Same MemoryObj format and semantics as the torch connector (KV_2LTD ``[2, L, T, H*D]``,
+KV_MLA_FMT ``[1, L, T, D]``; store rejects padding slots, retrieve skips them), but when the KV
+cache is on a CUDA device a batched call runs the paged-KV kernel of ``csrc/vllm_paged.cu``:
+``transfer="mapped"`` moves every chunk in ONE launch that reads/writes the pinned MemoryObjs
+directly through their mapped addresses; ``transfer="dma"`` (default, 2-5 % faster on the H200,
+docs/GPU_NOTES.md) lets the copy engine move the bytes over PCIe through two device staging
+buffers, one kernel launch per chunk group, pipelined. ``backend`` chooses: ``"cupy"`` (kernels,
+error without CuPy/CUDA), ``"torch"`` (the parent's torch path everywhere), ``"auto"`` (kernels
+when CuPy sees a GPU and the cache is on it, torch otherwise, e.g. on CPU-only machines and CI).
+
+Stream ordering (DESIGN §6, the races vLLM's offloader had):
+  - store: ``store_stream`` waits on an event recorded on the caller's current (compute) stream,
+    so it reads the cache only after the forward pass that wrote it;
+  - retrieve: ``load_stream`` waits likewise, so it never overwrites pages that compute queued
+    earlier still reads (blocks freed by finished requests and handed to this one);
+  - both calls return only after their copy finished (host wait): the MemoryObjs are complete
+    (store) or no longer read (retrieve) when the engine hands them on or frees them, and the
+    pages the copy read may be freed and reused right away. ``synchronize()`` waits for both
+    streams (for callers that enqueue on them directly).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
-from lmcache.gpu_connector.base import GPUConnectorInterface, _check_batch
+from lmcache.gpu_connector.base import _check_batch
+from lmcache.gpu_connector.cupy_kernels import cupy_available, launch_transfer
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
-from lmcache.gpu_connector.kv_transfer import gather_kv, kv_out_shape, scatter_kv
-from lmcache.memory.memory_format import MemoryFormat
+from lmcache.gpu_connector.staging import StagingRing
+from lmcache.gpu_connector.paged_torch import TorchPagedMemGPUConnector
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 
+logger = logging.getLogger(__name__)
 
-class VLLMPagedMemGPUConnectorV2(GPUConnectorInterface):
-    """Connector for vLLM's paged KV cache, all layers of a chunk per call (torch path).
+BACKENDS = ("auto", "cupy", "torch")
+TRANSFERS = ("dma", "mapped")
 
-    MemoryObj format: KV_2LTD ``[2, L, T, H*D]`` (MLA: KV_MLA_FMT ``[1, L, T, D]``), dtype
-    ``metadata.kv_dtype``, on the CPU (or any device). The paged tensors (``kvcaches``, one per
-    layer, layout ``layout``) may be CPU or CUDA tensors. One vectorised gather (or
-    index_put) per layer per chunk and one device copy per chunk; see ``kv_transfer`` for the
-    exact semantics (the reference of the CUDA kernel).
 
-    Args:
-        metadata: the worker's LMCacheMetadata (layers, heads, head size, dtype, MLA).
-        layout: the layer tensors' KVCacheLayout, built by the integration from the engine.
+def resolve_backend(backend: str) -> str:
+    """``"cupy"`` or ``"torch"`` for a configured ``backend`` value.
 
     Raises:
-        TypeError: wrong argument types.
-        ValueError: layout disagrees with metadata (heads, head size, MLA).
+        ValueError: ``backend`` is not one of auto, cupy, torch.
+        RuntimeError: ``"cupy"`` was asked for but CuPy or a CUDA device is missing.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"gpu_connector backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy" and not cupy_available():
+        raise RuntimeError(
+            "gpu_connector backend 'cupy' needs CuPy and a CUDA device "
+            "(pip install 'lmcache[cuda12]' or 'lmcache[cuda13]'), or use backend: auto|torch"
+        )
+    if backend == "auto":
+        return "cupy" if cupy_available() else "torch"
+    return backend
+
+
+class CopyStreams:
+    """The store_stream and load_stream of one CUDA device (created on first use)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+    def get(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+        """``(store_stream, load_stream)`` of ``device``."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = (torch.cuda.Stream(index), torch.cuda.Stream(index))
+        return self._streams[index]
+
+    def synchronize(self) -> None:
+        """Block until every copy enqueued on any of these streams finished."""
+        for store, load in self._streams.values():
+            store.synchronize()
+            load.synchronize()
+
+
+class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
+    """TorchPagedMemGPUConnector with the CuPy kernel path (see module docstring).
+
+    Args:
+        metadata: the worker's LMCacheMetadata.
+        layout: the layer tensors' KVCacheLayout.
+        backend: ``"auto"`` (default), ``"cupy"`` or ``"torch"``.
+        transfer: kernel path only. ``"dma"`` (default): the copy engine moves the bytes over
+            PCIe into two device staging buffers of ``staging_mib`` MiB (grown to one chunk if
+            smaller) and the kernel scatters/gathers them in device memory, pipelined
+            (lmcache.gpu_connector.staging); ``"mapped"``: the kernel reads/writes the pinned
+            MemoryObjs directly, no staging memory. Same bytes either way; docs/GPU_NOTES.md
+            has the measured speeds.
+        staging_mib: size of each staging buffer for ``"dma"``, MiB (> 0).
+
+    Raises:
+        ValueError / RuntimeError: see :func:`resolve_backend`; bad transfer or staging_mib;
+            the parent's checks.
     """
 
-    def __init__(self, metadata: LMCacheMetadata, layout: KVCacheLayout) -> None:
-        if not isinstance(metadata, LMCacheMetadata):
-            raise TypeError(f"metadata must be LMCacheMetadata, got {type(metadata).__name__}")
-        if not isinstance(layout, KVCacheLayout):
-            raise TypeError(f"layout must be KVCacheLayout, got {type(layout).__name__}")
-        if layout.is_mla != metadata.use_mla:
-            raise ValueError(
-                f"layout kind {layout.kind!r} does not match metadata use_mla={metadata.use_mla}"
-            )
-        if (layout.num_kv_heads, layout.head_size) != (metadata.num_kv_heads, metadata.head_size):
-            raise ValueError(
-                f"layout has num_kv_heads={layout.num_kv_heads}, head_size={layout.head_size}; "
-                f"metadata kv_shape {metadata.kv_shape} has num_kv_heads="
-                f"{metadata.num_kv_heads}, head_size={metadata.head_size}"
-            )
-        self.metadata = metadata
-        self.layout = layout
-        self.fmt = MemoryFormat.KV_MLA_FMT if layout.is_mla else MemoryFormat.KV_2LTD
+    def __init__(
+        self, metadata: LMCacheMetadata, layout: KVCacheLayout, backend: str = "auto",
+        transfer: str = "dma", staging_mib: int = 32,
+    ) -> None:
+        super().__init__(metadata, layout)
+        self.backend = resolve_backend(backend)
+        if transfer not in TRANSFERS:
+            raise ValueError(f"gpu_connector transfer must be one of {TRANSFERS}, got {transfer!r}")
+        if isinstance(staging_mib, bool) or not isinstance(staging_mib, int) or staging_mib <= 0:
+            raise ValueError(f"gpu_connector staging_mib must be an int > 0, got {staging_mib!r}")
+        self.transfer = transfer
+        self.staging = StagingRing(staging_mib << 20)
+        self.streams = CopyStreams()
+        self._checked_caches: Optional[tuple] = None
 
-    def get_shape(self, num_tokens: int) -> torch.Size:
-        """``[2, L, num_tokens, H*D]`` (MLA ``[1, L, num_tokens, D]``)."""
-        if not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        return kv_out_shape(self.layout, self.metadata.num_layers, num_tokens)
+    def uses_kernels(self, kvcaches: Sequence[torch.Tensor]) -> bool:
+        """True when a transfer over ``kvcaches`` runs the CuPy kernels."""
+        return self.backend == "cupy" and bool(kvcaches) and kvcaches[0].is_cuda
+
+    def synchronize(self) -> None:
+        """Wait until every copy this connector enqueued finished (no-op on the torch path)."""
+        self.streams.synchronize()
 
     def validate_kvcaches(self, kvcaches: object) -> None:
-        """Check one tensor per layer, each of the layout's shape and ``metadata.kv_dtype``.
-
-        Raises:
-            TypeError / ValueError: naming the offending layer's shape/dtype and the expected.
-        """
+        """The parent's check, skipped when the same tensors (pointers, shapes, strides,
+        dtypes) were checked last time: the engine checks on every call, vLLM never changes
+        them."""
+        if isinstance(kvcaches, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in kvcaches):
+            key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in kvcaches)
+            if key == self._checked_caches:
+                return
+            super().validate_kvcaches(kvcaches)
+            self._checked_caches = key
+            return
         super().validate_kvcaches(kvcaches)
-        if len(kvcaches) != self.metadata.num_layers:
-            raise ValueError(
-                f"kvcaches has {len(kvcaches)} layers, metadata kv_shape "
-                f"{self.metadata.kv_shape} has {self.metadata.num_layers}"
-            )
-        blocks = self.layout.num_blocks(kvcaches[0])
-        for i, tensor in enumerate(kvcaches):
-            try:
-                self.layout.check_tensor(tensor, self.metadata.kv_dtype)
-            except ValueError as err:
-                raise ValueError(f"kvcaches[{i}]: {err}") from None
-            if self.layout.num_blocks(tensor) != blocks:
-                raise ValueError(
-                    f"kvcaches[{i}] has shape {tuple(tensor.shape)}: "
-                    f"{self.layout.num_blocks(tensor)} blocks, kvcaches[0] has {blocks}"
-                )
-
-    # ---- transfers --------------------------------------------------------------------
-    def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs) -> None:
-        """Gather tokens ``[start, end)`` of all layers into ``memory_obj`` (KV_2LTD).
-
-        Raises:
-            ValueError: bad kwargs, a slot outside the cache or < 0 (padding has no KV to
-                store), or a MemoryObj of the wrong shape/dtype/format.
-        """
-        self.batched_from_gpu([memory_obj], [start], [end], **kwargs)
-
-    def to_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs) -> None:
-        """Scatter ``memory_obj`` into tokens ``[start, end)`` of all layers; -1 slots skipped.
-
-        Raises:
-            ValueError: bad kwargs, a slot outside the cache, or a MemoryObj of the wrong
-                shape/dtype/format.
-        """
-        self.batched_to_gpu([memory_obj], [start], [end], **kwargs)
 
     def batched_from_gpu(
         self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
         **kwargs,
     ) -> None:
-        """``from_gpu`` for each chunk; kwargs validated once."""
-        kvcaches = self._prepare(memory_objs, starts, ends, kwargs)
-        for obj, start, end in zip(memory_objs, starts, ends):
-            slots = self._slots(start, end, kwargs, kvcaches, allow_padding=False)
-            dst = obj.tensor
-            if dst.device == kvcaches[0].device:
-                gather_kv(kvcaches, slots, self.layout, out=dst)
-            else:
-                dst.copy_(gather_kv(kvcaches, slots, self.layout))
+        """Gather every chunk ``[starts[i], ends[i])`` into ``memory_objs[i]`` in one launch.
+
+        Raises:
+            ValueError: bad kwargs or objects, a slot outside the cache, or a padding slot
+                (< 0: no KV to store); the objects' contents are then undefined.
+        """
+        kvcaches = kwargs.get("kvcaches")
+        if not (isinstance(kvcaches, (list, tuple)) and self.uses_kernels(kvcaches)):
+            return super().batched_from_gpu(memory_objs, starts, ends, **kwargs)
+        self._transfer(memory_objs, starts, ends, kwargs, to_paged=False)
 
     def batched_to_gpu(
         self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
         **kwargs,
     ) -> None:
-        """``to_gpu`` for each chunk; kwargs validated once."""
-        kvcaches = self._prepare(memory_objs, starts, ends, kwargs)
-        for obj, start, end in zip(memory_objs, starts, ends):
-            slots = self._slots(start, end, kwargs, kvcaches, allow_padding=True)
-            scatter_kv(kvcaches, slots, self.layout, obj.tensor)
+        """Scatter every ``memory_objs[i]`` into tokens ``[starts[i], ends[i])`` in one launch.
 
-    # ---- checks -----------------------------------------------------------------------
-    def _prepare(self, memory_objs, starts, ends, kwargs) -> Sequence[torch.Tensor]:
-        _check_batch(memory_objs, starts, ends)
+        Padding slots (< 0) are skipped. Raises ValueError on bad kwargs/objects or a slot
+        outside the cache (the other tokens were written).
+        """
         kvcaches = kwargs.get("kvcaches")
-        self.validate_kvcaches(kvcaches)
-        for obj, start, end in zip(memory_objs, starts, ends):
-            if not isinstance(start, int) or not isinstance(end, int) or not 0 <= start <= end:
-                raise ValueError(f"need ints 0 <= start <= end, got start={start!r}, end={end!r}")
-            want = self.get_shape(end - start)
-            tensor = obj.tensor
-            kv_dtype = self.metadata.kv_dtype
-            if tensor.shape != want or tensor.dtype != kv_dtype or obj.fmt != self.fmt:
-                raise ValueError(
-                    f"MemoryObj for tokens [{start}, {end}) has shape {tuple(tensor.shape)} "
-                    f"dtype {tensor.dtype} fmt {obj.fmt.name}; expected {tuple(want)} "
-                    f"{self.metadata.kv_dtype} {self.fmt.name}"
-                )
-        return kvcaches
+        if not (isinstance(kvcaches, (list, tuple)) and self.uses_kernels(kvcaches)):
+            return super().batched_to_gpu(memory_objs, starts, ends, **kwargs)
+        self._transfer(memory_objs, starts, ends, kwargs, to_paged=True)
 
-    def _slots(
-        self, start: int, end: int, kwargs: dict, kvcaches: Sequence[torch.Tensor],
-        allow_padding: bool,
-    ) -> torch.Tensor:
-        slot_mapping = kwargs.get("slot_mapping")
-        offset = kwargs.get("offset", 0)
-        if (
-            not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1
-            or slot_mapping.dtype.is_floating_point or slot_mapping.dtype == torch.bool
-        ):
+    # ---- kernel path ------------------------------------------------------------------
+    def _transfer(self, memory_objs, starts, ends, kwargs, *, to_paged: bool) -> None:
+        kvcaches = kwargs["kvcaches"]
+        self.validate_kvcaches(kvcaches)
+        slot_mapping, offset = _slot_kwargs(kwargs)
+        _check_batch(memory_objs, starts, ends)
+        device = kvcaches[0].device
+        tensors, slot_starts = [], []
+        for obj, start, end in zip(memory_objs, starts, ends):
+            self._check_obj(obj, start, end, offset)
+            tensors.append(obj.tensor)
+            slot_starts.append(start - offset)
+        store_stream, load_stream = self.streams.get(device)
+        stream = load_stream if to_paged else store_stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+        if self.transfer == "dma" and not all(t.is_cuda for t in tensors):
+            handles = self.staging.transfer(kvcaches, self.layout, tensors, slot_mapping,
+                                            slot_starts, to_paged=to_paged, kernel_stream=stream)
+        else:
+            handles = [self._mapped(kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream)]
+        if not to_paged and any(h.saw_padding for h in handles):
+            raise ValueError("slot_mapping holds padding slots (< 0) in a stored range: "
+                             "padding has no KV to store")
+
+    def _mapped(self, kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream):
+        """One launch over every chunk; pageable objects go through device copies."""
+        device = kvcaches[0].device
+        staged = []
+        for i, tensor in enumerate(tensors):
+            if not tensor.is_cuda and not tensor.is_pinned():
+                staged.append((tensor, torch.empty_like(tensor, device=device)))
+                tensors[i] = staged[-1][1]
+        if staged and to_paged:
+            with torch.cuda.stream(stream):
+                for host, dev in staged:
+                    dev.copy_(host)
+        handle = launch_transfer(kvcaches, self.layout, tensors, slot_mapping, slot_starts,
+                                 to_paged=to_paged, single_layer=False, stream=stream)
+        handle.wait()
+        if staged and not to_paged:
+            for host, dev in staged:
+                host.copy_(dev)
+        return handle
+
+    def _check_obj(self, obj: MemoryObj, start: int, end: int, offset: int) -> None:
+        if not isinstance(start, int) or not isinstance(end, int) or not offset <= start <= end:
             raise ValueError(
-                f"slot_mapping must be a 1-D integer torch.Tensor, got {slot_mapping!r:.80}"
+                f"need ints offset={offset} <= start <= end, got start={start!r}, end={end!r}"
             )
-        if not isinstance(offset, int) or offset < 0 or start < offset:
-            raise ValueError(f"offset must be an int in [0, start={start}], got {offset!r}")
-        if end - offset > slot_mapping.numel():
+        tensor = obj.tensor
+        want = self.get_shape(end - start)
+        if tensor.shape != want or tensor.dtype != self.metadata.kv_dtype or obj.fmt != self.fmt:
             raise ValueError(
-                f"tokens [{start}, {end}) with offset {offset} need slot_mapping[{start - offset}:"
-                f"{end - offset}], but slot_mapping has {slot_mapping.numel()} entries"
+                f"MemoryObj for tokens [{start}, {end}) has shape {tuple(tensor.shape)} dtype "
+                f"{tensor.dtype} fmt {obj.fmt.name}; expected {tuple(want)} "
+                f"{self.metadata.kv_dtype} {self.fmt.name}"
             )
-        slots = slot_mapping[start - offset:end - offset].to(kvcaches[0].device, torch.int64)
-        if slots.numel():
-            lo, hi = (int(v) for v in torch.aminmax(slots))
-            num_slots = self.layout.num_slots(kvcaches[0])
-            low = -1 if allow_padding else 0
-            if lo < low or hi >= num_slots:
-                raise ValueError(
-                    f"slot_mapping[{start - offset}:{end - offset}] holds slots in [{lo}, {hi}]; "
-                    f"valid slots are [{low}, {num_slots - 1}]"
-                    + ("" if allow_padding else " (padding -1 has no KV to store)")
-                )
-        return slots
+
+
+def _slot_kwargs(kwargs: dict) -> tuple[torch.Tensor, int]:
+    """``(slot_mapping, offset)`` from the connector kwargs, checked."""
+    slot_mapping = kwargs.get("slot_mapping")
+    offset = kwargs.get("offset", 0)
+    if (
+        not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dim() != 1
+        or slot_mapping.dtype.is_floating_point or slot_mapping.dtype == torch.bool
+    ):
+        raise ValueError(f"slot_mapping must be a 1-D integer torch.Tensor, got {slot_mapping!r:.80}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    return slot_mapping, offset

@@ -18,8 +18,8 @@ from lmcache.gpu_connector.cupy_kernels import cupy_available, launch_transfer
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
 from lmcache.gpu_connector.vllm_layerwise import VLLMPagedMemLayerwiseGPUConnector
+from lmcache.gpu_connector.paged_torch import TorchPagedMemGPUConnector
 from lmcache.gpu_connector.vllm_paged import VLLMPagedMemGPUConnectorV2
-from lmcache.gpu_connector.vllm_paged_cupy import VLLMPagedMemGPUConnectorV2Cupy
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
@@ -168,9 +168,9 @@ def test_paged_connector_kernel_path_equals_torch_path(kind, transfer):
     (heads, size), layers = ((1, 64) if kind == "mla" else (4, 32)), 6
     meta, layout = _connectors(kind, torch.bfloat16, layers, heads, size)
     # 1 MiB staging buffers hold one ~0.8 MiB chunk: 3 groups alternate over the two buffers
-    fast = VLLMPagedMemGPUConnectorV2Cupy(meta, layout, backend="cupy", transfer=transfer,
+    fast = VLLMPagedMemGPUConnectorV2(meta, layout, backend="cupy", transfer=transfer,
                                           staging_mib=1)
-    slow = VLLMPagedMemGPUConnectorV2(meta, layout)
+    slow = TorchPagedMemGPUConnector(meta, layout)
     kv = make_layers(kind, layers, 16, heads, size, 64, torch.bfloat16, gen)
     slots = torch.randperm(64 * 16, generator=gen)[:600].to(DEV)
     alloc = CPUMemoryAllocator(64 << 20)

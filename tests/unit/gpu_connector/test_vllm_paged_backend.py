@@ -1,4 +1,4 @@
-"""VLLMPagedMemGPUConnectorV2Cupy on a CPU cache: backend selection and its torch fallback.
+"""VLLMPagedMemGPUConnectorV2 on a CPU cache: backend selection and its torch fallback.
 
 The kernel path of the same class is checked bit for bit in test_kernels_gpu.py; here the class
 must behave exactly like the torch connector wherever the kernels cannot run.
@@ -11,8 +11,8 @@ import torch
 
 from lmcache.gpu_connector.cupy_kernels import csrc_dir, cupy_available, kernel_source
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
-from lmcache.gpu_connector.vllm_paged import VLLMPagedMemGPUConnectorV2
-from lmcache.gpu_connector.vllm_paged_cupy import VLLMPagedMemGPUConnectorV2Cupy, resolve_backend
+from lmcache.gpu_connector.paged_torch import TorchPagedMemGPUConnector
+from lmcache.gpu_connector.vllm_paged import VLLMPagedMemGPUConnectorV2, resolve_backend
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.metadata import LMCacheMetadata
 
@@ -20,14 +20,14 @@ from lmcache.metadata import LMCacheMetadata
 def _setup(**kw):
     meta = LMCacheMetadata("m", 1, 0, torch.float16, (2, 2, 16, 2, 4))
     layout = KVCacheLayout("legacy_5d", 4, 2, 4)
-    return meta, layout, VLLMPagedMemGPUConnectorV2Cupy(meta, layout, **kw)
+    return meta, layout, VLLMPagedMemGPUConnectorV2(meta, layout, **kw)
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_cpu_cache_uses_the_torch_path_with_identical_results(backend):
     meta, layout, conn = _setup(backend=backend)
-    ref = VLLMPagedMemGPUConnectorV2(meta, layout)
-    assert isinstance(conn, VLLMPagedMemGPUConnectorV2)
+    ref = TorchPagedMemGPUConnector(meta, layout)
+    assert isinstance(conn, TorchPagedMemGPUConnector)
     gen = torch.Generator().manual_seed(3)
     kv = [torch.randn(2, 6, 4, 2, 4, generator=gen).half() for _ in range(2)]
     assert not conn.uses_kernels(kv)

@@ -21,7 +21,8 @@ from lmcache.token_database.base import TokenDatabase, Tokens
 
 logger = logging.getLogger(__name__)
 
-_ENGINE_KWARGS = ("request_configs", "lookup_id", "req_id")  # not for the connector
+_ENGINE_KWARGS = ("request_configs", "lookup_id", "req_id",  # not for the connector
+                  "store_location", "retrieve_locations")
 
 
 class LMCacheEngine:
@@ -39,7 +40,9 @@ class LMCacheEngine:
     (list of per-layer paged tensors), ``slot_mapping`` (int tensor of the full sequence's
     slots, -1 = padding), ``offset`` (leading tokens not covered by slot_mapping). Engine
     kwargs: ``request_configs`` (dict; ``lmcache.tag.<t>`` entries become key tags),
-    ``lookup_id`` / ``req_id`` (retrieve releases that lookup's pins).
+    ``lookup_id`` / ``req_id`` (retrieve takes that lookup's prefetched chunks and releases its
+    pins), ``store_location`` (store: the one tier name to write to, e.g. "LocalDiskBackend")
+    and ``retrieve_locations`` (retrieve: the tier names to read from) — see StorageManager.
 
     Args:
         metadata: this worker's LMCacheMetadata.
@@ -89,10 +92,12 @@ class LMCacheEngine:
             return drain(self.store_layer(tokens, mask, **kwargs))
         t0 = time.perf_counter()
         xfer, chunks = self._begin("store", tokens, mask, kwargs)
+        store_location = kwargs.get("store_location")  # only that tier is checked and written
+        where = None if store_location is None else [store_location]
         keys, objs, starts, ends = [], [], [], []
         skipped = failed = 0
         for start, end, key in chunks:
-            if self.storage_manager.contains_prefix([key]) == 1:
+            if self.storage_manager.contains_prefix([key], retrieve_locations=where) == 1:
                 skipped += end - start
                 continue
             obj = self.storage_manager.allocate(
@@ -108,7 +113,7 @@ class LMCacheEngine:
                 for obj in objs:
                     obj.ref_count_down()
                 raise
-            self.storage_manager.batched_put(keys, objs)
+            self.storage_manager.batched_put(keys, objs, store_location=store_location)
         stored = sum(e - s for s, e in zip(starts, ends))
         self.stats.inc("stored_tokens", stored)
         self.stats.inc("store_skipped_tokens", skipped)
@@ -120,6 +125,7 @@ class LMCacheEngine:
     def _begin(self, op: str, tokens: Tokens, mask, kwargs: dict) -> tuple[dict, list]:
         """(connector kwargs, chunks) of a store/retrieve (``op``), checked; counts the call."""
         self._check_open()
+        self._check_locations(kwargs.get("store_location"), kwargs.get("retrieve_locations"))
         xfer = self._transfer_kwargs(kwargs)
         chunks = list(self.token_database.process_tokens(
             tokens, mask, request_configs=kwargs.get("request_configs")))
@@ -160,7 +166,7 @@ class LMCacheEngine:
         try:
             xfer, chunks = self._begin("retrieve", tokens, mask, kwargs)
             ret_mask = torch.zeros(len(tokens), dtype=torch.bool)
-            loaded = self._load_prefix(chunks, xfer)
+            loaded = self._load_prefix(chunks, xfer, lookup_id, kwargs.get("retrieve_locations"))
             if loaded:
                 ret_mask[chunks[0][0]:chunks[loaded - 1][1]] = True
                 self.stats.inc("retrieve_hit_tokens", chunks[loaded - 1][1] - chunks[0][0])
@@ -170,12 +176,13 @@ class LMCacheEngine:
         self.stats.observe("retrieve_seconds", time.perf_counter() - t0)
         return ret_mask
 
-    def _load_prefix(self, chunks: list, xfer: dict) -> int:
-        """Scatter the contiguous cached prefix of ``chunks``; returns how many chunks."""
+    def _load_prefix(self, chunks: list, xfer: dict, lookup_id=None,
+                     retrieve_locations=None) -> int:
+        """Scatter the contiguous cached prefix of ``chunks`` (using ``lookup_id``'s prefetch,
+        reading only ``retrieve_locations``); returns how many chunks."""
         keys = [key for _, _, key in chunks]
-        hits = self.storage_manager.contains_prefix(keys) if keys else 0
-        objs: list[Optional[MemoryObj]] = (
-            self.storage_manager.batched_get(keys[:hits]) if hits else [])
+        objs: list[Optional[MemoryObj]] = self.storage_manager.batched_get(
+            keys, lookup_id=lookup_id, retrieve_locations=retrieve_locations) if keys else []
         good = 0
         for (start, end, _), obj in zip(chunks, objs):
             if obj is None or not self._usable(obj, end - start):
@@ -220,12 +227,14 @@ class LMCacheEngine:
 
     # ---- lookup -------------------------------------------------------------------------
     def lookup(self, tokens: Tokens, pin: bool = False, lookup_id: object = None,
-               request_configs: Optional[dict] = None) -> int:
+               request_configs: Optional[dict] = None, retrieve_locations=None) -> int:
         """Number of leading tokens cached (contiguous chunk prefix over the tiers).
 
         A trailing partial chunk counts when it is stored (save_unfull_chunk). With
         ``pin=True`` the counted chunks stay pinned (not evictable) until
-        ``lookup_unpin(lookup_id)`` or a ``retrieve(..., lookup_id=...)``.
+        ``lookup_unpin(lookup_id)`` or a ``retrieve(..., lookup_id=...)``; chunks only a slower
+        tier holds are then prefetched for that retrieve (StorageManager.contains_prefix).
+        ``retrieve_locations``: tier names to search (default all).
 
         Raises:
             ValueError: ``pin=True`` without a ``lookup_id``; bad tokens.
@@ -236,10 +245,13 @@ class LMCacheEngine:
             raise ValueError("lookup(pin=True) needs a lookup_id to release the pins with")
         chunks = list(self.token_database.process_tokens(tokens, request_configs=request_configs))
         keys = [key for _, _, key in chunks]
+        self._check_locations(None, retrieve_locations)
         if self._layerwise is not None:  # a chunk counts only with every layer held
             hits, pinned = self._layerwise.contains_chunks(keys, pin=pin)
         else:
-            hits = self.storage_manager.contains_prefix(keys, pin=pin) if keys else 0
+            hits = self.storage_manager.contains_prefix(
+                keys, pin=pin, lookup_id=lookup_id if pin else None,
+                retrieve_locations=retrieve_locations) if keys else 0
             pinned = keys[:hits]
         hit_tokens = chunks[hits - 1][1] if hits else 0
         if pin and hits:
@@ -263,6 +275,8 @@ class LMCacheEngine:
             self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
         if keys:
             self.storage_manager.unpin(keys)
+        for one in ids:  # prefetched chunks no retrieve took
+            self.storage_manager.discard_prefetch(one)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:
@@ -277,6 +291,13 @@ class LMCacheEngine:
         self._closed = True
         self.lookup_unpin(list(self._lookup_pins))
         self.storage_manager.close()
+
+    def _check_locations(self, store_location, retrieve_locations) -> None:
+        """ValueError for tier locations on the layerwise path (not supported there yet)."""
+        if self._layerwise is not None and (store_location, retrieve_locations) != (None, None):
+            raise ValueError("store_location / retrieve_locations are not supported with a "
+                             "layerwise gpu_connector (got store_location="
+                             f"{store_location!r}, retrieve_locations={retrieve_locations!r})")
 
     def _check_open(self) -> None:
         if self._closed:

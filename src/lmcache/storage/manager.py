@@ -1,10 +1,12 @@
-"""StorageManager: routes puts and gets over the ordered storage tiers."""
+"""StorageManager: routes puts and gets over the ordered storage tiers; lookup prefetch."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Optional
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from typing import Optional, Union
 
 import torch
 
@@ -13,35 +15,66 @@ from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
+from lmcache.storage.event_manager import EventManager, EventType
 
 logger = logging.getLogger(__name__)
+
+Locations = Union[str, Sequence[str], None]
+DEFAULT_BLOCKING_TIMEOUT_SECS = 10.0  # LMCache's blocking_timeout_secs default
 
 
 class StorageManager:
     """The tiers of one worker, fastest first (list order is tier order).
 
     * Store: :meth:`batched_put` gives every object to every tier (each tier keeps its own
-      reference) and then drops the producer's reference.
+      reference), or only to the tier named by ``store_location``, then drops the producer's
+      reference.
     * Lookup: :meth:`contains_prefix` counts the contiguous prefix of chunks held by any tier
       (the first chunk no tier holds ends it); with ``pin`` each counted chunk is pinned in the
-      tier that answered for it.
-    * Retrieve: :meth:`batched_get` takes each chunk from the first tier holding it, stops at
-      the first miss, and writes chunks served by a slower tier back into the
-      allocator_backend when that backend is one of the tiers.
+      tier that answered for it. With a ``lookup_id`` it also **prefetches**: every counted
+      chunk that only a tier other than the allocator_backend holds (disk, remote) is fetched in
+      the background (``batched_get_non_blocking``) into allocator memory, and the futures are
+      registered in the EventManager (one LOADING event ``(lookup_id, key)`` per chunk). Remote
+      data cannot be pinned, so those MemoryObjs are the pin.
+    * Retrieve: :meth:`batched_get` serves each chunk of the contiguous hit prefix: a chunk
+      prefetched under its ``lookup_id`` is taken from the EventManager (waiting only for the
+      chunks it needs, all within one deadline of ``blocking_timeout_secs``); any other chunk is
+      read from the first tier holding it, one ``batched_get_blocking`` per contiguous run of
+      chunks of the same tier. Chunks served by a slower tier are written back into the
+      allocator_backend when it is one of the tiers. Prefetched chunks the retrieve does not
+      need are released, as are all of a lookup's chunks on :meth:`discard_prefetch`.
+    * ``retrieve_locations`` (lookup, block mapping, retrieve) restricts the tiers searched to
+      those with the given backend names; ``store_location`` (store) restricts the tiers
+      written to the one with that name (LMCache semantics; names as ``backend.name``:
+      ``LocalCPUBackend``, ``LocalDiskBackend``, ``RemoteBackend``, ...).
 
     A tier that raises costs hits only: the error is logged once per tier and the call
-    continues as if the tier missed (``num_tier_errors`` counts them).
+    continues as if the tier missed (``num_tier_errors`` counts them). A prefetched chunk that
+    fails, misses or is not there by the deadline ends the retrieved prefix (no second wait).
 
     Args:
         backends: the tiers, in order.
         allocator_backend: the LocalCPUBackend that allocates MemoryObjs; None → the first
             LocalCPUBackend in ``backends`` (allocate then raises RuntimeError if there is none).
+        event_manager: holds the prefetch futures (default: a new EventManager whose unclaimed
+            results are released with ``ref_count_down``).
+        blocking_timeout_secs: how long a retrieve waits in all for the prefetched chunks it
+            needs, > 0; None → the largest ``blocking_timeout_secs`` of the tiers, else 10 s.
+
+    Attributes:
+        stats: counters ``prefetch_chunks`` (prefetches started), ``prefetch_hits`` (prefetched
+            chunks a retrieve used), ``prefetch_misses`` (needed but failed or late).
+
+    Raises:
+        ValueError: blocking_timeout_secs <= 0.
     """
 
     def __init__(
         self,
         backends: Sequence[StorageBackendInterface],
         allocator_backend: Optional[LocalCPUBackend] = None,
+        event_manager: Optional[EventManager] = None,
+        blocking_timeout_secs: Optional[float] = None,
     ) -> None:
         self.backends: list[StorageBackendInterface] = list(backends)
         if allocator_backend is None:
@@ -52,8 +85,48 @@ class StorageManager:
         self._write_back = allocator_backend is not None and any(
             b is allocator_backend for b in self.backends
         )
+        if blocking_timeout_secs is None:
+            tier_timeouts = [getattr(b, "blocking_timeout_secs", None) for b in self.backends]
+            blocking_timeout_secs = max(
+                (float(t) for t in tier_timeouts if isinstance(t, (int, float))),
+                default=DEFAULT_BLOCKING_TIMEOUT_SECS)
+        if isinstance(blocking_timeout_secs, bool) or not blocking_timeout_secs > 0:
+            raise ValueError(f"blocking_timeout_secs must be > 0, got {blocking_timeout_secs!r}")
+        self.blocking_timeout_secs = float(blocking_timeout_secs)
+        self.event_manager = event_manager if event_manager is not None else EventManager()
+        self._prefetches: dict[Hashable, list[CacheEngineKey]] = {}
+        self._lock = threading.Lock()
+        self.stats = dict.fromkeys(("prefetch_chunks", "prefetch_hits", "prefetch_misses"), 0)
         self.num_tier_errors = 0
         self._logged: set[int] = set()
+
+    # ---- tier selection -----------------------------------------------------------------
+    @property
+    def tier_names(self) -> list[str]:
+        """``name`` of each tier, in tier order."""
+        return [b.name for b in self.backends]
+
+    def _tiers(self, locations: Locations, what: str = "retrieve_locations"
+               ) -> list[StorageBackendInterface]:
+        """The tiers named by ``locations`` (a name or a list of names), in tier order.
+
+        Raises:
+            TypeError: a name is not a str.  ValueError: empty, or a name no tier has.
+        """
+        if locations is None:
+            return self.backends
+        names = [locations] if isinstance(locations, str) else list(locations)
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"{what} must be backend names (str), got {bad!r}")
+        if not names:
+            raise ValueError(f"{what} must name at least one tier; the tiers are "
+                             f"{self.tier_names}")
+        unknown = [n for n in names if n not in self.tier_names]
+        if unknown:
+            raise ValueError(f"{what} names unknown tier(s) {unknown}; the tiers are "
+                             f"{self.tier_names}")
+        return [b for b in self.backends if b.name in names]
 
     # ---- allocation ---------------------------------------------------------------------
     def allocate(
@@ -72,16 +145,23 @@ class StorageManager:
         return self.allocator_backend.allocate(shape, dtype, fmt)
 
     # ---- store -----------------------------------------------------------------------------
-    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> None:
-        """Put every object into every tier, then drop the producer's reference of each.
+    def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj],
+                    store_location: Optional[str] = None) -> None:
+        """Put every object into every tier (or only the tier named ``store_location``), then
+        drop the producer's reference of each.
 
         Raises:
-            ValueError: len(keys) != len(objs) (no reference is dropped then).
+            ValueError: len(keys) != len(objs), or no tier is named ``store_location``;
+            TypeError: store_location is not a str (no reference is dropped on these errors).
         """
         if len(keys) != len(objs):
             raise ValueError(f"batched_put got {len(keys)} keys but {len(objs)} objects")
+        if store_location is not None and not isinstance(store_location, str):
+            raise TypeError(f"store_location must be one backend name (str), got "
+                            f"{store_location!r}")
+        targets = self._tiers(store_location, "store_location")
         try:
-            for backend in self.backends:
+            for backend in targets:
                 try:
                     backend.batched_put(keys, objs)
                 except Exception as e:  # noqa: BLE001 - a failing tier costs hits only
@@ -91,69 +171,238 @@ class StorageManager:
                 obj.ref_count_down()
 
     # ---- lookup -------------------------------------------------------------------------------
-    def _prefix_owners(self, keys: Sequence[CacheEngineKey], pin: bool) -> list[int]:
-        """Index of the tier answering for each chunk of the contiguous hit prefix."""
-        owners: list[int] = []
+    def _prefix_owners(self, keys: Sequence[CacheEngineKey], pin: bool,
+                       tiers: Sequence[StorageBackendInterface]) -> list[StorageBackendInterface]:
+        """The tier answering for each chunk of the contiguous hit prefix."""
+        owners: list[StorageBackendInterface] = []
         n = len(keys)
         while len(owners) < n:
             pos = len(owners)
-            for i, backend in enumerate(self.backends):
+            for backend in tiers:
                 try:
                     hit = backend.batched_contains(keys[pos:], pin=pin)
                 except Exception as e:  # noqa: BLE001
                     self._tier_error(backend, "batched_contains", e)
                     continue
                 if hit > 0:
-                    owners.extend([i] * min(hit, n - pos))
+                    owners.extend([backend] * min(hit, n - pos))
                     break
             else:
                 break
         return owners
 
-    def contains_prefix(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
-        """Number of leading chunks held by some tier; ``pin`` pins them there."""
-        return len(self._prefix_owners(keys, pin))
+    def contains_prefix(self, keys: Sequence[CacheEngineKey], pin: bool = False,
+                        lookup_id: Optional[Hashable] = None,
+                        retrieve_locations: Locations = None) -> int:
+        """Number of leading chunks held by some tier (of ``retrieve_locations``); ``pin`` pins
+        them there; a ``lookup_id`` also starts the prefetch of the chunks only slower tiers
+        hold (class docstring), replacing an earlier prefetch under the same id. When a
+        prefetch cannot be started the count stops before that chunk (its pins released).
 
-    def get_block_mapping(self, keys: Sequence[CacheEngineKey]) -> dict[str, list[int]]:
+        Raises:
+            TypeError: lookup_id is not hashable; bad retrieve_locations (see ``_tiers``).
+        """
+        tiers = self._tiers(retrieve_locations)
+        if lookup_id is not None:
+            hash(lookup_id)  # TypeError now, not after pinning
+        owners = self._prefix_owners(keys, pin, tiers)
+        if lookup_id is not None:
+            count = self._prefetch(lookup_id, keys, owners)
+            if pin:
+                for key, owner in zip(keys[count:], owners[count:]):
+                    self._unpin_in(owner, key)
+            owners = owners[:count]
+        return len(owners)
+
+    def get_block_mapping(self, keys: Sequence[CacheEngineKey],
+                          retrieve_locations: Locations = None) -> dict[str, list[int]]:
         """``{backend name: [chunk indices]}`` over the contiguous hit prefix (no pinning)."""
         mapping: dict[str, list[int]] = {}
-        for idx, owner in enumerate(self._prefix_owners(keys, pin=False)):
-            mapping.setdefault(self.backends[owner].name, []).append(idx)
+        owners = self._prefix_owners(keys, False, self._tiers(retrieve_locations))
+        for idx, owner in enumerate(owners):
+            mapping.setdefault(owner.name, []).append(idx)
         return mapping
 
     def unpin(self, keys: Sequence[CacheEngineKey]) -> None:
         """Remove one pin per key, from the first tier in which the key holds a pin."""
         for key in keys:
             for backend in self.backends:
+                if self._unpin_in(backend, key):
+                    break
+
+    def _unpin_in(self, backend: StorageBackendInterface, key: CacheEngineKey) -> bool:
+        try:
+            return backend.unpin(key)
+        except Exception as e:  # noqa: BLE001
+            self._tier_error(backend, "unpin", e)
+            return False
+
+    # ---- prefetch -------------------------------------------------------------------------
+    def _prefetch(self, lookup_id: Hashable, keys: Sequence[CacheEngineKey],
+                  owners: list[StorageBackendInterface]) -> int:
+        """Start the background gets of the chunks owned by slower tiers; returns how many
+        leading chunks stay counted (all, unless a tier failed to start its gets)."""
+        self.discard_prefetch(lookup_id)
+        started: list[CacheEngineKey] = []
+        seen: set[CacheEngineKey] = set()
+        count, i = len(owners), 0
+        while i < count:
+            backend, j = owners[i], i
+            while j < count and owners[j] is backend:
+                j += 1
+            fetch = getattr(backend, "batched_get_non_blocking", None)
+            if backend is not self.allocator_backend and fetch is not None:
+                run = [k for k in keys[i:j] if k not in seen]  # (keys are unique in practice)
                 try:
-                    if backend.unpin(key):
-                        break
-                except Exception as e:  # noqa: BLE001
-                    self._tier_error(backend, "unpin", e)
+                    futures = list(fetch(run))
+                    if len(futures) != len(run):
+                        raise RuntimeError(f"{len(futures)} futures for {len(run)} keys")
+                except Exception as e:  # noqa: BLE001 - then the lookup promises less
+                    self._tier_error(backend, "batched_get_non_blocking", e)
+                    count = i
+                    break
+                for key, future in zip(run, futures):
+                    self.event_manager.add_event(EventType.LOADING, (lookup_id, key), [future])
+                started.extend(run)
+                seen.update(run)
+            i = j
+        if started:
+            with self._lock:
+                self._prefetches[lookup_id] = started
+            self.stats["prefetch_chunks"] += len(started)
+        return count
+
+    def discard_prefetch(self, lookup_id: Hashable) -> bool:
+        """Release the chunks prefetched under ``lookup_id`` that no retrieve took (each when
+        it arrives); False when there is no such prefetch."""
+        with self._lock:
+            keys = self._prefetches.pop(lookup_id, None)
+        for key in keys or ():
+            self.event_manager.discard(EventType.LOADING, (lookup_id, key))
+        return keys is not None
+
+    @property
+    def num_prefetches(self) -> int:
+        """Lookups whose prefetched chunks are still held for their retrieve."""
+        return len(self._prefetches)
+
+    def _claim_prefetch(self, lookup_id: Optional[Hashable],
+                        keys: Sequence[CacheEngineKey]) -> set[CacheEngineKey]:
+        """End ``lookup_id``'s prefetch: the keys among ``keys`` it holds (the caller takes
+        their events); the events of the others are discarded now."""
+        if lookup_id is None:
+            return set()
+        with self._lock:
+            held = self._prefetches.pop(lookup_id, None)
+        if not held:
+            return set()
+        wanted = set(keys)
+        for key in held:
+            if key not in wanted:
+                self.event_manager.discard(EventType.LOADING, (lookup_id, key))
+        return wanted.intersection(held)
+
+    def _take(self, lookup_id: Hashable, key: CacheEngineKey,
+              deadline: float) -> Optional[MemoryObj]:
+        got = self.event_manager.take(EventType.LOADING, (lookup_id, key), 1,
+                                      timeout=max(0.0, deadline - time.monotonic()))
+        obj = got[0] if got else None
+        self.stats["prefetch_hits" if obj is not None else "prefetch_misses"] += 1
+        return obj  # type: ignore[return-value]
 
     # ---- retrieve --------------------------------------------------------------------------
-    def batched_get(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+    def batched_get(self, keys: Sequence[CacheEngineKey], lookup_id: Optional[Hashable] = None,
+                    retrieve_locations: Locations = None) -> list[Optional[MemoryObj]]:
         """One object (+1 reference for the caller) per key of the contiguous hit prefix;
-        None from the first miss on."""
+        None from the first miss on. Chunks prefetched by ``contains_prefix(...,
+        lookup_id=lookup_id)`` come from that prefetch (its leftovers are released); the others
+        from the tiers of ``retrieve_locations`` (default all)."""
+        keys = list(keys)
+        tiers = self._tiers(retrieve_locations)
+        prefetched = self._claim_prefetch(lookup_id, keys)
+        deadline = time.monotonic() + self.blocking_timeout_secs
         out: list[Optional[MemoryObj]] = [None] * len(keys)
-        for idx, key in enumerate(keys):
-            obj = None
-            for backend in self.backends:
-                try:
-                    obj = backend.get_blocking(key)
-                except Exception as e:  # noqa: BLE001
-                    self._tier_error(backend, "get_blocking", e)
-                    obj = None
-                if obj is not None:
-                    if self._write_back and backend is not self.allocator_backend:
-                        self._put_back(key, obj)
+        pos, n = 0, len(keys)
+        try:
+            while pos < n:
+                if keys[pos] in prefetched:
+                    prefetched.discard(keys[pos])
+                    obj = self._take(lookup_id, keys[pos], deadline)
+                    if obj is None:
+                        break
+                    self._put_back(keys[pos], obj)
+                    out[pos] = obj
+                    pos += 1
+                    continue
+                end = pos
+                while end < n and keys[end] not in prefetched:
+                    end += 1
+                got = self._get_run(keys[pos:end], tiers)
+                out[pos:pos + len(got)] = got
+                if len(got) < end - pos:
                     break
-            if obj is None:
-                break
-            out[idx] = obj
+                pos = end
+        finally:
+            for key in prefetched:  # not reached: released when they arrive
+                self.event_manager.discard(EventType.LOADING, (lookup_id, key))
         return out
 
+    def _get_run(self, keys: Sequence[CacheEngineKey],
+                 tiers: Sequence[StorageBackendInterface]) -> list[MemoryObj]:
+        """The contiguous hit prefix of ``keys``: one batched_get_blocking per run of chunks
+        held by the same tier; a chunk its tier no longer has is tried in the other tiers."""
+        owners = self._prefix_owners(keys, False, tiers)
+        out: list[MemoryObj] = []
+        i = 0
+        while i < len(owners):
+            backend, j = owners[i], i
+            while j < len(owners) and owners[j] is backend:
+                j += 1
+            objs = self._tier_get(backend, keys[i:j])
+            for idx, obj in enumerate(objs):
+                source = backend
+                if obj is None:
+                    others = [t for t in tiers if t is not backend]
+                    obj, source = self._get_one(keys[i + idx], others)
+                if obj is None:
+                    for rest in objs[idx + 1:]:
+                        if rest is not None:
+                            rest.ref_count_down()
+                    return out
+                if source is not self.allocator_backend:
+                    self._put_back(keys[i + idx], obj)
+                out.append(obj)
+            i = j
+        return out
+
+    def _tier_get(self, backend: StorageBackendInterface,
+                  keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+        try:
+            objs = list(backend.batched_get_blocking(keys))
+        except Exception as e:  # noqa: BLE001
+            self._tier_error(backend, "batched_get_blocking", e)
+            return [None] * len(keys)
+        for extra in objs[len(keys):]:  # a tier that returned too many: keep nothing extra
+            if extra is not None:
+                extra.ref_count_down()
+        return objs[:len(keys)] + [None] * (len(keys) - len(objs))
+
+    def _get_one(self, key: CacheEngineKey, tiers: Sequence[StorageBackendInterface]
+                 ) -> tuple[Optional[MemoryObj], Optional[StorageBackendInterface]]:
+        for backend in tiers:
+            try:
+                obj = backend.get_blocking(key)
+            except Exception as e:  # noqa: BLE001
+                self._tier_error(backend, "get_blocking", e)
+                continue
+            if obj is not None:
+                return obj, backend
+        return None, None
+
     def _put_back(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        """Write-back of a chunk served by a slower tier into the allocator_backend."""
+        if not self._write_back:
+            return
         try:
             self.allocator_backend.put(key, obj)
         except Exception as e:  # noqa: BLE001 - write-back is an optimisation
@@ -161,7 +410,8 @@ class StorageManager:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:
-        """Drop every chunk from every tier."""
+        """Drop every chunk from every tier (prefetches held for lookups stay until their
+        retrieve or :meth:`discard_prefetch`)."""
         for backend in self.backends:
             try:
                 backend.clear()
@@ -169,7 +419,12 @@ class StorageManager:
                 self._tier_error(backend, "clear", e)
 
     def close(self) -> None:
-        """Close every tier (and the allocator_backend if it is not a tier)."""
+        """Release every prefetch (as each arrives), then close every tier (and the
+        allocator_backend if it is not a tier)."""
+        with self._lock:
+            lookup_ids = list(self._prefetches)
+        for lookup_id in lookup_ids:
+            self.discard_prefetch(lookup_id)
         closing = list(self.backends)
         if self.allocator_backend is not None and not self._write_back:
             closing.append(self.allocator_backend)

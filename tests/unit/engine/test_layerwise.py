@@ -11,6 +11,7 @@ import torch
 
 from lmcache.engine.layerwise import drain
 from lmcache.engine.lmcache_engine import LMCacheEngine
+from lmcache.gpu_connector.cupy_kernels import cupy_available
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.gpu_connector.kv_transfer import gather_kv
 from lmcache.gpu_connector.vllm_layerwise import VLLMPagedMemLayerwiseGPUConnector
@@ -256,3 +257,49 @@ def test_layers_come_from_the_disk_tier_after_the_cpu_tier_lost_them(tmp_path):
     assert all(same(r.kv(dst, layer, slots), r.kv(src, layer, slots)) for layer in range(L))
     assert keys[0][1] in r.backend.hot_cache  # written back into the CPU tier
     r.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and cupy_available()), reason="needs CUDA and CuPy")
+@pytest.mark.parametrize("kind", ["flash_packed", "mla"])
+def test_cuda_kernel_path_is_bit_exact_and_ordered_with_compute(kind):
+    """The CuPy kernels, pinned MemoryObjs and the copy streams under store_layer/retrieve_layer:
+    each step sees the layer the compute stream wrote before it, each load lands before compute
+    that waits on its LayerTransfer reads the layer."""
+    mla, layers, block, blocks, chunk = kind == "mla", 4, 16, 64, 256
+    heads, size = (1, 64) if mla else (8, 128)
+    meta = LMCacheMetadata("m", 1, 0, DTYPE, (layers, 1 if mla else 2, chunk, heads, size),
+                           use_mla=mla)
+    layout = KVCacheLayout(kind, block, heads, size)
+    allocator = CPUMemoryAllocator(64 << 20)  # pinned: CUDA is present
+    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=1.0)
+    engine = LMCacheEngine(meta, ChunkedTokenDatabase(meta, chunk),
+                           VLLMPagedMemLayerwiseGPUConnector(meta, layout, backend="cupy"),
+                           StorageManager([backend]))
+    shape = (blocks, block, size) if mla else (blocks, heads, block, 2 * size)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    real = [torch.randn(shape, device="cuda", generator=gen).to(DTYPE) for _ in range(layers)]
+    perm = torch.randperm(blocks * block, generator=torch.Generator().manual_seed(1))
+    src_slots, dst_slots = perm[:700].cuda(), perm[300:1000].cuda()
+    toks = tokens(700)
+    src = [torch.zeros_like(t) for t in real]
+    store = engine.store_layer(toks, kvcaches=src, slot_mapping=src_slots)
+    for layer in range(layers):
+        torch.cuda._sleep(20_000_000)  # the "forward pass" writes this layer late
+        src[layer].copy_(real[layer])
+        next(store)
+    assert next(store) == 512  # two whole chunks; the partial one is not saved
+    dst = [torch.full_like(t, POISON) for t in real]
+    load = engine.retrieve_layer(toks, kvcaches=dst, slot_mapping=dst_slots)
+    assert next(load) == 512
+    seen = []
+    for layer in range(layers):
+        next(load).wait_on()  # the compute stream waits for the layer, the host does not
+        seen.append(gather_kv([dst[layer]], dst_slots[:512], layout).clone())  # "attention"
+    assert next(load).tolist() == [True] * 512 + [False] * 188
+    for layer in range(layers):
+        want = gather_kv([real[layer]], src_slots[:512], layout)
+        assert same(seen[layer], want)
+        assert same(gather_kv([dst[layer]], dst_slots[:512], layout), want)
+    engine.close()
+    assert allocator.num_active_allocations == 0

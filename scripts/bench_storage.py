@@ -18,10 +18,14 @@ moved by the tier and by the plainest code that can move them, in the same run:
 
 Every ceiling is the best of its variants (1 thread and the tier's own thread count; for files
 also whole-chunk, 8 MiB and 1 MiB pieces), so a tier never gets credit for something the raw
-path was denied. Tier and ceiling runs alternate (the same machine load hits both); times are
+path was denied. For disk a second reference is measured too, "verified": the same raw file
+I/O in 1 MiB pieces plus xxh3_64 of every piece (hashed right before writing / right after
+reading it, 1 and 4 threads) - the most any reader or writer that checksums every byte with
+this hash can do here, which shows how much of the gap to the ceiling is the checksum itself.
+Tier, ceiling and reference runs alternate (the same machine load hits all); times are
 medians of --reps runs after one warm-up; throughput = bytes / time. With --cold, written
 files are synced and dropped from the page cache (posix_fadvise DONTNEED) before every read,
-for the tier and the ceiling alike.
+for the tier and the references alike.
 
 Usage: PYTHONPATH=src python scripts/bench_storage.py [--chunks 16] [--reps 3]
        [--tiers cpu disk valkey] [--disk-dir DIR] [--valkey-url valkey://host:port] [--cold]
@@ -38,7 +42,9 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Sequence
+
+import xxhash
 
 import torch
 
@@ -58,10 +64,12 @@ GiB = 1 << 30
 
 
 def paired(tier: Callable[[], None], ceilings: list[Callable[[], None]], reps: int,
-           setup: Callable[[], None] = lambda: None) -> tuple[float, float]:
-    """Median seconds of ``tier`` and of the best ceiling variant, runs interleaved (so both
-    see the same machine load), each after one warm-up; ``setup`` runs untimed before each."""
-    fns = [tier, *ceilings]
+           setup: Callable[[], None] = lambda: None,
+           verified: Sequence[Callable[[], None]] = ()) -> tuple:
+    """Median seconds of ``tier``, of the best ceiling variant and of the best ``verified``
+    variant (None without any), runs interleaved (so all see the same machine load), each
+    after one warm-up; ``setup`` runs untimed before each."""
+    fns = [tier, *ceilings, *verified]
     times: list[list[float]] = [[] for _ in fns]
     for rep in range(reps + 1):
         for j, fn in enumerate(fns if rep % 2 else fns[::-1]):
@@ -72,7 +80,9 @@ def paired(tier: Callable[[], None], ceilings: list[Callable[[], None]], reps: i
             if rep:
                 times[j].append(time.perf_counter() - t0)
     medians = [statistics.median(t) for t in times]
-    return medians[0], min(medians[1:])
+    n_ceil = len(ceilings)
+    return (medians[0], min(medians[1:1 + n_ceil]),
+            min(medians[1 + n_ceil:]) if verified else None)
 
 
 def threaded(fn: Callable[[int], None], n: int, threads: int) -> Callable[[], None]:
@@ -140,7 +150,9 @@ def drop_cache(directory: str) -> None:
 
 def raw_file_io(objs: list, directory: str, threads: int):
     """Ceiling variants: one file per chunk, written/read whole or in 1/8 MiB pieces, on 1 or
-    ``threads`` threads. Returns (writers, readers, wipe)."""
+    ``threads`` threads; and the "verified" variants (1 MiB pieces, each hashed with xxh3_64
+    right before it is written / right after it is read). Returns (writers, readers,
+    verified writers, verified readers, wipe)."""
     n = len(objs)
     paths = [os.path.join(directory, f"chunk{i}") for i in range(n)]
     bufs = [memoryview(torch.zeros(CHUNK_BYTES, dtype=torch.uint8).numpy()) for _ in range(n)]
@@ -160,14 +172,33 @@ def raw_file_io(objs: list, directory: str, threads: int):
                     f.readinto(bufs[i][start : start + block])
         return one
 
+    def write_hashed(i):
+        data, state = objs[i].byte_array, xxhash.xxh3_64()
+        with open(paths[i], "wb", buffering=0) as f:
+            for start in range(0, CHUNK_BYTES, 1 << 20):
+                state.update(data[start : start + (1 << 20)])
+                f.write(data[start : start + (1 << 20)])
+        return state.intdigest()
+
+    def read_hashed(i):
+        state = xxhash.xxh3_64()
+        with open(paths[i], "rb", buffering=0) as f:
+            for start in range(0, CHUNK_BYTES, 1 << 20):
+                got = f.readinto(bufs[i][start : start + (1 << 20)])
+                state.update(bufs[i][start : start + got])
+        return state.intdigest()
+
     def wipe():
         for path in paths:
             if os.path.exists(path):
                 os.unlink(path)
 
     variants = [(b, t) for b in (CHUNK_BYTES, 8 << 20, 1 << 20) for t in sorted({1, threads})]
+    counts = sorted({1, threads})
     return ([threaded(write(b), n, t) for b, t in variants],
-            [threaded(read(b), n, t) for b, t in variants], wipe)
+            [threaded(read(b), n, t) for b, t in variants],
+            [threaded(write_hashed, n, t) for t in counts],
+            [threaded(read_hashed, n, t) for t in counts], wipe)
 
 
 def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -> list:
@@ -177,14 +208,15 @@ def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -
     keys = [key(i) for i in range(n)]
     raw_dir = os.path.join(root, "raw")
     os.makedirs(raw_dir)
-    writers, readers, wipe = raw_file_io(objs, raw_dir, threads=4)
+    writers, readers, v_writers, v_readers, wipe = raw_file_io(objs, raw_dir, threads=4)
 
     def store():
         for k, obj in zip(keys, objs):
             disk.put(k, obj)
         disk.flush()
 
-    rows = [("disk", "store", *paired(store, writers, reps, lambda: (disk.clear(), wipe())))]
+    rows = [("disk", "store", *paired(store, writers, reps, lambda: (disk.clear(), wipe()),
+                                      v_writers))]
     store()
     writers[0]()
 
@@ -195,7 +227,7 @@ def bench_disk(cpu: LocalCPUBackend, n: int, reps: int, root: str, cold: bool) -
 
     rows.append(("disk", "retrieve",
                  *paired(lambda: release(disk.batched_get_blocking(keys)), readers, reps,
-                         before_read)))
+                         before_read, v_readers)))
     disk.clear()
     disk.close()
     wipe()
@@ -274,11 +306,13 @@ def main(argv=None) -> int:
     print(f"# {n} chunks x 32 MiB, median of {args.reps}, {cpu_name}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, torch {torch.__version__}"
           f"{', cold page cache' if args.cold else ''}")
-    print("| tier | op | tier GiB/s | ceiling GiB/s | ratio |")
-    print("|---|---|---:|---:|---:|")
-    for tier, op, t_tier, t_ceil in rows:
+    print("| tier | op | tier GiB/s | ceiling GiB/s | ratio | verified GiB/s | tier/verified |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for tier, op, t_tier, t_ceil, t_ver in rows:
+        ver = ("- | -" if t_ver is None else
+               f"{total / t_ver / GiB:.2f} | {t_ver / t_tier:.0%}")
         print(f"| {tier} | {op} | {total / t_tier / GiB:.2f} | {total / t_ceil / GiB:.2f} | "
-              f"{t_ceil / t_tier:.0%} |")
+              f"{t_ceil / t_tier:.0%} | {ver} |")
     return 0
 
 

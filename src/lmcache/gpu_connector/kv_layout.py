@@ -7,7 +7,7 @@ DESIGN.md §4.6 (vLLM paged KV layout).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,10 @@ class KVCacheLayout:
       (block, head) page ``[N, 2D]`` is read as ``[2N, D]``: rows ``0..N-1`` are K of the
       block's N tokens, rows ``N..2N-1`` are V. K of slot s, head h is
       ``page(b, h).view(2N, D)[o]``, V is ``...[N + o]``.
+      ``page_map`` overrides that order when the CPU kernel packs a page differently (vLLM's
+      ``vec`` ISA stores K of a block dim-major, ``[D, N]``): ``page_map[kv, o, d]`` is the
+      flat position, within the page's ``2·N·D`` elements, of element d of token o's K (kv=0)
+      or V (kv=1). The vLLM integration measures it with vLLM's own cache-write kernel.
     - ``"flash_packed"``: same shape; per (block, head, token) the last dim C holds
       ``K = C[:D]`` and ``V = C[D:]`` (FlashAttention / Triton backends).
     - ``"legacy_5d"``: ``[2, num_blocks, N, H, D]`` (older vLLM; index 0 = K, 1 = V).
@@ -32,13 +36,15 @@ class KVCacheLayout:
       D is the latent width (kv_lora_rank + rope_dim).
 
     Raises:
-        ValueError: unknown kind, a non-positive size, or ``num_kv_heads != 1`` for mla.
+        ValueError: unknown kind, a non-positive size, ``num_kv_heads != 1`` for mla, or a
+            ``page_map`` that is not an int64 ``[2, N, D]`` permutation of the page (cpu_packed only).
     """
 
     kind: str
     block_size: int
     num_kv_heads: int
     head_size: int
+    page_map: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -51,6 +57,18 @@ class KVCacheLayout:
             raise ValueError(
                 f"KVCacheLayout kind 'mla' needs num_kv_heads == 1, got {self.num_kv_heads}"
             )
+        if self.page_map is not None:
+            self._check_page_map(self.page_map)
+
+    def _check_page_map(self, pm: object) -> None:
+        n, d = self.block_size, self.head_size
+        if self.kind != "cpu_packed":
+            raise ValueError(f"KVCacheLayout page_map is only valid for cpu_packed, not {self.kind!r}")
+        if not isinstance(pm, torch.Tensor) or pm.dtype != torch.int64 or tuple(pm.shape) != (2, n, d):
+            got = f"{pm.dtype} {tuple(pm.shape)}" if isinstance(pm, torch.Tensor) else type(pm).__name__
+            raise ValueError(f"KVCacheLayout page_map must be an int64 tensor [2, {n}, {d}], got {got}")
+        if not torch.equal(pm.flatten().sort().values, torch.arange(2 * n * d)):
+            raise ValueError(f"KVCacheLayout page_map is not a permutation of the {2 * n * d} page elements")
 
     @property
     def is_mla(self) -> bool:

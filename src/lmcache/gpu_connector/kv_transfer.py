@@ -89,6 +89,27 @@ def _as_slots(slots: torch.Tensor, device: torch.device) -> torch.Tensor:
     return slots.to(device=device, dtype=torch.int64)
 
 
+def _page_map_index(slots: torch.Tensor, layout: KVCacheLayout) -> torch.Tensor:
+    """Element positions in ``layer.view(-1)`` of the KV of ``slots``: ``[2, T, H*D]``.
+
+    For a cpu_packed layout with a ``page_map`` (the per-page element order of vLLM's CPU
+    cache-write kernel); row order matches ``gather_kv``'s output.
+    """
+    n, h, d = layout.block_size, layout.num_kv_heads, layout.head_size
+    pm = layout.page_map.to(slots.device)
+    block = torch.div(slots, n, rounding_mode="floor")
+    off = slots - block * n
+    heads = torch.arange(h, device=slots.device)
+    base = (block[:, None] * h + heads[None, :]) * (2 * n * d)  # [T, H] page starts
+    idx = base[None, :, :, None] + pm[:, off][:, :, None, :]  # [2, T, H, D]
+    return idx.reshape(2, slots.numel(), h * d)
+
+
+def _require_contiguous(layer_tensors: Sequence[torch.Tensor], layout: KVCacheLayout) -> None:
+    if not all(t.is_contiguous() for t in layer_tensors):
+        raise ValueError(f"layout {layout.kind} with a page_map needs contiguous layer tensors")
+
+
 def gather_kv(
     layer_tensors: Sequence[torch.Tensor],
     slots: torch.Tensor,
@@ -126,7 +147,14 @@ def gather_kv(
     pad = slots < 0
     has_pad = bool(pad.any())
     safe = slots.clamp(min=0) if has_pad else slots
-    if all(t.is_contiguous() for t in layer_tensors):
+    if layout.page_map is not None:
+        _require_contiguous(layer_tensors, layout)
+        idx = _page_map_index(safe, layout)
+        for layer, tensor in enumerate(layer_tensors):
+            flat = tensor.view(-1)
+            for kv in range(2):
+                out[kv, layer].copy_(flat.index_select(0, idx[kv].reshape(-1)).view(shape[2], shape[3]))
+    elif all(t.is_contiguous() for t in layer_tensors):
         # One index_select of whole D-element rows per (K/V, layer): row copies, not
         # element-wise advanced indexing (~50x faster on CPU).
         rows = _flat_rows(safe, layout, ref).reshape(shape[0], -1)
@@ -183,6 +211,14 @@ def scatter_kv(
     if slots.numel() == 0:
         return
     t = slots.numel()
+    if layout.page_map is not None:
+        _require_contiguous(layer_tensors, layout)
+        idx = _page_map_index(slots, layout)
+        for layer, tensor in enumerate(layer_tensors):
+            flat = tensor.view(-1)
+            for k in range(2):
+                flat.index_copy_(0, idx[k].reshape(-1), kv[k, layer].reshape(-1))
+        return
     if all(x.is_contiguous() for x in layer_tensors):
         rows = _flat_rows(slots, layout, ref).reshape(shape[0], -1)
         width = layout.head_size if layout.kind != "mla" else shape[3]

@@ -6,6 +6,8 @@ import logging
 import threading
 import time
 from collections.abc import Hashable, Sequence
+from concurrent.futures import Future
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -33,16 +35,20 @@ class StorageManager:
       (the first chunk no tier holds ends it); with ``pin`` each counted chunk is pinned in the
       tier that answered for it. With a ``lookup_id`` it also **prefetches**: every counted
       chunk that only a tier other than the allocator_backend holds (disk, remote) is fetched in
-      the background (``batched_get_non_blocking``) into allocator memory, and the futures are
-      registered in the EventManager (one LOADING event ``(lookup_id, key)`` per chunk). Remote
-      data cannot be pinned, so those MemoryObjs are the pin.
+      the background (``batched_get_non_blocking``) into allocator memory, and each future is
+      registered in the EventManager as a LOADING event ``(lookup_id, key)``. Remote data
+      cannot be pinned, so the prefetched MemoryObjs (the event's reference) are the pin.
     * Retrieve: :meth:`batched_get` serves each chunk of the contiguous hit prefix: a chunk
       prefetched under its ``lookup_id`` is taken from the EventManager (waiting only for the
       chunks it needs, all within one deadline of ``blocking_timeout_secs``); any other chunk is
       read from the first tier holding it, one ``batched_get_blocking`` per contiguous run of
-      chunks of the same tier. Chunks served by a slower tier are written back into the
-      allocator_backend when it is one of the tiers. Prefetched chunks the retrieve does not
-      need are released, as are all of a lookup's chunks on :meth:`discard_prefetch`.
+      chunks of the same tier (a chunk gone from its tier meanwhile is tried in the others).
+    * Write-back: chunks served by a slower tier are put into the allocator_backend when it is
+      one of the tiers; a prefetched chunk as soon as it arrives, so a repeated lookup (vLLM
+      asks again while a request waits) finds it in the CPU tier instead of fetching it again.
+      The event's reference on prefetched chunks that the retrieve does not need, and on all of
+      a lookup's chunks at :meth:`discard_prefetch`, is released (when each arrives); the CPU
+      tier's copy is then an ordinary evictable chunk.
     * ``retrieve_locations`` (lookup, block mapping, retrieve) restricts the tiers searched to
       those with the given backend names; ``store_location`` (store) restricts the tiers
       written to the one with that name (LMCache semantics; names as ``backend.name``:
@@ -262,6 +268,7 @@ class StorageManager:
                     count = i
                     break
                 for key, future in zip(run, futures):
+                    future.add_done_callback(partial(self._written_back_on_arrival, key))
                     self.event_manager.add_event(EventType.LOADING, (lookup_id, key), [future])
                 started.extend(run)
                 seen.update(run)
@@ -271,6 +278,16 @@ class StorageManager:
                 self._prefetches[lookup_id] = started
             self.stats["prefetch_chunks"] += len(started)
         return count
+
+    def _written_back_on_arrival(self, key: CacheEngineKey, future: Future) -> None:
+        """Done-callback of a prefetch: write the chunk back into the allocator_backend now
+        (it stays pinned there by the event's reference until a retrieve takes it or the
+        prefetch is discarded; after that it is an ordinary, evictable CPU-tier chunk)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        obj = future.result()
+        if obj is not None:
+            self._put_back(key, obj)
 
     def discard_prefetch(self, lookup_id: Hashable) -> bool:
         """Release the chunks prefetched under ``lookup_id`` that no retrieve took (each when

@@ -68,7 +68,11 @@ def test_producer_never_loads(tiny_model, documents, run_vllm):
 
 def test_fresh_process_hits_what_the_first_stored(tiny_model, documents, run_vllm, tmp_path):
     """The disk tier outlives the process: a second vLLM process loads the first one's KV."""
-    extra = {**EXTRA, "lmcache.local_disk": str(tmp_path / "disk"), "lmcache.max_local_disk_size": 0.5}
+    # save_unfull_chunk: the whole prompt is stored, so the second process takes prompt_len − 1
+    # tokens from lmcache and the load ends inside a vLLM block (the case where a wrong page
+    # layout would show).
+    extra = {**EXTRA, "lmcache.local_disk": str(tmp_path / "disk"), "lmcache.max_local_disk_size": 0.5,
+             "lmcache.save_unfull_chunk": True}
     prompt = documents[1] + "\nQuestion: may I sublicense?"
     base = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": False})
     first = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra})
@@ -76,5 +80,5 @@ def test_fresh_process_hits_what_the_first_stored(tiny_model, documents, run_vll
     second = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra})
     assert first["rounds"][0][0]["num_cached_tokens"] == 0
     hit = second["rounds"][0][0]["num_cached_tokens"]
-    assert hit > 0 and hit % CHUNK == 0 or hit == second["rounds"][0][0]["prompt_len"] - 1
+    assert hit == second["rounds"][0][0]["prompt_len"] - 1 and hit % 128 != 0
     assert tokens_of(second, 0) == tokens_of(first, 0) == tokens_of(base, 0)

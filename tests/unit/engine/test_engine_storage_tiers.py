@@ -108,6 +108,8 @@ def test_retrieve_uses_the_prefetch_of_its_lookup(rig):
             break
         time.sleep(0.025)
     assert done
+    assert len(rig.cpu) == 3  # written back on arrival
+    rig.cpu.clear()
     rig.disk.clear()  # gone from every tier after the lookup: the prefetch still delivers
     dst, dst_slots = rig.cache(), slots(12, 3)
     ret = rig.engine.retrieve(TOKENS, kvcaches=dst, slot_mapping=dst_slots, lookup_id="req-1")
@@ -122,8 +124,10 @@ def test_lookup_unpin_releases_an_unused_prefetch(rig):
     assert rig.sm.num_prefetches == 1
     rig.engine.lookup_unpin("req-2")
     assert rig.sm.num_prefetches == 0 and not rig.disk._pins
-    rig.disk.close()  # waits for the reads in flight; their memory is released on arrival
-    assert rig.allocator.num_active_allocations == 0
+    rig.disk.close()  # waits for the reads in flight
+    # each read was written back into the CPU tier, which alone holds it now (evictable)
+    assert rig.allocator.num_active_allocations == len(rig.cpu) == 3
+    assert all(o.can_evict for o in rig.cpu.hot_cache.values())
 
 
 def test_locations_on_the_layerwise_path_are_rejected(tmp_path):

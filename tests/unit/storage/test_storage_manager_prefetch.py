@@ -134,10 +134,14 @@ def test_prefetched_disk_chunks_are_the_pin_and_are_written_back(rig):
     assert sm.contains_prefix(keys, pin=True, lookup_id="req-1") == 4
     assert sm.num_prefetches == 1 and sm.stats["prefetch_chunks"] == 4
     assert eventually(lambda: prefetch_done(sm, "req-1", range(4)))
+    # written back into the CPU tier on arrival, where the event's reference pins them
+    assert set(cpu.keys()) == set(keys)
+    assert not any(o.can_evict for o in cpu.hot_cache.values())
+    cpu.clear()
     disk.clear()  # the chunks leave every tier: the prefetched memory still holds them
     assert sm.contains_prefix(keys) == 0
     out = sm.batched_get(keys, lookup_id="req-1")
-    assert cpu.keys() == keys  # written back into the CPU tier
+    assert cpu.keys() == keys  # written back again by the retrieve
     assert [o.get_ref_count() for o in out] == [2] * 4  # CPU tier + caller
     check_and_release(out, range(4))
     assert sm.num_prefetches == 0 and sm.stats["prefetch_hits"] == 4
@@ -150,28 +154,38 @@ def test_retrieve_takes_only_what_it_needs_and_releases_the_rest(rig):
     keys = [key(i) for i in range(5)]
     assert sm.contains_prefix(keys, lookup_id="r") == 5
     assert eventually(lambda: prefetch_done(sm, "r", range(5)))
-    used = cpu.allocator.num_active_allocations
-    assert used == 5  # five prefetched chunks held for the retrieve
+    assert cpu.allocator.num_active_allocations == 5  # five prefetched chunks
+    assert [o.get_ref_count() for o in cpu.hot_cache.values()] == [2] * 5  # tier + event
     out = sm.batched_get(keys[2:4], lookup_id="r")  # the engine already has chunks 0-1
+    assert [o.get_ref_count() for o in out] == [2, 2]  # tier + caller
     check_and_release(out, [2, 3])
-    assert cpu.keys() == keys[2:4]
-    assert cpu.allocator.num_active_allocations == 2  # 0, 1 and 4 released; 2, 3 in the tier
+    # the events' references of 0, 1 and 4 are released: plain, evictable CPU-tier chunks
+    assert set(cpu.keys()) == set(keys) and all(o.can_evict for o in cpu.hot_cache.values())
+    assert cpu.allocator.num_active_allocations == 5
     assert sm.num_prefetches == 0 and not sm.discard_prefetch("r")
 
 
-def test_lookup_unpin_path_discards_and_relookup_replaces(rig):
+def test_relookup_finds_the_cpu_copy_and_discard_releases(rig):
     sm, cpu, disk = rig()
     put(sm, range(3), store_location="LocalDiskBackend")
     keys = [key(i) for i in range(3)]
-    assert sm.contains_prefix(keys, lookup_id="a") == 3
-    assert sm.contains_prefix(keys, lookup_id="a") == 3  # same id again: old prefetch released
-    assert sm.contains_prefix(keys[:1], lookup_id="b") == 1
-    assert sm.num_prefetches == 2
-    assert sm.discard_prefetch("a") and sm.discard_prefetch("b") and not sm.discard_prefetch("a")
-    assert disk.flush(timeout=60)
-    assert eventually(lambda: cpu.allocator.num_active_allocations == 0)
-    # a retrieve with an id whose prefetch was discarded reads the tiers as usual
-    out = sm.batched_get(keys, lookup_id="a")
+    assert sm.contains_prefix(keys, pin=True, lookup_id="a") == 3
+    assert eventually(lambda: prefetch_done(sm, "a", range(3)))
+    # vLLM asks again while the request waits: the engine releases "a", then looks up again
+    sm.unpin(keys)
+    assert sm.discard_prefetch("a") and not sm.discard_prefetch("a")
+    assert sm.contains_prefix(keys, pin=True, lookup_id="a") == 3
+    assert sm.num_prefetches == 0 and sm.stats["prefetch_chunks"] == 3  # CPU copies: no re-read
+    assert [cpu.hot_cache[k].get_pin_count() for k in keys] == [1, 1, 1]
+    sm.unpin(keys)
+    # a prefetch discarded before (or after) its reads arrive: the events' references are
+    # released on arrival and the CPU tier alone keeps the chunks
+    cpu.clear()
+    assert sm.contains_prefix(keys, lookup_id="b") == 3
+    assert sm.discard_prefetch("b") and sm.num_prefetches == 0
+    assert eventually(lambda: len(cpu) == 3 and all(o.can_evict for o in cpu.hot_cache.values()))
+    assert cpu.allocator.num_active_allocations == 3
+    out = sm.batched_get(keys, lookup_id="b")  # nothing prefetched any more: read the tiers
     check_and_release(out, range(3))
 
 
@@ -208,9 +222,11 @@ def test_prefetch_late_past_the_deadline_is_a_miss_without_a_second_wait(rig):
     assert sm.contains_prefix(keys, lookup_id="slow") == 2
     assert sm.batched_get(keys, lookup_id="slow") == [None, None]
     assert sm.stats["prefetch_misses"] == 1 and sm.num_prefetches == 0
-    disk.gate.set()  # the late reads complete now and are released on arrival
-    assert eventually(lambda: cpu.allocator.num_active_allocations == 0)
-    out = sm.batched_get(keys)  # the disk still has them: a later retrieve reads them
+    assert len(cpu) == 0
+    disk.gate.set()  # the late reads complete now: written back, the events' refs released
+    assert eventually(lambda: len(cpu) == 2 and all(o.can_evict for o in cpu.hot_cache.values()))
+    assert cpu.allocator.num_active_allocations == 2
+    out = sm.batched_get(keys)
     check_and_release(out, range(2))
 
 

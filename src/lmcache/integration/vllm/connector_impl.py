@@ -9,7 +9,8 @@ from typing import Any
 
 from lmcache.distributed.lookup.client import LookupClient
 from lmcache.distributed.lookup.protocol import lookup_address
-from lmcache.integration.vllm.engine_builder import compose_from_vllm, layout_from_vllm, metadata_from_vllm
+from lmcache.integration.vllm.engine_builder import (compose_from_vllm, layout_from_vllm, metadata_from_vllm,
+                                                     probe_cpu_page_map)
 from lmcache.integration.vllm.planner import ConnectorPlanner
 from lmcache.integration.vllm.specs import LMCacheConnectorMetadata
 
@@ -142,8 +143,14 @@ class LMCacheConnectorV1Impl:
         names = sorted(kv_caches, key=extract_layer_index)
         tensors = [kv_caches[n] for n in names]
         model_config = self._vllm_config.model_config
-        layout = layout_from_vllm(tensors[0], model_config.get_head_size(), bool(model_config.use_mla),
-                                  current_platform.is_cpu())
+        use_mla, is_cpu = bool(model_config.use_mla), current_platform.is_cpu()
+        page_map = None
+        if is_cpu and not use_mla:
+            page_map = probe_cpu_page_map(tensors[0].shape[2], model_config.get_head_size(), tensors[0].dtype,
+                                          self._cpu_attention_isa(names[0], tensors[0]))
+        layout = layout_from_vllm(tensors[0], model_config.get_head_size(), use_mla, is_cpu, page_map)
+        if layout.kind == "mla" and tensors[0].dim() == 4:
+            tensors = [t.squeeze(1) for t in tensors]  # [B, 1, N, C] → [B, N, C]
         rank = get_tensor_model_parallel_rank()
         metadata = metadata_from_vllm(self._vllm_config, tensors, layout, self.chunk_size, rank)
         self.container = build_worker_container(self.cfg, metadata, layout)
@@ -165,6 +172,19 @@ class LMCacheConnectorV1Impl:
         atexit.register(self.shutdown)
         logger.info("lmcache worker %d ready: %s, layout %s%s, lookup at %s", rank, metadata, layout.kind,
                     ", layerwise" if engine.is_layerwise else "", self.lookup_server.address)
+
+    def _cpu_attention_isa(self, layer_name: str, kv_cache) -> str:
+        """The ISA vLLM's CPU attention chose for ``layer_name`` (set on the layer by its metadata
+        builder; recomputed with vLLM's own rule when absent)."""
+        layer = self._vllm_config.compilation_config.static_forward_context.get(layer_name)
+        isa = getattr(layer, "isa", None)
+        if isa is None:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            isa = _get_attn_isa(self._vllm_config.model_config.dtype, kv_cache.shape[2],
+                                self._vllm_config.model_config.get_head_size(),
+                                self._vllm_config.cache_config.cache_dtype)
+        return isa
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
         if self.worker is not None:

@@ -95,11 +95,12 @@ class LMCacheEngine:
         store_location = kwargs.get("store_location")  # only that tier is checked and written
         where = None if store_location is None else [store_location]
         keys, objs, starts, ends = [], [], [], []
-        skipped = failed = 0
-        for start, end, key in chunks:
-            if self.storage_manager.contains_prefix([key], retrieve_locations=where) == 1:
-                skipped += end - start
-                continue
+        failed = 0
+        # One batched query (one round trip per tier): the chained hash makes the cached chunks
+        # a prefix; a chunk after the first miss is stored again (a put replaces it).
+        present = self.storage_manager.contains_prefix([k for _, _, k in chunks], retrieve_locations=where)
+        skipped = sum(end - start for start, end, _ in chunks[:present])
+        for start, end, key in chunks[present:]:
             obj = self.storage_manager.allocate(
                 self.gpu_connector.get_shape(end - start), self.metadata.kv_dtype, self.fmt)
             if obj is None:

@@ -77,3 +77,10 @@ def test_configuration_error_exits_2_naming_the_key(tmp_path, model_cache):
                    f"documents.max_tokens={DOC_TOKENS}")
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert "configuration error: documents.count=99" in proc.stderr
+
+
+def test_lmcache_configuration_error_exits_2_before_any_engine_starts(tmp_path, model_cache):
+    proc = run_app(tmp_path, model_cache, "+lmcache.extra_config.chunk_sise=128")
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "unknown LMCache config key 'chunk_sise'" in proc.stderr and "chunk_size" in proc.stderr
+    assert "without_lmcache" not in proc.stdout  # no pass ran

@@ -68,6 +68,7 @@ def kv_transfer_fields(cfg: DictConfig) -> dict[str, Any]:
     return {"kv_connector": str(lm.kv_connector),
             "kv_connector_module_path": str(lm.kv_connector_module_path),
             "kv_role": str(lm.kv_role),
+            "kv_load_failure_policy": str(lm.kv_load_failure_policy),
             "kv_connector_extra_config": extra}
 
 
@@ -129,6 +130,11 @@ def run_experiment(cfg: DictConfig, output_dir: str | os.PathLike) -> int:
 
     console = Console()
     os.environ["VLLM_LOGGING_LEVEL"] = str(cfg.vllm_logging_level)
+    if "with_lmcache" in cfg.passes:
+        # Fail fast, before any engine starts, on a bad lmcache configuration (exit 2).
+        from lmcache.integration.vllm.engine_builder import compose_from_vllm
+
+        compose_from_vllm(kv_transfer_fields(cfg)["kv_connector_extra_config"])
     model = prepare_model(cfg)
     docs, requests = make_requests(cfg, model)
     console.print(f"model [bold]{model}[/]; {len(docs)} documents "

@@ -107,12 +107,14 @@ def _is_allocator_backend(tier: Any) -> bool:
 def build_tiers(nodes: Mapping[str, Any] | DictConfig | None, **shared: Any) -> list:
     """Build the ordered storage tiers (``storage.backends``, in list order).
 
-    The first tier that can allocate (the LocalCPUBackend) becomes the
-    ``allocator_backend`` offered to the tiers after it. If a tier fails to build, the
-    tiers already built are closed before the error propagates.
+    The first tier must be able to allocate (the LocalCPUBackend): it becomes the
+    ``allocator_backend`` offered to the tiers after it (unless one is passed in
+    ``shared``). If a tier fails to build, the tiers already built are closed before the
+    error propagates.
 
     Raises:
-        ValueError: no tier; errors of :func:`build`.
+        ValueError: no tier; the first tier cannot allocate (e.g. ``[local_disk,local_cpu]``:
+            local_cpu must come first); errors of :func:`build`.
     """
     nodes = _plain(nodes)
     if not nodes:
@@ -120,11 +122,16 @@ def build_tiers(nodes: Mapping[str, Any] | DictConfig | None, **shared: Any) -> 
     tiers: list = []
     allocator_backend = shared.pop("allocator_backend", None)
     try:
-        for node in nodes.values():
+        for name, node in nodes.items():
             tier = build(node, allocator_backend=allocator_backend, **shared)
+            tiers.append(tier)
             if allocator_backend is None and _is_allocator_backend(tier):
                 allocator_backend = tier
-            tiers.append(tier)
+            elif allocator_backend is None:
+                raise ValueError(
+                    f"storage tier {name!r} ({type(tier).__name__}) comes first in "
+                    f"storage/backends=[{','.join(nodes)}] but cannot allocate: local_cpu must "
+                    "be the first tier (the allocator backend the other tiers stage through)")
     except BaseException:
         for tier in reversed(tiers):
             _close(tier)
@@ -185,11 +192,13 @@ class WorkerContainer(containers.DeclarativeContainer):
     )
 
 
-def _config_dict(cfg: DictConfig | Mapping[str, Any]) -> dict:
-    plain = _plain(cfg)
-    if not isinstance(plain, Mapping):
+def _checked_dict(cfg: DictConfig | Mapping[str, Any], metadata: LMCacheMetadata,
+                  role: str) -> dict:
+    """``cfg`` checked (its top-level keys before anything is resolved), then resolved."""
+    if not isinstance(cfg, (DictConfig, Mapping)):
         raise TypeError(f"cfg must be a DictConfig or a mapping, got {type(cfg).__name__}")
-    return dict(plain)
+    check_config(cfg, metadata, role=role)
+    return dict(_plain(cfg))
 
 
 def build_worker_container(cfg: DictConfig | Mapping[str, Any], metadata: LMCacheMetadata,
@@ -200,8 +209,7 @@ def build_worker_container(cfg: DictConfig | Mapping[str, Any], metadata: LMCach
     Raises:
         ValueError: a cross-group invariant fails (:func:`lmcache.config.checks.check_config`).
     """
-    plain = _config_dict(cfg)
-    check_config(plain, metadata, role="worker")
+    plain = _checked_dict(cfg, metadata, "worker")
     container = WorkerContainer(metadata=metadata, layout=layout)
     container.config.from_dict(plain)
     return container
@@ -215,8 +223,7 @@ def build_scheduler_container(cfg: DictConfig | Mapping[str, Any],
     Raises:
         ValueError: chunk_size invalid or different from ``metadata``'s.
     """
-    plain = _config_dict(cfg)
-    check_config(plain, metadata, role="scheduler")
+    plain = _checked_dict(cfg, metadata, "scheduler")
     container = SchedulerContainer(metadata=metadata)
     container.config.from_dict(plain)
     return container

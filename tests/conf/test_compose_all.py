@@ -242,3 +242,26 @@ def test_other_primary_configs_compose(config_name):
     cfg = compose_config(config_name=config_name)
     assert len(cfg) > 0
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def _yaml_files(node, prefix=""):
+    for child in node.iterdir():
+        if child.is_dir():
+            yield from _yaml_files(child, f"{prefix}{child.name}/")
+        elif child.name.endswith(".yaml"):
+            yield f"{prefix}{child.name}", child.read_text()
+
+
+def test_no_config_file_selects_an_option_twice():
+    """compose_config refuses `storage/backends=[local_cpu,local_cpu]` on the command line
+    (Hydra would merge the two silently); the tree's own defaults lists must not do it."""
+    checked = 0
+    for name, text in _yaml_files(importlib.resources.files("lmcache.conf")):
+        for entry in (yaml.safe_load(text) or {}).get("defaults") or []:
+            for group, options in (entry.items() if isinstance(entry, dict) else ()):
+                if isinstance(options, list):
+                    checked += 1
+                    assert len(options) == len(set(options)), (name, group, options)
+                    if group.endswith("storage/backends"):
+                        assert options[0] == "local_cpu", (name, options)
+    assert checked >= len(DEPLOYMENTS)

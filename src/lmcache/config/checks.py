@@ -1,8 +1,15 @@
-"""Cross-group invariants of a composed config, checked before anything is built.
+"""Invariants of a composed config, checked before anything is built.
 
-Option files set compatible defaults, but a command line can combine any options;
-these checks turn a bad combination into a ValueError that names the options and
-numbers involved, instead of a failure deep inside a component.
+Option files set compatible defaults, but a command line can combine any options and give
+any value; these checks turn a bad value or a bad combination into a ValueError that names
+the key, the value and what was expected, instead of a failure deep inside a component:
+
+* every top-level LMCache key of ``conf/config.yaml`` has the right type and range
+  (:data:`TOP_LEVEL_KEYS`, one table of key → parser);
+* the tiers: at least one, ``local_cpu`` first (it is the allocator backend every other
+  tier stages through), no tier class twice, a remote tier with a ``remote_connector`` whose
+  url scheme matches it, a local_disk tier with a writable directory and a capacity;
+* the allocator holds one chunk, CacheBlend's companions are selected.
 
 An option's name is taken from its ``_target_``: the module name is the option name
 (``lmcache.token_database.segment.SegmentTokenDatabase`` → ``segment``), the
@@ -12,12 +19,34 @@ project's file-name rule.
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from lmcache.config import values as v
+from lmcache.config.remote_url import REMOTE_SCHEMES, redact, remote_connector_for
 from lmcache.metadata import LMCacheMetadata
+from lmcache.token_database.hashing import HASH_ALGORITHMS
+
+TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
+    "chunk_size": v.strict(v.positive_int, int),
+    "save_unfull_chunk": v.strict(v.boolean, bool),
+    "hash_algorithm": v.strict(v.one_of(*sorted(HASH_ALGORITHMS)), str),
+    "hash_seed": v.hash_seed,
+    "max_local_cpu_size": v.strict(v.positive_float, float),
+    "local_disk": v.strict(v.local_disk_path, str, None),
+    "max_local_disk_size": v.strict(v.non_negative_float, float),
+    "remote_url": v.strict(remote_connector_for, str, None),
+    "save_decode_cache": v.strict(v.boolean, bool),
+    "blocking_timeout_secs": v.strict(v.positive_float, float),
+    "lookup_timeout_ms": v.strict(v.positive_int, int),
+    "extra_config": v.strict(v.optional_dict, dict, None),  # set by the LMCache translation
+}
+"""Top-level LMCache key → parser of its composed value (ints pass where a number is asked)."""
 
 
 def option_name(node: Any) -> str | None:
@@ -41,42 +70,66 @@ def _plain(cfg: DictConfig | Mapping) -> dict:
     return dict(cfg)
 
 
-def check_config(
-    cfg: DictConfig | Mapping[str, Any],
-    metadata: LMCacheMetadata | None = None,
-    role: str = "worker",
-) -> None:
-    """Check the invariants that span config groups.
+def _shown(value: Any) -> Any:
+    return redact(value) if isinstance(value, str) else value
 
-    Args:
-        cfg: the composed config (resolved here).
-        metadata: the runtime facts; enables the checks that need the KV shape.
-        role: "worker" (the whole graph) or "scheduler" (token database only).
+
+def check_values(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Check every top-level LMCache key present in ``cfg`` against :data:`TOP_LEVEL_KEYS`.
+
+    A DictConfig is read key by key (only that key is resolved), so a bad value is reported
+    by its key before any option that interpolates it fails to resolve.
 
     Raises:
-        ValueError: chunk_size <= 0 or different from metadata's; a missing slot; no tier
-            or a tier class twice; the allocator smaller than one chunk; blend without the
-            segment token database, a layerwise gpu_connector or save_unfull_chunk.
+        ValueError: "config key <key>=<value>: expected ..." (a url's password masked); a
+            value whose interpolation cannot be resolved.
     """
-    if role not in ("worker", "scheduler"):
-        raise ValueError(f"role must be 'worker' or 'scheduler', got {role!r}")
-    c = _plain(cfg)
-    token_db = c.get("token_database")
-    if not isinstance(token_db, Mapping):
-        raise ValueError("config has no token_database option (e.g. token_database=chunked)")
-    chunk_size = token_db.get("chunk_size", c.get("chunk_size"))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be an integer > 0, got {chunk_size!r}")
-    if metadata is not None and metadata.chunk_size != chunk_size:
-        raise ValueError(
-            f"chunk_size={chunk_size} differs from the chunk size {metadata.chunk_size} in "
-            f"metadata.kv_shape {tuple(metadata.kv_shape)}")
-    if role == "scheduler":
-        return
+    for key, parse in TOP_LEVEL_KEYS.items():
+        if key not in cfg:
+            continue
+        try:
+            value = cfg[key]
+        except OmegaConfBaseException as e:
+            raise ValueError(f"config key {key} cannot be resolved: "
+                             f"{str(e).splitlines()[0]}") from None
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            parse(value)
+        except ValueError as e:
+            raise ValueError(f"config key {key}={_shown(value)!r}: {e}") from None
 
-    for slot in ("allocator", "gpu_connector"):
-        if not isinstance(c.get(slot), Mapping):
-            raise ValueError(f"config has no {slot} option")
+
+def check_directory(path: str, key: str = "local_disk") -> None:
+    """Check that ``path`` is a writable directory, or can be created as one.
+
+    Writability is probed by creating and removing a temporary file (``os.access`` answers
+    yes to root even on a read-only mount). Nothing is created when ``path`` is missing.
+
+    Raises:
+        ValueError: ``path`` is a file; an existing directory where no file can be created;
+            a missing path whose nearest existing parent is a file or not writable.
+    """
+    path = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{key}={path!r} is a file, expected a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{key}={path!r} cannot be created: {parent!r} is a file, "
+                         "expected a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmcache-write-check-", dir=parent)
+    except OSError as e:
+        where = "is not writable" if parent == path else f"cannot be created in {parent!r}"
+        raise ValueError(f"{key}={path!r} {where} ({e.strerror}); the local_disk tier "
+                         "writes one file per chunk there") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_tiers(c: dict) -> None:
     storage = c.get("storage") or {}
     if not isinstance(storage.get("policy"), Mapping):
         raise ValueError("config has no storage/policy option (e.g. storage/policy=lru)")
@@ -94,6 +147,90 @@ def check_config(
             raise ValueError(f"storage/backends lists the tier class {target} twice "
                              f"({seen[target]!r} and {name!r})")
         seen[target] = name
+    names = [option_name(node) for node in tiers.values()]
+    if names[0] != "local_cpu":
+        rest = [n for n in names if n != "local_cpu"]
+        raise ValueError(
+            f"storage/backends=[{','.join(tiers)}]: local_cpu must be present and the first "
+            "tier (the CPU tier is the allocator backend every other tier stages its chunks "
+            f"through); e.g. storage/backends=[{','.join(['local_cpu', *rest])}]")
+    for node in tiers.values():
+        if "local_disk" in node:
+            _check_disk_tier(node)
+    if "remote" in names:
+        _check_remote(c)
+
+
+def _check_disk_tier(node: Mapping[str, Any]) -> None:
+    path, size = node.get("local_disk"), node.get("max_local_disk_size")
+    if not isinstance(path, str) or not path.removeprefix("file://"):
+        raise ValueError(f"storage/backends has local_disk but local_disk={path!r}: give the "
+                         "tier's directory, e.g. local_disk=/path/to/dir max_local_disk_size=50")
+    if isinstance(size, (int, float)) and not isinstance(size, bool) and size <= 0:
+        raise ValueError(f"storage/backends has local_disk but max_local_disk_size={size!r} GiB: "
+                         "give the tier's capacity, e.g. max_local_disk_size=50")
+    check_directory(path, "local_disk")
+
+
+def _check_remote(c: dict) -> None:
+    connector = c.get("remote_connector")
+    if not isinstance(connector, Mapping):
+        raise ValueError("storage/backends has remote but no remote_connector is selected: "
+                         "e.g. remote_connector=valkey remote_url=valkey://host:6379")
+    url, name = connector.get("url"), option_name(connector)
+    if not isinstance(url, str) or name not in REMOTE_SCHEMES.values():
+        return  # a connector lmcache has no scheme for: it checks its own url
+    try:
+        wanted = remote_connector_for(url)
+    except ValueError as e:
+        raise ValueError(f"remote_connector={name} url {_shown(url)!r}: {e}") from None
+    if wanted != name:
+        raise ValueError(f"remote_connector={name} cannot serve the url {_shown(url)!r}, whose "
+                         f"scheme needs remote_connector={wanted}")
+
+
+def check_config(
+    cfg: DictConfig | Mapping[str, Any],
+    metadata: LMCacheMetadata | None = None,
+    role: str = "worker",
+) -> None:
+    """Check a composed config's values and the invariants that span config groups.
+
+    Args:
+        cfg: the composed config (its top-level keys checked first, then resolved here).
+        metadata: the runtime facts; enables the checks that need the KV shape.
+        role: "worker" (the whole graph) or "scheduler" (values and token database only).
+
+    Raises:
+        ValueError: a top-level key of the wrong type or range (:func:`check_values`);
+            chunk_size different from metadata's; a missing slot; no tier, ``local_cpu`` not
+            the first tier, a tier class twice; a remote tier without a matching
+            remote_connector; a local_disk tier without a writable directory
+            (:func:`check_directory`) or capacity; the allocator smaller than one chunk;
+            blend without the segment token database, a layerwise gpu_connector or
+            save_unfull_chunk.
+    """
+    if role not in ("worker", "scheduler"):
+        raise ValueError(f"role must be 'worker' or 'scheduler', got {role!r}")
+    check_values(cfg)
+    c = _plain(cfg)
+    token_db = c.get("token_database")
+    if not isinstance(token_db, Mapping):
+        raise ValueError("config has no token_database option (e.g. token_database=chunked)")
+    chunk_size = token_db.get("chunk_size", c.get("chunk_size"))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be an integer > 0, got {chunk_size!r}")
+    if metadata is not None and metadata.chunk_size != chunk_size:
+        raise ValueError(
+            f"chunk_size={chunk_size} differs from the chunk size {metadata.chunk_size} in "
+            f"metadata.kv_shape {tuple(metadata.kv_shape)}")
+    if role == "scheduler":
+        return
+
+    for slot in ("allocator", "gpu_connector"):
+        if not isinstance(c.get(slot), Mapping):
+            raise ValueError(f"config has no {slot} option")
+    _check_tiers(c)
 
     if metadata is not None:
         size = c["allocator"].get("size_bytes")

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.version import VersionBase
 from omegaconf import DictConfig, OmegaConf
 
@@ -85,6 +87,38 @@ def list_groups() -> list[str]:
     return sorted(groups)
 
 
+def check_group_lists(overrides: Sequence[str]) -> None:
+    """Refuse an override that selects an option of a multi-select group twice.
+
+    Hydra merges a multi-select group's options into one node keyed by option name, so
+    ``storage/backends=[local_cpu,local_cpu]`` would silently become one tier; the list
+    is checked here, where it is still visible (a composed config no longer shows it).
+    Overrides Hydra cannot parse are left to Hydra's own error.
+
+    Raises:
+        ValueError: a group's option list names an option twice (the message names it).
+    """
+    groups = None
+    for text in overrides:
+        try:
+            override = OverridesParser.create().parse_overrides([text])[0]
+        except OverrideParseException:
+            continue
+        if override.is_delete() or override.is_sweep_override():
+            continue
+        value = override.value()
+        if not isinstance(value, list):
+            continue
+        groups = list_groups() if groups is None else groups
+        if override.key_or_group not in groups:
+            continue
+        twice = sorted({str(x) for x in value if value.count(x) > 1})
+        if twice:
+            raise ValueError(
+                f"{text!r} selects {' and '.join(twice)} twice: {override.key_or_group} takes "
+                "each option once (Hydra would merge the copies into one, silently)")
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """Compose ``config_name`` from the ``lmcache.conf`` package with Hydra overrides.
 
@@ -101,10 +135,12 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
         hydra.errors.ConfigCompositionException / MissingConfigException:
             an override names an unknown group, option or key.
         TypeError: ``overrides`` is a single string instead of a list of strings.
+        ValueError: a multi-select group lists an option twice (:func:`check_group_lists`).
     """
     if isinstance(overrides, str):
         raise TypeError(f"overrides must be a list of strings, got the string {overrides!r}")
     overrides = [str(o) for o in overrides]
+    check_group_lists(overrides)
     register_resolvers()
     with _lock:
         saved_hydra = GlobalHydra.instance().hydra

@@ -6,9 +6,14 @@ An existing LMCache deployment keeps working: its YAML (``LMCACHE_CONFIG_FILE``)
 translated into overrides of lmcache's Hydra config (``conf/``), e.g.
 ``local_disk: file:///nvme/`` → ``storage/backends=[local_cpu,local_disk]`` ``++local_disk='/nvme/'``.
 
-Nothing is ignored silently: an unknown key, a bad value, a feature lmcache does not
-have yet (CacheBlend, P2P, PD, controller), or a known LMCache setting it does not
-support set to anything but its default is a ValueError naming the key and its source.
+An unknown key, a bad value, a feature lmcache does not have yet (CacheBlend, P2P, PD,
+controller), or a known LMCache setting it does not support set to anything but its
+default is a ValueError naming the key and its source. What is skipped is skipped with a
+warning when it looks meant for lmcache: an ``LMCACHE_*`` variable far from every key
+(another tool's, e.g. ``LMCACHE_IPC_DIR``; names in :data:`NON_CONFIG_ENV` silently), an
+extra_config key with a misspelled prefix (``lmcahce.chunk_size``, ``lmcache_chunk_size``).
+Other extra_config keys belong to others and are skipped silently. Values are taken
+literally (``${`` is not an interpolation).
 """
 
 from __future__ import annotations
@@ -16,28 +21,22 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
 from lmcache.config import values as v
 from lmcache.config.compose import list_options
+from lmcache.config.lmcache_keys import (ALIASES, FEATURES, HASH_ALGORITHMS, KNOWN_KEYS,
+                                         SUPPORTED, UNSUPPORTED_DEFAULTS)
+from lmcache.config.remote_url import REMOTE_SCHEMES, redact, remote_connector_for
+
+__all__ = ["ALIASES", "FEATURES", "HASH_ALGORITHMS", "KNOWN_KEYS", "REMOTE_SCHEMES", "SUPPORTED",
+           "UNSUPPORTED_DEFAULTS", "overrides_from_legacy"]
 
 logger = logging.getLogger(__name__)
-
-REMOTE_SCHEMES: dict[str, str] = {
-    "valkey": "valkey",
-    "redis": "valkey",
-    "valkeys": "valkey",
-    "rediss": "valkey",
-    "valkey-cluster": "valkey_cluster",
-    "redis-cluster": "valkey_cluster",
-    "fs": "fs",
-    "lm": "lm",
-    "blackhole": "blackhole",
-}
-"""``remote_url`` scheme → ``remote_connector`` option: the one table of this mapping."""
 
 EXTRA_CONFIG_PREFIX = "lmcache."
 ENV_PREFIX = "LMCACHE_"
@@ -46,70 +45,6 @@ NON_CONFIG_ENV = frozenset({
     "LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_LOGGING_LEVEL", "LMCACHE_TRACK_USAGE",
     "LMCACHE_TINY_MODEL_DIR", "LMCACHE_IPC_DIR", "LMCACHE_TEST_CACHE",
 })
-
-# Keys lmcache translates: name → (parser, LMCache default).
-SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
-    "chunk_size": (v.positive_int, 256),
-    "local_cpu": (v.boolean, True),
-    "max_local_cpu_size": (v.positive_float, 5.0),
-    "local_disk": (v.local_disk_path, None),
-    "max_local_disk_size": (v.non_negative_float, 0.0),
-    "remote_url": (v.optional_str, None),
-    "remote_serde": (v.string, "naive"),
-    "use_layerwise": (v.boolean, False),
-    "save_unfull_chunk": (v.boolean, False),
-    "save_decode_cache": (v.boolean, False),
-    "cache_policy": (v.string, "LRU"),
-    "blocking_timeout_secs": (v.positive_int, 10),
-    "lookup_timeout_ms": (v.positive_int, 3000),
-    "pre_caching_hash_algorithm": (v.string, "builtin"),
-    "extra_config": (v.optional_dict, None),
-}
-
-# Feature switches of LMCache that lmcache does not have yet: only false is accepted.
-FEATURES: dict[str, str] = {
-    "enable_blending": "CacheBlend",
-    "enable_p2p": "P2P KV-cache sharing",
-    "enable_pd": "disaggregated prefill (PD)",
-    "enable_controller": "the cache controller",
-    "enable_async_loading": "asynchronous loading",
-}
-
-# Other LMCache keys (with LMCache's defaults): accepted only at their default value.
-UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "local_cpu_use_hugepages": False, "reserve_local_cpu_size": 0.0,
-    "local_disk_path_sharding": "by_gpu",
-    "blend_recompute_ratios": None, "blend_thresholds": None, "blend_check_layers": None,
-    "blend_min_tokens": 256, "blend_special_str": " # # ",
-    "retrieve_locations": None, "store_location": None,
-    "p2p_host": None, "p2p_init_ports": None, "p2p_lookup_ports": None,
-    "lmcache_instance_id": None, "controller_pull_url": None, "controller_reply_url": None,
-    "lmcache_worker_ports": None, "lmcache_worker_ids": None,
-    "lmcache_worker_heartbeat_delay_time": 10, "lmcache_worker_heartbeat_time": None,
-    "pd_role": None, "pd_buffer_size": None, "pd_buffer_device": None, "pd_peer_host": None,
-    "pd_peer_init_port": None, "pd_peer_alloc_port": None, "pd_peer_query_port": None,
-    "pd_proxy_host": None, "pd_proxy_port": None, "transfer_channel": None,
-    "nixl_backends": None, "nixl_buffer_size": None, "nixl_buffer_device": None,
-    "gds_path": None, "gds_buffer_size": None, "audit_actual_remote_url": None,
-    "external_lookup_client": None, "py_enable_gc": True, "numa_mode": None,
-    "priority_limit": None, "min_retrieve_tokens": 0, "enable_scheduler_bypass_lookup": False,
-    "internal_api_server_enabled": False, "runtime_plugin_locations": None,
-    "storage_plugins": None, "enable_lazy_memory_allocator": False,
-    "enable_chunk_statistics": False, "enable_kv_events": False, "use_gpu_connector_v3": False,
-    "mp_host": None, "mp_port": 5555, "remote_config_url": None, "app_id": None,
-    "enable_hidden_state_cache": False,
-}
-
-ALIASES: dict[str, str] = {  # LMCache's deprecated names
-    "enable_xpyd": "enable_pd",
-    "controller_url": "controller_pull_url",
-    "lmcache_worker_port": "lmcache_worker_ports",
-}
-
-HASH_ALGORITHMS = ("builtin", "sha256_cbor")
-
-KNOWN_KEYS = frozenset(SUPPORTED) | frozenset(FEATURES) | frozenset(UNSUPPORTED_DEFAULTS)
-
 
 def overrides_from_legacy(
     yaml_path: str | os.PathLike | None,
@@ -121,10 +56,12 @@ def overrides_from_legacy(
     Sources, lowest precedence first: the YAML file ``yaml_path`` (LMCache's
     ``LMCACHE_CONFIG_FILE``; None or "" → none), ``env`` entries ``LMCACHE_<KEY>`` (the
     key upper-cased; strings parsed: "true"/"1"/"False", numbers, comma lists, JSON
-    dicts; a name far from every key, e.g. ``LMCACHE_IPC_DIR``, belongs to another tool
-    and is skipped with a warning, a near miss is an unknown-key error), then
+    dicts; a name far from every key, e.g. ``LMCACHE_BENCH_OUTPUT``, belongs to another
+    tool and is skipped with a warning, a near miss is an unknown-key error), then
     ``extra_config`` entries whose key starts with ``lmcache.`` (vLLM's
-    ``kv_connector_extra_config``; other entries belong to others and are skipped).
+    ``kv_connector_extra_config``; other entries belong to others and are skipped, with a
+    warning suggesting ``lmcache.<key>`` when the prefix looks misspelled). Every value is
+    taken literally: a ``${`` in it is text, not an interpolation.
 
     Returns:
         Overrides for :func:`lmcache.config.compose_config`, e.g.
@@ -135,14 +72,18 @@ def overrides_from_legacy(
     Raises:
         ValueError: unknown key (close matches suggested), bad value, a feature lmcache
             lacks switched on, an unsupported setting away from its default, a remote_url
-            with an unknown scheme, or an option (serde, policy...) that is not installed.
+            with an unknown scheme or without a host, an extra_config dict that Hydra
+            overrides cannot carry, or an option (serde, policy...) that is not installed.
             The message names the key, the value and where it came from.
-        FileNotFoundError: ``yaml_path`` does not exist.
+        FileNotFoundError / IsADirectoryError: ``yaml_path`` is missing or a directory
+            (the message names ``LMCACHE_CONFIG_FILE`` when the path came from it).
     """
     raw: dict[str, tuple[Any, str]] = {}
     if yaml_path:
-        for key, value in _read_yaml(yaml_path).items():
-            source = f"LMCache config file {str(yaml_path)!r}"
+        source = (f"LMCACHE_CONFIG_FILE={str(yaml_path)!r}"
+                  if str(yaml_path) == env.get("LMCACHE_CONFIG_FILE")
+                  else f"LMCache config file {str(yaml_path)!r}")
+        for key, value in _read_yaml(yaml_path, source).items():
             raw[_canonical(str(key), source)] = (value, source)
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name not in NON_CONFIG_ENV:
@@ -156,6 +97,9 @@ def overrides_from_legacy(
         if isinstance(name, str) and name.startswith(EXTRA_CONFIG_PREFIX):
             source = f"kv_connector_extra_config[{name!r}]"
             raw[_canonical(name[len(EXTRA_CONFIG_PREFIX):], source)] = (value, source)
+        elif (meant := _misspelled_prefix(name)) is not None:
+            logger.warning("ignoring kv_connector_extra_config[%r]: lmcache reads only keys "
+                           "prefixed %r; did you mean %r?", name, EXTRA_CONFIG_PREFIX, meant)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -165,19 +109,43 @@ def overrides_from_legacy(
     return _translate(values, sources)
 
 
-def _read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def _read_yaml(path: str | os.PathLike, named: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{named}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{named} is a directory, expected an LMCache YAML file")
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
-            raise ValueError(f"LMCache config file {str(path)!r} is not valid YAML: {e}") from e
+            raise ValueError(f"{named} is not valid YAML: {e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(
-            f"LMCache config file {str(path)!r} must hold a mapping of keys to values, "
-            f"got {type(data).__name__}")
+        raise ValueError(f"{named} must hold a mapping of keys to values, got "
+                         f"{type(data).__name__}")
     return data
+
+
+_PREFIXED = re.compile(r"([A-Za-z]+)([._:\-])(.+)")
+
+
+def _misspelled_prefix(name: Any) -> str | None:
+    """``lmcache.<key>`` when an extra_config key looks meant for lmcache but its prefix is
+    misspelled (``lmcahce.chunk_size``, ``LMCache.chunk_size``) or has the wrong separator
+    and a known key (``lmcache_chunk_size``); None otherwise (``lmcache_rpc_port`` is a
+    real key of other software)."""
+    match = _PREFIXED.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    prefix, sep, rest = match.groups()
+    prefix = prefix.lower()
+    if prefix != "lmcache" and not difflib.get_close_matches(prefix, ["lmcache"], cutoff=0.7):
+        return None
+    key = ALIASES.get(rest.lower(), rest.lower())
+    if sep == "." or key in KNOWN_KEYS:
+        return EXTRA_CONFIG_PREFIX + (rest if sep == "." else rest.lower())
+    return None
 
 
 def _is_other_tools_variable(key: str) -> bool:
@@ -255,15 +223,15 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
         settings.append(f"++local_disk={v.override_value(local_disk)}")
     remote_url = get("remote_url")
     if remote_url is not None:
-        scheme = remote_url.split("://", 1)[0].lower() if "://" in remote_url else ""
-        if scheme not in REMOTE_SCHEMES:
-            raise ValueError(
-                f"LMCache config key remote_url={remote_url!r} (from {src('remote_url')}): "
-                f"unknown scheme {scheme!r}; known schemes: {', '.join(sorted(REMOTE_SCHEMES))}")
+        try:
+            option = remote_connector_for(remote_url)
+        except ValueError as e:
+            raise ValueError(f"LMCache config key remote_url={redact(remote_url)!r} (from "
+                             f"{src('remote_url')}): {e}") from None
         tiers.append(_option("storage/backends", "remote", "remote_url", remote_url,
                              src("remote_url")))
-        connector = _option("remote_connector", REMOTE_SCHEMES[scheme], "remote_url",
-                            remote_url, src("remote_url"))
+        connector = _option("remote_connector", option, "remote_url", remote_url,
+                            src("remote_url"))
         groups.append(f"remote_connector={connector}")
         settings.append(f"++remote_url={v.override_value(remote_url)}")
     if tiers != ["local_cpu"]:
@@ -291,5 +259,9 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
                 "save_decode_cache", "blocking_timeout_secs", "lookup_timeout_ms",
                 "extra_config"):
         if key in values:
-            settings.append(f"++{key}={v.override_value(values[key])}")
+            try:
+                settings.append(f"++{key}={v.override_value(values[key])}")
+            except ValueError as e:
+                raise ValueError(f"LMCache config key {key}={values[key]!r} (from "
+                                 f"{src(key)}): {e}") from None
     return groups + settings

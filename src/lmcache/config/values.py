@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
@@ -145,6 +145,57 @@ def any_list(value: Any) -> list | None:
     return [value]
 
 
+_TYPE_NAMES = {bool: "a boolean (true/false)", int: "an integer", float: "a number",
+               str: "a string", dict: "a mapping", list: "a list", type(None): "null"}
+
+
+def strict(parser: Callable[[Any], Any], *types: type | None) -> Callable[[Any], Any]:
+    """A parser of an already-typed value (a composed Hydra config): ``value`` must be an
+    instance of one of ``types`` (``None`` allows null; a bool passes only where ``bool``
+    is listed, an int where ``float`` is), then ``parser(value)`` checks its range.
+
+    The returned parser raises ValueError "expected <types>, got <type> <value>"; a string
+    where another type is expected gets a hint (Hydra reads a quoted value as a string).
+    """
+    kinds = tuple(type(None) if t is None else t for t in types)
+    accepted = kinds + ((int,) if float in kinds and int not in kinds else ())
+
+    def parse(value: Any) -> Any:
+        ok = isinstance(value, accepted) and (not isinstance(value, bool) or bool in kinds)
+        if not ok:
+            expected = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in kinds)
+            hint = ("; a quoted command-line value is a string: write it unquoted"
+                    if isinstance(value, str) else "")
+            raise ValueError(f"expected {expected}, got {type(value).__name__} {value!r}{hint}")
+        return None if value is None else parser(value)
+
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    """A parser accepting exactly one of the strings ``choices``."""
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def hash_seed(value: Any) -> str | None:
+    """The NONE_HASH seed: a string (taken as is, not stripped) or None.
+
+    vLLM and LMCache seed the prefix-hash chain with a string (``PYTHONHASHSEED``); an int
+    is refused rather than guessed at, with a hint to quote it.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"expected a string or null, got the integer {value}; quote it "
+                         f"('{value}'): vLLM and LMCache seed the hash chain with a string")
+    raise ValueError(f"expected a string or null, got {type(value).__name__} {value!r}")
+
+
 def like(default: Any, value: Any) -> Any:
     """Parse ``value`` as the type of ``default`` (None default: any value, lists lenient)."""
     if isinstance(default, bool):
@@ -160,12 +211,15 @@ def like(default: Any, value: Any) -> Any:
     return value
 
 
+_BACKSLASHES_BEFORE_INTERPOLATION = re.compile(r"(\\*)\$\{")
 _BACKSLASHES_BEFORE_QUOTE = re.compile(r"(\\*)'")
 _TRAILING_BACKSLASHES = re.compile(r"(\\+)$")
 
 
 def override_value(value: Any) -> str:
-    """``value`` written in Hydra's override grammar (strings single-quoted and escaped).
+    """``value`` written in Hydra's override grammar, taken literally: strings are
+    single-quoted and escaped for Hydra, and ``${`` is escaped so that OmegaConf does not
+    read it as an interpolation (a password ``p${x}\\`` stays ``p${x}\\``).
 
     Raises:
         ValueError: a value Hydra overrides cannot carry (e.g. a non-identifier dict key).
@@ -181,6 +235,9 @@ def override_value(value: Any) -> str:
             raise ValueError(f"cannot write the non-finite number {value!r} as an override")
         return repr(value)
     if isinstance(value, str):
+        # Taken literally: OmegaConf reads "${" as an interpolation, and N backslashes
+        # before it as N/2 backslashes (an odd one escapes the "${"), so write 2N+1.
+        value = _BACKSLASHES_BEFORE_INTERPOLATION.sub(lambda m: m.group(1) * 2 + "\\${", value)
         # Hydra unescapes \' and a run of backslashes before a quote (2N → N).
         escaped = _BACKSLASHES_BEFORE_QUOTE.sub(lambda m: m.group(1) * 2 + "\\'", value)
         escaped = _TRAILING_BACKSLASHES.sub(lambda m: m.group(1) * 2, escaped)

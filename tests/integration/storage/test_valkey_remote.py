@@ -144,11 +144,17 @@ def test_stalled_server_costs_a_miss_not_a_hang(valkey_server, make_remote, put_
     pid = valkey_server._process.pid
     os.kill(pid, signal.SIGSTOP)  # the server stops answering (as a hung or very slow one)
     try:
+        assert eventually(lambda: process_state(pid) == "T")  # the signal takes effect first
         assert fetch(remote, 1) is None
         assert remote.batched_contains([chunk_key(1)]) == 0
-        with open(f"/proc/{pid}/stat") as f:  # we returned while the server was still stalled
-            assert f.read().split(") ")[1][0] == "T"
+        assert process_state(pid) == "T"  # we returned while the server was still stalled
     finally:
         os.kill(pid, signal.SIGCONT)
     assert eventually(lambda: fetch(remote, 1) is not None)
     assert torch.equal(fetch(remote, 1), ref[1])
+
+
+def process_state(pid: int) -> str:
+    """The state letter of ``pid`` from /proc (T = stopped)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0]

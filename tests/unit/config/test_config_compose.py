@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 
 from lmcache.config import compose_config, list_groups, list_options
@@ -50,6 +50,24 @@ def test_tier_order_is_list_order():
     assert list(cfg.storage.backends) == ["local_disk", "local_cpu"]
     cfg = compose_config(["storage/backends=[local_cpu,local_disk]", "local_disk=/x"])
     assert list(cfg.storage.backends) == ["local_cpu", "local_disk"]
+
+
+@pytest.mark.parametrize(("override", "twice"), [
+    ("storage/backends=[local_cpu,local_cpu]", "local_cpu"),
+    ("+storage/backends=[local_cpu,remote,remote]", "remote"),
+    ("storage/backends=[local_cpu,local_disk,local_cpu,local_disk]", "local_cpu and local_disk"),
+])
+def test_an_option_selected_twice_is_an_error_naming_it(override, twice):
+    with pytest.raises(ValueError) as err:
+        compose_config([override])
+    group = "storage/backends"
+    assert str(err.value) == (f"{override!r} selects {twice} twice: {group} takes each option "
+                              "once (Hydra would merge the copies into one, silently)")
+    # without the check Hydra composes one tier: what the error prevents
+    cfg = compose_config(["storage/backends=[local_cpu,local_disk]"])
+    assert list(cfg.storage.backends) == ["local_cpu", "local_disk"]
+    with pytest.raises(OverrideParseException):  # a bad override is still Hydra's error
+        compose_config(["storage/backends=[local_cpu,"])
 
 
 def test_deployment_wins_over_defaults_and_command_line_wins_over_deployment():

@@ -6,7 +6,9 @@ import math
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
+from lmcache.config import compose_config
 from lmcache.config import values as v
 
 
@@ -59,3 +61,50 @@ def test_parsers():
 def test_parser_errors_say_what_was_expected(parser, value, message):
     with pytest.raises(ValueError, match=message):
         parser(value)
+
+
+LITERALS = ["/tmp/${oops}", "p${x}\\", "a\\${x}", "a\\\\${x}", "ab${cd", "$${x}", "${a}${b}",
+            "${oc.env:HOME}", "x\\'${y}'\\", "c:\\dir\\${x}\\", "}${", "plain\\path"]
+
+
+@pytest.mark.parametrize("text", LITERALS)
+def test_override_value_is_taken_literally_not_interpolated(text):
+    url = f"valkey://user:{text}@cache:6379"
+    cfg = compose_config(["storage/backends=[local_cpu,remote]", "remote_connector=valkey",
+                          f"remote_url={v.override_value(url)}",
+                          f"++extra_config={v.override_value({'note': text, 'items': [text]})}"])
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["remote_url"] == url
+    assert resolved["remote_connector"]["url"] == url  # through the option's ${remote_url}
+    assert resolved["extra_config"] == {"note": text, "items": [text]}
+
+
+def test_strict_parsers_check_the_type_then_the_range():
+    number = v.strict(v.positive_float, float)
+    assert number(2) == 2.0 and number(0.5) == 0.5
+    with pytest.raises(ValueError, match=r"^expected a number, got bool True$"):
+        number(True)
+    with pytest.raises(ValueError, match=r"^expected a number, got str '1'; a quoted "):
+        number("1")
+    with pytest.raises(ValueError, match=r"^expected a number > 0$"):
+        number(-1)
+    flag = v.strict(v.boolean, bool)
+    assert flag(False) is False
+    with pytest.raises(ValueError, match=r"^expected a boolean \(true/false\), got int 0$"):
+        flag(0)
+    text = v.strict(v.local_disk_path, str, None)
+    assert text(None) is None and text("file:///d") == "/d"
+    with pytest.raises(ValueError, match=r"^expected a string or null, got float 1.0$"):
+        text(1.0)
+    choose = v.one_of("a", "b")
+    assert choose("b") == "b"
+    with pytest.raises(ValueError, match=r"^expected one of a, b$"):
+        choose("c")
+
+
+def test_hash_seed_is_a_string_or_null():
+    assert v.hash_seed(" 7 ") == " 7 " and v.hash_seed(None) is None and v.hash_seed("") == ""
+    with pytest.raises(ValueError, match=r"got the integer 123; quote it \('123'\)"):
+        v.hash_seed(123)
+    with pytest.raises(ValueError, match=r"^expected a string or null, got bool True$"):
+        v.hash_seed(True)

@@ -93,6 +93,24 @@ def test_build_tiers_keeps_order_and_gives_later_tiers_the_allocator_backend(tmp
         build_tiers({})
 
 
+def test_build_tiers_refuses_a_first_tier_that_cannot_allocate(tmp_path):
+    """Called directly (no check_config), a tier ahead of local_cpu would get no allocator
+    backend and fail at its first store; it is refused, and closed, at build instead."""
+    allocator = CPUMemoryAllocator(1 << 20)
+    disk = {"_target_": "lmcache.storage.backends.local_disk.LocalDiskBackend",
+            "local_disk": str(tmp_path / "disk"), "max_local_disk_size": 0.01}
+    try:
+        with pytest.raises(ValueError) as err:
+            build_tiers({"local_disk": disk, "local_cpu": LOCAL_CPU}, allocator=allocator,
+                        policy=providers.Factory(LRUCachePolicy))
+        assert str(err.value) == (
+            "storage tier 'local_disk' (LocalDiskBackend) comes first in "
+            "storage/backends=[local_disk,local_cpu] but cannot allocate: local_cpu must be the "
+            "first tier (the allocator backend the other tiers stage through)")
+    finally:
+        allocator.close()
+
+
 def test_worker_container_wires_one_allocator_and_a_policy_per_tier(tmp_path):
     container = build_worker_container(
         small_cfg(tmp_path, "storage/backends=[local_cpu,local_disk]", "storage/policy=fifo"),

@@ -100,10 +100,67 @@ def test_env_names_of_other_tools_are_skipped_with_a_warning(caplog):
     assert "LMCACHE_BENCH_OUTPUT" in caplog.text and "LMCACHE_IPC_DIR" not in caplog.text
 
 
-def test_extra_config_only_reads_the_lmcache_prefix():
+def test_extra_config_only_reads_the_lmcache_prefix(caplog):
     extra = {"lmcache.use_layerwise": False, "lmcache.lookup_timeout_ms": "500",
              "discard_partial_chunks": True, "lmcache_rpc_port": 5}
-    assert overrides_from_legacy(None, {}, extra) == ["++lookup_timeout_ms=500"]
+    with caplog.at_level("WARNING", logger="lmcache.config.legacy"):
+        assert overrides_from_legacy(None, {}, extra) == ["++lookup_timeout_ms=500"]
+    assert caplog.records == []  # other software's keys pass without a word
+
+
+@pytest.mark.parametrize(("key", "meant"), [
+    ("lmcahce.chunk_size", "lmcache.chunk_size"), ("lmcache_chunk_size", "lmcache.chunk_size"),
+    ("LMCache.chunk_size", "lmcache.chunk_size"), ("LMCACHE_CHUNK_SIZE", "lmcache.chunk_size"),
+    ("lmcache-local-disk", None), ("lmcach.anything", "lmcache.anything"),
+])
+def test_misspelled_extra_config_prefix_is_a_warning_naming_key_and_fix(caplog, key, meant):
+    with caplog.at_level("WARNING", logger="lmcache.config.legacy"):
+        assert overrides_from_legacy(None, {}, {key: 512}) == []
+    if meant is None:  # "local-disk" is no LMCache key: nothing to suggest
+        assert caplog.records == []
+        return
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ignoring kv_connector_extra_config[{key!r}]: lmcache reads only keys prefixed "
+        f"'lmcache.'; did you mean {meant!r}?"]
+
+
+def test_extra_config_dict_key_error_names_the_key_and_the_source():
+    with pytest.raises(ValueError) as err:
+        overrides_from_legacy(None, {}, {"lmcache.extra_config": {"a.b": 1}})
+    assert str(err.value) == (
+        "LMCache config key extra_config={'a.b': 1} (from kv_connector_extra_config"
+        "['lmcache.extra_config']): cannot write the dict key 'a.b' as an override "
+        "(expected letters, digits, '_' or '-')")
+
+
+@pytest.mark.parametrize(("url", "shown", "expected"), [
+    ("valkey://", "valkey://", "valkey://[user[:password]@]host:port[/db]"),
+    ("redis://:pw@:6379/0", "redis://:***@:6379/0", "valkey://[user[:password]@]host:port[/db]"),
+    ("valkey-cluster://h1:7000,", "valkey-cluster://h1:7000,",
+     "valkey-cluster://[user[:password]@]host1:port1,host2:port2,..."),
+    ("lm://:9000", "lm://:9000", "lm://host:port"),
+])
+def test_remote_url_without_host_is_an_error_naming_it(url, shown, expected):
+    with pytest.raises(ValueError) as err:
+        overrides_from_legacy(None, {"LMCACHE_REMOTE_URL": url}, {})
+    assert str(err.value) == (f"LMCache config key remote_url={shown!r} (from environment "
+                              f"variable LMCACHE_REMOTE_URL): the url has no host; expected "
+                              f"{expected}")
+    with pytest.raises(ValueError, match=r"the url has no directory; expected fs:///path/to/dir"):
+        overrides_from_legacy(None, {}, {"lmcache.remote_url": "fs://"})
+
+
+def test_values_are_taken_literally(tmp_path):
+    password = "p${x}a\\b\\"  # p${x}a\b\ : an interpolation and backslashes, end included
+    url = f"valkey://user:{password}@cache:6379"
+    path = write_yaml(tmp_path, f"local_disk: '{tmp_path}/${{oops}}'\nmax_local_disk_size: 1\n")
+    overrides = overrides_from_legacy(path, {"LMCACHE_REMOTE_URL": url},
+                                      {"lmcache.extra_config": {"token": password}})
+    cfg = OmegaConf.to_container(compose_config(overrides), resolve=True)
+    assert cfg["remote_url"] == url and cfg["remote_connector"]["url"] == url
+    assert cfg["local_disk"] == f"{tmp_path}/${{oops}}"
+    assert cfg["storage"]["backends"]["local_disk"]["local_disk"] == f"{tmp_path}/${{oops}}"
+    assert cfg["extra_config"] == {"token": password}
 
 
 @pytest.mark.parametrize(("source", "key"), [
@@ -148,6 +205,22 @@ def test_bad_yaml_types_are_errors(tmp_path):
         overrides_from_legacy(write_yaml(tmp_path, "- a\n- b\n"), {}, {})
     with pytest.raises(FileNotFoundError):
         overrides_from_legacy(str(tmp_path / "missing.yaml"), {}, {})
+
+
+def test_missing_config_file_names_the_variable_and_the_path(tmp_path):
+    missing = str(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError) as err:
+        overrides_from_legacy(missing, {"LMCACHE_CONFIG_FILE": missing}, {})
+    assert str(err.value) == f"LMCACHE_CONFIG_FILE={missing!r}: no such file"
+    with pytest.raises(IsADirectoryError) as err:
+        overrides_from_legacy(str(tmp_path), {"LMCACHE_CONFIG_FILE": str(tmp_path)}, {})
+    assert str(err.value) == (f"LMCACHE_CONFIG_FILE={str(tmp_path)!r} is a directory, expected "
+                              "an LMCache YAML file")
+    path = write_yaml(tmp_path, "chunk_size: many\n")
+    with pytest.raises(ValueError) as err:
+        overrides_from_legacy(path, {"LMCACHE_CONFIG_FILE": path}, {})
+    assert str(err.value) == (f"LMCache config key chunk_size='many' (from "
+                              f"LMCACHE_CONFIG_FILE={path!r}): expected an integer")
 
 
 def test_local_disk_needs_a_size():

@@ -51,8 +51,10 @@ class ConnectorWorker:
     def _load_one(self, req: ReqMeta) -> None:
         tokens, token_mask, slots = self.load_args(req)
         try:
+            # lookup_id: the chunks this request's lookup pinned or prefetched are taken from there
+            # (and released at the end), so a slower tier is not read twice.
             ret_mask = self.engine.retrieve(tokens, token_mask, kvcaches=self.kv_caches, slot_mapping=slots,
-                                            request_configs=req.request_configs)
+                                            request_configs=req.request_configs, lookup_id=req.req_id)
         except Exception:
             logger.exception("retrieve for request %s failed; vLLM will recompute", req.req_id)
             ret_mask = None

@@ -222,3 +222,38 @@ def test_policy_instance_is_not_shared_and_bad_arguments(cpu, tmp_path):
     with pytest.raises(ValueError, match="num_writers"):
         LocalDiskBackend(cpu, policy, local_disk=str(tmp_path), max_local_disk_size=1,
                          num_writers=0)
+
+
+def test_tensor_parallel_ranks_keep_their_own_files(tmp_path):
+    """Rank 1 started on rank 0's directory neither indexes, counts nor evicts rank 0's files."""
+    from lmcache.memory.cpu import CPUMemoryAllocator
+    from lmcache.metadata import LMCacheMetadata
+    from lmcache.storage.backends.local_cpu import LocalCPUBackend
+    from lmcache.storage.backends.local_disk import LocalDiskBackend
+    from lmcache.storage.policy.lru import LRUCachePolicy
+
+    allocator = CPUMemoryAllocator(1 << 20)
+    cpu = LocalCPUBackend(allocator, LRUCachePolicy())
+    tiers = []
+    for rank in (0, 1):
+        meta = LMCacheMetadata("m", 2, rank, torch.float32, (1, 2, 4, 1, 2))
+        tiers.append(LocalDiskBackend(cpu, LRUCachePolicy(), str(tmp_path), 0.001, metadata=meta))
+    assert [t.path for t in tiers] == [str(tmp_path / "rank0of2"), str(tmp_path / "rank1of2")]
+    from lmcache.keys import CacheEngineKey
+    from lmcache.memory.memory_format import MemoryFormat
+
+    key = CacheEngineKey("m", 2, 0, 123, torch.float32)
+    obj = allocator.allocate((2, 1, 4, 2), torch.float32, MemoryFormat.KV_2LTD)
+    obj.tensor.copy_(torch.arange(16.0).view(2, 1, 4, 2))
+    tiers[0].put(key, obj)
+    obj.ref_count_down()
+    tiers[0].flush(10)
+    restarted = LocalDiskBackend(cpu, LRUCachePolicy(), str(tmp_path), 0.001,
+                                 metadata=LMCacheMetadata("m", 2, 1, torch.float32, (1, 2, 4, 1, 2)))
+    assert tiers[0].contains(key) and not tiers[1].contains(key) and not restarted.contains(key)
+    assert len(os.listdir(tmp_path / "rank0of2")) == 1 and os.listdir(tmp_path / "rank1of2") == []
+    restarted.close()
+    for t in tiers:
+        t.close()
+    cpu.close()
+    allocator.close()

@@ -14,6 +14,7 @@ import torch
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
+from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating
 from lmcache.storage.backends import disk_files
 from lmcache.storage.backends.base import StorageBackendInterface
@@ -48,6 +49,8 @@ class LocalDiskBackend(StorageBackendInterface):
         num_writers / num_readers: threads writing / reading files, >= 1.
         max_pending_writes: writes queued at most; further puts are dropped (counted).
         disk_full_retry_secs: seconds between free-space checks while the disk is full.
+        metadata: this worker's LMCacheMetadata; with world_size > 1 the tier lives in
+            ``<local_disk>/rank<worker_id>of<world_size>`` so ranks never share files or quota.
 
     Raises:
         ValueError: missing directory, non-positive size or thread counts.
@@ -64,6 +67,7 @@ class LocalDiskBackend(StorageBackendInterface):
         num_readers: int = 4,
         max_pending_writes: int = 64,
         disk_full_retry_secs: float = 5.0,
+        metadata: Optional[LMCacheMetadata] = None,
     ) -> None:
         if not isinstance(local_disk, str) or not local_disk:
             raise ValueError(f"local_disk must be a directory path, got {local_disk!r}")
@@ -76,6 +80,10 @@ class LocalDiskBackend(StorageBackendInterface):
             )
         self.name = "LocalDiskBackend"
         self.path = os.path.abspath(local_disk.removeprefix("file://"))
+        if metadata is not None and metadata.world_size > 1:
+            # Each tensor-parallel rank keeps its own files, index and quota: a rank never
+            # counts, evicts or serves another rank's shard of the KV.
+            self.path = os.path.join(self.path, f"rank{metadata.worker_id}of{metadata.world_size}")
         os.makedirs(self.path, exist_ok=True)
         self.allocator_backend = allocator_backend
         self.policy = type(policy)()

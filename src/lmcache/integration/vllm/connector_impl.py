@@ -72,6 +72,9 @@ class LMCacheConnectorV1Impl:
         self.layerwise_worker = None  # the worker, when the engine's gpu_connector is layerwise
         self.lookup_server = None
         if is_scheduler:
+            from lmcache.config.checks import check_config
+
+            check_config(self.cfg, role="scheduler")  # bad values fail at start, not at first use
             self.planner = ConnectorPlanner(self.chunk_size, self.block_size, self.kv_role,
                                             bool(self.cfg.get("save_decode_cache", False)))
             timeout_ms = int(self.cfg.get("lookup_timeout_ms", 3000))

@@ -135,3 +135,25 @@ class KVCacheLayout:
                 f"layout {self.kind} needs the last dim contiguous"
                 + (" and each [N, 2D] page contiguous" if self.kind == "cpu_packed" else "")
             )
+
+
+def check_layer_tensors(kvcaches, layout: KVCacheLayout, kv_shape: tuple, dtype: torch.dtype) -> None:
+    """Check a list of per-layer paged tensors against ``layout``: ``num_layers`` of them, each of
+    the layout's shape and ``dtype``, all with the same number of blocks. ``kv_shape`` is
+    LMCacheMetadata's (its first entry is the number of layers).
+
+    Raises:
+        ValueError: naming the offending layer, its shape/dtype and what was expected.
+    """
+    if len(kvcaches) != kv_shape[0]:
+        raise ValueError(f"kvcaches has {len(kvcaches)} layers, metadata kv_shape {tuple(kv_shape)} "
+                         f"has {kv_shape[0]}")
+    blocks = layout.num_blocks(kvcaches[0])
+    for i, tensor in enumerate(kvcaches):
+        try:
+            layout.check_tensor(tensor, dtype)
+        except ValueError as err:
+            raise ValueError(f"kvcaches[{i}]: {err}") from None
+        if layout.num_blocks(tensor) != blocks:
+            raise ValueError(f"kvcaches[{i}] has shape {tuple(tensor.shape)}: "
+                             f"{layout.num_blocks(tensor)} blocks, kvcaches[0] has {blocks}")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from lmcache.gpu_connector.base import GPUConnectorInterface, _check_batch
-from lmcache.gpu_connector.kv_layout import KVCacheLayout
+from lmcache.gpu_connector.kv_layout import KVCacheLayout, check_layer_tensors
 from lmcache.gpu_connector.kv_transfer import gather_kv, kv_out_shape, scatter_kv
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
@@ -67,22 +67,7 @@ class TorchPagedMemGPUConnector(GPUConnectorInterface):
             TypeError / ValueError: naming the offending layer's shape/dtype and the expected.
         """
         super().validate_kvcaches(kvcaches)
-        if len(kvcaches) != self.metadata.num_layers:
-            raise ValueError(
-                f"kvcaches has {len(kvcaches)} layers, metadata kv_shape "
-                f"{self.metadata.kv_shape} has {self.metadata.num_layers}"
-            )
-        blocks = self.layout.num_blocks(kvcaches[0])
-        for i, tensor in enumerate(kvcaches):
-            try:
-                self.layout.check_tensor(tensor, self.metadata.kv_dtype)
-            except ValueError as err:
-                raise ValueError(f"kvcaches[{i}]: {err}") from None
-            if self.layout.num_blocks(tensor) != blocks:
-                raise ValueError(
-                    f"kvcaches[{i}] has shape {tuple(tensor.shape)}: "
-                    f"{self.layout.num_blocks(tensor)} blocks, kvcaches[0] has {blocks}"
-                )
+        check_layer_tensors(kvcaches, self.layout, self.metadata.kv_shape, self.metadata.kv_dtype)
 
     # ---- transfers --------------------------------------------------------------------
     def from_gpu(self, memory_obj: MemoryObj, start: int, end: int, **kwargs) -> None:

@@ -37,7 +37,7 @@ import torch
 
 from lmcache.gpu_connector.base import GPUConnectorInterface
 from lmcache.gpu_connector.cupy_kernels import TransferHandle, launch_transfer
-from lmcache.gpu_connector.kv_layout import KVCacheLayout
+from lmcache.gpu_connector.kv_layout import KVCacheLayout, check_layer_tensors
 from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
 from lmcache.gpu_connector.vllm_paged import CopyStreams, _slot_kwargs, resolve_backend
 from lmcache.memory.memory_format import MemoryFormat
@@ -107,19 +107,7 @@ class VLLMPagedMemLayerwiseGPUConnector(GPUConnectorInterface):
     def validate_kvcaches(self, kvcaches: object) -> None:
         """One tensor per layer, each of the layout's shape, ``kv_dtype`` and block count."""
         super().validate_kvcaches(kvcaches)
-        if len(kvcaches) != self.metadata.num_layers:
-            raise ValueError(
-                f"kvcaches has {len(kvcaches)} layers, metadata has {self.metadata.num_layers}"
-            )
-        blocks = self.layout.num_blocks(kvcaches[0])
-        for i, tensor in enumerate(kvcaches):
-            try:
-                self.layout.check_tensor(tensor, self.metadata.kv_dtype)
-            except ValueError as err:
-                raise ValueError(f"kvcaches[{i}]: {err}") from None
-            if self.layout.num_blocks(tensor) != blocks:
-                raise ValueError(f"kvcaches[{i}] has {self.layout.num_blocks(tensor)} blocks, "
-                                 f"kvcaches[0] has {blocks}")
+        check_layer_tensors(kvcaches, self.layout, self.metadata.kv_shape, self.metadata.kv_dtype)
 
     def synchronize(self) -> None:
         """Wait until every copy this connector enqueued finished."""

@@ -124,9 +124,10 @@ def test_lookup_unpin_releases_an_unused_prefetch(rig):
     assert rig.sm.num_prefetches == 1
     rig.engine.lookup_unpin("req-2")
     assert rig.sm.num_prefetches == 0 and not rig.disk._pins
-    rig.disk.close()  # waits for the reads in flight
-    # each read was written back into the CPU tier, which alone holds it now (evictable)
-    assert rig.allocator.num_active_allocations == len(rig.cpu) == 3
+    rig.disk.close()  # waits for the reads in flight (a read not yet started may be dropped)
+    # what arrived was written back into the CPU tier, which alone holds it now (evictable);
+    # nothing else stays allocated
+    assert rig.allocator.num_active_allocations == len(rig.cpu) <= 3
     assert all(o.can_evict for o in rig.cpu.hot_cache.values())
 
 

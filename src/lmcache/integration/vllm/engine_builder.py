@@ -18,18 +18,31 @@ from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata
 
 
+OVERRIDES_KEY = "lmcache.overrides"
+
+
 def compose_from_vllm(extra_config: Mapping[str, Any] | None):
     """The lmcache configuration (a DictConfig) for a vLLM deployment.
 
+    ``kv_connector_extra_config`` may also carry lmcache's own Hydra overrides under
+    ``"lmcache.overrides"`` (a list of strings, e.g. ``["deployment=cpu_disk",
+    "local_disk=/nvme/kv"]``); they are applied after the LMCache keys, so they win.
+
     Raises:
-        ValueError: an unknown or invalid key in any of the three sources (the message names it).
+        ValueError: an unknown or invalid key in any of the sources (the message names it), or
+            ``lmcache.overrides`` that is not a list of strings.
     """
     from lmcache.config.compose import compose_config
     from lmcache.config.legacy import overrides_from_legacy
 
-    overrides = overrides_from_legacy(os.environ.get("LMCACHE_CONFIG_FILE"), os.environ,
-                                      dict(extra_config or {}))
-    return compose_config(overrides)
+    extra = dict(extra_config or {})
+    native = extra.pop(OVERRIDES_KEY, None) or []
+    if isinstance(native, str):
+        native = [native]
+    if not isinstance(native, (list, tuple)) or not all(isinstance(o, str) for o in native):
+        raise ValueError(f"{OVERRIDES_KEY} must be a list of Hydra override strings, got {native!r}")
+    overrides = overrides_from_legacy(os.environ.get("LMCACHE_CONFIG_FILE"), os.environ, extra)
+    return compose_config([*overrides, *native])
 
 
 def probe_cpu_page_map(block_size: int, head_size: int, dtype: torch.dtype, isa: str,

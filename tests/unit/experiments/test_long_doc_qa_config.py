@@ -35,7 +35,7 @@ def test_kv_transfer_fields_prefix_extra_keys():
     assert kv["kv_role"] == "kv_both" and kv["kv_load_failure_policy"] == "recompute"
     assert kv["kv_connector_extra_config"] == {
         "lmcache.chunk_size": 64, "lmcache.local_cpu": True, "lmcache.max_local_cpu_size": 1.0,
-        "lmcache.save_unfull_chunk": True}
+        "lmcache.overrides": [], "lmcache.save_unfull_chunk": True}
 
 
 def _encode(text):

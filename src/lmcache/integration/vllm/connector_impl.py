@@ -85,6 +85,8 @@ class LMCacheConnectorV1Impl:
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        """Scheduler: tokens vLLM may take from lmcache beyond its own ``num_computed_tokens``
+        (lookup over ZMQ, pins held until the request's load); never asynchronous (False)."""
         if self.kv_role == "kv_producer":
             return 0, False
         tokens = list(request.all_token_ids)
@@ -93,10 +95,12 @@ class LMCacheConnectorV1Impl:
         return need, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        """Scheduler: vLLM allocated blocks; ``num_external_tokens`` > 0 turns the lookup into a load."""
         self._requests[request.request_id] = request
         self.planner.on_alloc(request.request_id, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output) -> LMCacheConnectorMetadata:
+        """Scheduler: this step's LoadSpec/SaveSpec per request (ReqMeta) and the pins to release."""
         meta = LMCacheConnectorMetadata(unpin_ids=self._pending_unpins)
         self._pending_unpins = []
         for req_id in scheduler_output.finished_req_ids:
@@ -129,12 +133,20 @@ class LMCacheConnectorV1Impl:
         return meta
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        """Scheduler: a request ended; its lookup pins are released with the next step's metadata.
+        Returns (False, None): saves are synchronous, vLLM may free the blocks at once."""
         # Release lookup pins of a request that never reached a worker (aborted, rejected).
         self._pending_unpins.append(request.request_id)
         return False, None
 
     # ------------------------------------------------------------------ worker side
     def register_kv_caches(self, kv_caches: dict) -> None:
+        """Worker: build the engine for vLLM's paged KV tensors (layer name → tensor), measure the
+        CPU page order when on CPU, and start the LookupServer.
+
+        Raises:
+            ValueError: tensors that fit no known layout, or a bad lmcache configuration.
+        """
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
         from vllm.model_executor.models.utils import extract_layer_index
         from vllm.platforms import current_platform
@@ -190,10 +202,12 @@ class LMCacheConnectorV1Impl:
         return isa
 
     def start_load_kv(self, forward_context, **kwargs) -> None:
+        """Worker: run this step's loads (all layers at once, or start the layerwise ones)."""
         if self.worker is not None:
             self.worker.load(self._connector._get_connector_metadata())
 
     def wait_for_save(self) -> None:
+        """Worker: store this step's new chunks after the forward pass (or finish layerwise stores)."""
         if self.worker is not None:
             self.worker.save(self._connector._get_connector_metadata())
 
@@ -211,9 +225,11 @@ class LMCacheConnectorV1Impl:
             self.layerwise_worker.save_layer(layer_name, self._connector._get_connector_metadata())
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """Worker: ids of blocks lmcache could not deliver since the last call (vLLM recomputes them)."""
         return set() if self.worker is None else self.worker.take_invalid_block_ids()
 
     def shutdown(self) -> None:
+        """Close the lookup server/client and the component graph (idempotent; flushes tier writes)."""
         if self.lookup_server is not None:
             self.lookup_server.close()
             self.lookup_server = None

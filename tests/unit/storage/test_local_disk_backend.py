@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from lmcache.keys import CacheEngineKey
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
@@ -23,15 +22,6 @@ MODEL = "meta-llama/Llama-3.1-8B"
 
 def key(i: int) -> CacheEngineKey:
     return CacheEngineKey(MODEL, 1, 0, 0xABC000 + i, torch.bfloat16)
-
-
-@pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(4 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=4 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
 
 
 @pytest.fixture

@@ -11,30 +11,18 @@ import pytest
 import torch
 
 from lmcache.keys import CacheEngineKey
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde.naive import NaiveSerde
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.remote import RemoteBackend
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.blackhole import BlackholeConnector
 from lmcache.storage.connectors.fs import FSConnector
-from lmcache.storage.policy.lru import LRUCachePolicy
 
 SHAPE = (2, 2, 16, 32)
 
 
 def key(i: int) -> CacheEngineKey:
     return CacheEngineKey("org/model", 2, 1, 0x5EED00 + i, torch.float16)
-
-
-@pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(4 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=4 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
 
 
 @pytest.fixture

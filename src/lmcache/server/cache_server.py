@@ -1,163 +1,331 @@
-"""LMCacheServer: lmcache's own TCP cache server behind ``lm://host:port`` URLs.
+"""LMCacheServer: lmcache's TCP cache server behind ``lm://host:port`` URLs.
 
-An asyncio server that keeps opaque values in memory, bounded by ``max_size_bytes`` with
-least-recently-used eviction, and speaks the header protocol of
-:mod:`lmcache.server.protocol`. Start it with ``python -m lmcache.server HOST PORT`` or the
-``lmcache-server`` console script.
+It speaks LMCache 0.5.6's cache-server protocol (so LMCache's own ``lm://`` connector works
+against it) plus lmcache's extensions (:mod:`lmcache.server.protocol`). One thread serves each
+connection with blocking sockets: values are received straight into their final buffer and
+sent straight from the stored buffer, so a slow reader costs no copy of a value (the kernel's
+socket buffer is the only one), only its thread until the write times out.
+
+Resources are bounded: stored bytes (LRU eviction), bytes of PUT values being received at once
+(the in-flight budget: a PUT waits for room, then is drained and refused as BUSY), the size of
+one value, the number of connections (at the limit the connection idle the longest is closed
+to admit a new one; with none idle the new one is refused), idle and read timeouts (a read or
+write also ends by ``read_timeout_s + size / 1 MiB/s``), and an optional shared token.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hmac
+import ipaddress
 import logging
-from collections import OrderedDict
+import resource
+import socket
+import threading
+import time
 from typing import Optional
 
 from lmcache.server.protocol import (
+    EXT_MAGIC,
+    EXT_VERSION,
+    MAX_EXTRA_BYTES,
+    MAX_VALUE_BYTES,
     REQUEST,
-    Op,
+    Code,
+    Command,
     ProtocolError,
-    Status,
-    pack_response,
+    Request,
+    check_token,
+    is_hello,
+    pack_reply,
+    recv_exact,
+    recv_into,
+    token_of_hello,
     unpack_request,
 )
+from lmcache.server.server_metrics import ServerMetrics
+from lmcache.server.value_store import Entry, ValueStore
 
 logger = logging.getLogger(__name__)
 
+MIN_RATE_BYTES_PER_S = 1 << 20  # a value moves at least this fast, or its connection is dropped
+BUDGET_WAIT_S = 2.0  # longest wait of a PUT for in-flight budget
+SEND_CHUNK = 4 << 20
+FD_RESERVE = 16  # descriptors kept for the listener, metrics, logs
+
 
 class LMCacheServer:
-    """In-memory key → bytes store served over TCP.
+    """In-memory key → value store served over TCP.
 
     Args:
-        host: address to bind (e.g. ``127.0.0.1``).
-        port: TCP port; 0 picks a free one (read it back from :attr:`port` after start).
-        max_size_bytes: total bytes of stored values; older values are evicted (LRU) to make
-            room. > 0.
-        max_value_bytes: largest single value accepted, in bytes; larger PUTs are answered
-            TOO_LARGE (the bytes are drained, nothing is stored). > 0.
+        host: address to bind. Anything but a loopback address without ``token`` logs a warning.
+        port: TCP port; 0 picks a free one (read :attr:`port` after :meth:`start`).
+        max_size_bytes: total bytes of stored values (LRU eviction); > 0.
+        max_value_bytes: largest single value, bytes; 0 < it <= max_inflight_bytes and < 2 GiB.
+        max_inflight_bytes: bytes of PUT values being received at once; > 0.
+        max_connections: open client connections; >= 1, lowered (with a warning) to the
+            process' open-file limit minus 16.
+        idle_timeout_s: a connection with no request for this long is closed; 0 = never.
+        read_timeout_s: longest wait for the next bytes of a started message (and for the
+            HELLO of a token-protected server); > 0.
+        token: shared secret clients must present in their HELLO; None = no check.
 
     Raises:
-        ValueError: a non-positive size limit.
+        ValueError: a limit out of range, or a malformed token.
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 65432,
-        max_size_bytes: int = 4 << 30,
-        max_value_bytes: int = 1 << 30,
-    ) -> None:
-        if max_size_bytes <= 0 or max_value_bytes <= 0:
-            raise ValueError(
-                f"max_size_bytes and max_value_bytes must be > 0, got "
-                f"{max_size_bytes} and {max_value_bytes}"
-            )
-        self.host = host
-        self.port = port
-        self.max_size_bytes = int(max_size_bytes)
+    def __init__(self, host: str = "127.0.0.1", port: int = 65432,
+                 max_size_bytes: int = 4 << 30, max_value_bytes: int = 512 << 20,
+                 max_inflight_bytes: int = 1 << 30, max_connections: int = 256,
+                 idle_timeout_s: float = 600.0, read_timeout_s: float = 10.0,
+                 token: Optional[str] = None) -> None:
+        if not 0 < max_value_bytes <= min(max_inflight_bytes, MAX_VALUE_BYTES):
+            raise ValueError(f"max_value_bytes must be in 1..min(max_inflight_bytes "
+                             f"{max_inflight_bytes}, {MAX_VALUE_BYTES}), got {max_value_bytes}")
+        if max_connections < 1 or idle_timeout_s < 0 or read_timeout_s <= 0:
+            raise ValueError(f"need max_connections >= 1, idle_timeout_s >= 0, read_timeout_s "
+                             f"> 0; got {max_connections}, {idle_timeout_s}, {read_timeout_s}")
+        self.host, self.port = host, port
         self.max_value_bytes = int(max_value_bytes)
-        self._store: OrderedDict[bytes, bytes] = OrderedDict()
-        self.used_bytes = 0
-        self._server: Optional[asyncio.base_events.Server] = None
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft != resource.RLIM_INFINITY and max_connections > soft - FD_RESERVE:
+            logger.warning("max_connections %d lowered to %d: the open-file limit is %d",
+                           max_connections, max(1, soft - FD_RESERVE), soft)
+            max_connections = max(1, soft - FD_RESERVE)
+        self.max_connections = int(max_connections)
+        self.idle_timeout_s = float(idle_timeout_s)
+        self.read_timeout_s = float(read_timeout_s)
+        self._token = check_token(token)
+        self.store = ValueStore(max_size_bytes, max_inflight_bytes)
+        self._conns: dict[socket.socket, Optional[float]] = {}  # -> idle since, None if busy
+        self._lock = threading.Lock()
+        self._listener: Optional[socket.socket] = None
+        self._stopping = threading.Event()
+        self._last_refusal_log = 0.0
+        self.metrics = ServerMetrics(
+            connections=lambda: len(self._conns), stored_bytes=lambda: self.store.used_bytes,
+            stored_keys=lambda: len(self.store), inflight_bytes=lambda: self.store.inflight_bytes,
+            evictions=lambda: self.store.evictions)
 
-    async def start(self) -> None:
-        """Bind and start accepting connections; sets :attr:`port`."""
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-        logger.info("lmcache server listening on %s:%d", self.host, self.port)
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and listen (sets :attr:`port`); :meth:`serve_forever` then accepts."""
+        if self._token is None and not _is_loopback(self.host):
+            logger.warning("lm server binds %s without a token: anyone who reaches this port "
+                           "can read and write the cache (set --token-file)", self.host)
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((self.host, self.port))
+        self._listener.listen(128)
+        self.port = self._listener.getsockname()[1]
+        logger.info("lmcache server listening on %s:%d (token %s)", self.host, self.port,
+                    "required" if self._token else "off")
 
-    async def serve_forever(self) -> None:
-        """start() then serve until cancelled."""
-        if self._server is None:
-            await self.start()
-        assert self._server is not None
-        async with self._server:
-            await self._server.serve_forever()
+    def serve_forever(self) -> None:
+        """:meth:`start` if needed, then accept connections until :meth:`stop`."""
+        if self._listener is None:
+            self.start()
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except OSError as e:
+                if self._stopping.is_set():
+                    return
+                logger.warning("accept failed: %s", e)
+                time.sleep(0.05)
+                continue
+            if self._admit(conn):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                threading.Thread(target=self._serve_connection, args=(conn, peer),
+                                 daemon=True, name=f"lm-conn-{peer}").start()
 
-    # ---- storage ------------------------------------------------------------------------
-    def _put(self, key: bytes, value: bytes) -> Status:
-        if len(value) > self.max_size_bytes:
-            return Status.TOO_LARGE
-        old = self._store.pop(key, None)
-        if old is not None:
-            self.used_bytes -= len(old)
-        while self._store and self.used_bytes + len(value) > self.max_size_bytes:
-            _, victim = self._store.popitem(last=False)
-            self.used_bytes -= len(victim)
-        self._store[key] = value
-        self.used_bytes += len(value)
-        return Status.OK
+    def stop(self) -> None:
+        """Stop accepting and close every connection."""
+        self._stopping.set()
+        if self._listener is not None:
+            _shutdown(self._listener)
+            self._listener.close()
+        with self._lock:
+            for conn in list(self._conns):
+                _shutdown(conn)
 
-    def _get(self, key: bytes) -> Optional[bytes]:
-        value = self._store.get(key)
-        if value is not None:
-            self._store.move_to_end(key)
-        return value
+    # ---- connections --------------------------------------------------------------------
+    def _admit(self, conn: socket.socket) -> bool:
+        with self._lock:
+            if len(self._conns) >= self.max_connections:
+                idle = [(since, c) for c, since in self._conns.items() if since is not None]
+                if not idle:
+                    conn.close()
+                    self.metrics.refused_connections.inc()
+                    now = time.monotonic()
+                    if now - self._last_refusal_log > 10:
+                        self._last_refusal_log = now
+                        logger.warning("connection limit %d reached; refusing new connections",
+                                       self.max_connections)
+                    return False
+                victim = min(idle, key=lambda t: t[0])[1]
+                self._conns.pop(victim)
+                _shutdown(victim)  # its thread sees EOF and closes it
+                self.metrics.dropped_connections.labels("evicted").inc()
+            self._conns[conn] = time.monotonic()
+            return True
 
-    def _remove(self, key: bytes) -> bool:
-        value = self._store.pop(key, None)
-        if value is None:
-            return False
-        self.used_bytes -= len(value)
-        return True
+    def _set_idle(self, conn: socket.socket, idle: bool) -> bool:
+        """Mark ``conn`` idle/busy; False when it was evicted meanwhile."""
+        with self._lock:
+            if conn not in self._conns:
+                return False
+            self._conns[conn] = time.monotonic() if idle else None
+            return True
 
-    # ---- connection loop ----------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    def _serve_connection(self, conn: socket.socket, peer: object) -> None:
+        authed = self._token is None
+        reason: Optional[str] = None
+        header = bytearray(REQUEST.size)
+        view = memoryview(header)
         try:
-            while True:
+            while self._set_idle(conn, True):
+                wait = (self.idle_timeout_s or None) if authed else self.read_timeout_s
+                conn.settimeout(wait)
                 try:
-                    header = await reader.readexactly(REQUEST.size)
-                except asyncio.IncompleteReadError:
-                    return  # client closed between requests
-                op, key_len, value_len = unpack_request(header, self.max_value_bytes)
-                key = await reader.readexactly(key_len)
-                await self._serve_one(op, key, value_len, reader, writer)
-                await writer.drain()
+                    recv_into(conn, view[:1])
+                except TimeoutError:
+                    reason = "idle" if authed else "unauthorized"
+                    return
+                if not self._set_idle(conn, False):
+                    return
+                recv_into(conn, view[1:], step_timeout=self.read_timeout_s,
+                          deadline=time.monotonic() + self.read_timeout_s)
+                req = unpack_request(header)
+                if not authed:
+                    if not (req.command == Command.HEALTH and is_hello(req.key)):
+                        reason = "unauthorized"
+                        return
+                if req.command == Command.HEALTH and is_hello(req.key):
+                    if not self._token_ok(req.key):
+                        self._send(conn, pack_reply(Code.UNAUTHORIZED))
+                        reason = "unauthorized"
+                        return
+                    authed = True
+                self.metrics.requests.labels(req.command.name).inc()
+                self._serve_one(conn, req)
         except ProtocolError as e:
+            reason = "protocol"
             logger.warning("closing connection from %s: %s", peer, e)
-        except (asyncio.IncompleteReadError, ConnectionError) as e:
+        except TimeoutError:
+            reason = "timeout"
+        except OSError as e:  # ConnectionError included: the peer went away
             logger.debug("connection from %s lost: %r", peer, e)
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass
+            if reason is not None:
+                self.metrics.dropped_connections.labels(reason).inc()
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
 
-    async def _serve_one(
-        self,
-        op: Op,
-        key: bytes,
-        value_len: int,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        if op == Op.PUT:
-            if value_len > self.max_value_bytes:
-                await self._drain(reader, value_len)
-                writer.write(pack_response(Status.TOO_LARGE))
+    def _token_ok(self, key: bytes) -> bool:
+        if self._token is None:
+            return True
+        given = token_of_hello(key)
+        return given is not None and hmac.compare_digest(given.encode(), self._token.encode())
+
+    # ---- requests -----------------------------------------------------------------------
+    def _serve_one(self, conn: socket.socket, req: Request) -> None:
+        cmd = req.command
+        if cmd in (Command.PUT, Command.X_PUT):
+            self._put(conn, req)
+        elif cmd in (Command.GET, Command.X_GET):
+            entry = self.store.get(req.key)
+            if entry is None:
+                self.metrics.get_misses.inc()
+                self._send(conn, pack_reply(Code.FAIL))
                 return
-            value = await reader.readexactly(value_len)
-            writer.write(pack_response(self._put(key, value)))
-        elif op == Op.GET:
-            value = self._get(key)
-            if value is None:
-                writer.write(pack_response(Status.NOT_FOUND))
+            self.metrics.get_hits.inc()
+            extra = entry.extra if cmd == Command.X_GET else b""
+            self._send(conn, pack_reply(Code.SUCCESS, len(entry.data), entry.fmt, entry.dtype,
+                                        entry.shape, len(extra)) + extra)
+            self._send(conn, memoryview(entry.data))
+        elif cmd == Command.EXIST:
+            found = self.store.contains(req.key)
+            self._send(conn, pack_reply(Code.SUCCESS if found else Code.FAIL))
+        elif cmd == Command.HEALTH:
+            if is_hello(req.key):
+                self._send(conn, pack_reply(Code.SUCCESS, EXT_MAGIC, location=EXT_VERSION))
             else:
-                writer.write(pack_response(Status.OK, len(value)))
-                writer.write(value)
-        elif op == Op.EXISTS:
-            writer.write(pack_response(Status.OK if key in self._store else Status.NOT_FOUND))
-        elif op == Op.REMOVE:
-            writer.write(pack_response(Status.OK if self._remove(key) else Status.NOT_FOUND))
-        else:  # Op.PING
-            writer.write(pack_response(Status.OK))
+                self._send(conn, pack_reply(Code.SUCCESS))
+        elif cmd == Command.X_REMOVE:
+            removed = self.store.remove(req.key)
+            self._send(conn, pack_reply(Code.SUCCESS if removed else Code.FAIL))
+        # Command.LIST: LMCache's server does not answer it either
 
-    @staticmethod
-    async def _drain(reader: asyncio.StreamReader, n: int) -> None:
-        while n > 0:
-            chunk = await reader.read(min(n, 1 << 20))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", n)
-            n -= len(chunk)
+    def _put(self, conn: socket.socket, req: Request) -> None:
+        acked = req.command == Command.X_PUT
+        n_extra = req.location if acked else 0
+        if n_extra > MAX_EXTRA_BYTES:
+            raise ProtocolError(f"X_PUT with {n_extra} extra bytes (limit {MAX_EXTRA_BYTES})")
+        total = req.length + n_extra
+        deadline = time.monotonic() + self.read_timeout_s + total / MIN_RATE_BYTES_PER_S
+        if req.length > self.max_value_bytes:
+            if not acked:  # LMCache's PUT has no reply: dropping the connection is the answer
+                raise ProtocolError(f"PUT of {req.length} bytes above --max-value-mb")
+            self._refuse(conn, "too_large", total, deadline)
+            return
+        if not self.store.reserve(total, min(self.read_timeout_s, BUDGET_WAIT_S)):
+            self._refuse(conn, "busy", total, deadline, acked)
+            return
+        try:
+            extra = bytes(recv_exact(conn, n_extra, deadline=deadline,
+                                     step_timeout=self.read_timeout_s))
+            data = bytearray(req.length)
+            recv_into(conn, memoryview(data), deadline=deadline,
+                      step_timeout=self.read_timeout_s)
+        finally:
+            self.store.release(total)
+        stored = self.store.put(req.key, Entry(req.fmt, req.dtype, req.shape, extra, data))
+        if not stored:
+            self.metrics.refused_puts.labels("too_large").inc()
+        if acked:
+            self._send(conn, pack_reply(Code.SUCCESS if stored else Code.TOO_LARGE))
+
+    def _refuse(self, conn: socket.socket, reason: str, total: int, deadline: float,
+                acked: bool = True) -> None:
+        """Read and drop ``total`` bytes through a small buffer, then answer (if acked)."""
+        self.metrics.refused_puts.labels(reason).inc()
+        scratch = memoryview(bytearray(min(total, 64 << 10)))
+        left = total
+        while left > 0:
+            k = min(left, scratch.nbytes)
+            recv_into(conn, scratch[:k], deadline=deadline, step_timeout=self.read_timeout_s)
+            left -= k
+        if acked:
+            self._send(conn, pack_reply(Code.TOO_LARGE if reason == "too_large" else Code.BUSY))
+
+    def _send(self, conn: socket.socket, data: bytes | memoryview) -> None:
+        """Send all of ``data`` in pieces, each wait <= read_timeout_s, all by the deadline."""
+        view = memoryview(data).cast("B")
+        n = view.nbytes
+        deadline = time.monotonic() + self.read_timeout_s + n / MIN_RATE_BYTES_PER_S
+        sent = 0
+        while sent < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"write deadline passed after {sent} of {n} bytes")
+            conn.settimeout(min(self.read_timeout_s, left))
+            sent += conn.send(view[sent:sent + SEND_CHUNK])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,128 +1,230 @@
-"""The ``lm://`` protocol: fixed little-endian headers shared by LMCacheServer and LMConnector.
+"""The ``lm://`` wire protocol: LMCache 0.5.6's cache-server protocol, plus opt-in extensions.
 
-Every request is a 20-byte header, then the key, then the value (PUT only)::
+Source of the format: LMCache 0.5.6 ``lmcache/v1/protocol.py`` (``ClientMetaMessage``,
+``ServerMetaMessage``) and ``lmcache/v1/server/__main__.py`` (what the server answers). All
+integers are little-endian int32.
 
-    REQUEST  = struct "<4sBBHIQ": magic b"LMCQ", version 1, op, reserved 0,
-                                  key_len (uint32), value_len (uint64)
+Every request is 186 bytes (``REQUEST``), then the value (PUT only)::
 
-Every reply is a 16-byte header, then the value (GET hit, or an ERROR message)::
+    command, length, fmt, dtype code, location, shape[0..3], key (150 bytes, UTF-8, space-padded)
 
-    RESPONSE = struct "<4sBBHQ":  magic b"LMCR", version 1, status, reserved 0,
-                                  value_len (uint64)
+Every reply is 36 bytes (``REPLY``), then the value (GET hit only)::
 
-Ops: PUT 1 (store value under key), GET 2 (value or NOT_FOUND), EXISTS 3 (OK or NOT_FOUND),
-REMOVE 4 (OK or NOT_FOUND), PING 5 (OK). Status: OK 0, NOT_FOUND 1, ERROR 2 (value = UTF-8
-message), TOO_LARGE 3 (value above the server's limit; nothing stored).
+    code, length, fmt, dtype code, shape[0..3], location
 
-Keys are UTF-8 strings of 1..MAX_KEY_BYTES bytes; values are opaque to the server (the
-connector stores ``wire_format`` blobs: magic, 36-byte metadata, payload). Both sides check
-every length against their limits *before* reading the bytes it announces; a bad magic,
-version or op closes the connection. Nothing is ever unpickled.
+LMCache's commands: PUT 1 (no reply at all), GET 2, EXIST 3, LIST 4 (ignored: no reply),
+HEALTH 5. Codes: SUCCESS 200, FAIL 400. ``fmt`` is a MemoryFormat value, ``dtype`` a wire dtype
+code (the codes of LMCache's ``RemoteMetadata``), shapes are padded to 4 dims with 0. The
+server keeps fmt/dtype/shape of a PUT and hands them back on GET; ``length`` is the value size
+in bytes (so a value is < 2 GiB).
+
+lmcache extensions, used only between lmcache's connector and lmcache's server, and only after
+a HELLO that the server acknowledged (LMCache's server never sees an extension command):
+
+* HELLO: a HEALTH whose key is ``lmcache-hello@1@0@0@half`` (optionally ``@token%<token>``;
+  LMCache's server parses it as an ordinary key and answers SUCCESS). lmcache's server answers
+  SUCCESS with ``length = EXT_MAGIC`` and ``location = EXT_VERSION``, or UNAUTHORIZED (then
+  closes) when it requires a token and this one is missing or wrong.
+* X_PUT: like PUT, but ``location`` = number of *extra* bytes (0..MAX_EXTRA_BYTES, lmcache's
+  checksum) sent between the header and the value, and it is answered: SUCCESS, TOO_LARGE (value
+  above the server's limit), BUSY (in-flight byte budget exhausted); nothing is stored then.
+* X_GET: like GET; the reply's ``location`` is the number of extra bytes sent before the value
+  (0 for an entry written by an LMCache client).
+* X_REMOVE: SUCCESS when the key was deleted, FAIL when absent.
+
+A server that requires a token accepts nothing but a HELLO as the first message, so an LMCache
+client (which cannot send one) is refused. Keys are at most MAX_KEY_BYTES (LMCache's limit).
+Nothing here is ever unpickled.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
+import time
 from enum import IntEnum
+from typing import NamedTuple, Optional, Union
 
-REQUEST = struct.Struct("<4sBBHIQ")
-RESPONSE = struct.Struct("<4sBBHQ")
-REQUEST_MAGIC = b"LMCQ"
-RESPONSE_MAGIC = b"LMCR"
-VERSION = 1
-MAX_KEY_BYTES = 4096
+REQUEST = struct.Struct("<9i150s")
+REPLY = struct.Struct("<9i")
+MAX_KEY_BYTES = 150
+MAX_EXTRA_BYTES = 64
+MAX_VALUE_BYTES = (1 << 31) - 1  # ``length`` is an int32
+EXT_MAGIC = 0x4C4D4558  # b"XEML" little-endian: "LMEX"
+EXT_VERSION = 1
+HELLO_KEY = "lmcache-hello@1@0@0@half"
+TOKEN_RE = re.compile(r"[A-Za-z0-9._~+/=-]{1,100}")
+_EMPTY_SHAPE = (0, 0, 0, 0)
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 
-class Op(IntEnum):
-    """Request operations."""
+class Command(IntEnum):
+    """Request commands: LMCache's (1..5) and lmcache's extensions."""
 
     PUT = 1
     GET = 2
-    EXISTS = 3
-    REMOVE = 4
-    PING = 5
+    EXIST = 3
+    LIST = 4
+    HEALTH = 5
+    X_PUT = 0x4C4D0001
+    X_GET = 0x4C4D0002
+    X_REMOVE = 0x4C4D0003
 
 
-class Status(IntEnum):
-    """Reply statuses."""
+class Code(IntEnum):
+    """Reply codes: LMCache's SUCCESS/FAIL and lmcache's extension codes."""
 
-    OK = 0
-    NOT_FOUND = 1
-    ERROR = 2
-    TOO_LARGE = 3
+    SUCCESS = 200
+    FAIL = 400
+    UNAUTHORIZED = 401
+    TOO_LARGE = 413
+    BUSY = 503
 
 
 class ProtocolError(ValueError):
-    """Bytes that are not a valid header of this protocol."""
+    """Bytes that are not a valid message of this protocol."""
 
 
-def pack_request(op: Op, key: bytes, value_len: int = 0) -> bytes:
-    """Request header followed by the key bytes.
+class Request(NamedTuple):
+    """A parsed request header."""
+
+    command: Command
+    length: int
+    fmt: int
+    dtype: int
+    location: int
+    shape: tuple[int, int, int, int]
+    key: bytes
+
+
+class Reply(NamedTuple):
+    """A parsed reply header."""
+
+    code: Code
+    length: int
+    fmt: int
+    dtype: int
+    shape: tuple[int, int, int, int]
+    location: int
+
+
+def check_token(token: Optional[str]) -> Optional[str]:
+    """``token`` itself when None or valid (1..100 of ``A-Za-z0-9._~+/=-``).
 
     Raises:
-        ValueError: key empty or longer than MAX_KEY_BYTES, negative value_len.
+        ValueError: any other value (the message does not repeat the token).
     """
-    if not 0 < len(key) <= MAX_KEY_BYTES:
-        raise ValueError(f"key is {len(key)} bytes; expected 1..{MAX_KEY_BYTES}")
-    if value_len < 0:
-        raise ValueError(f"value_len must be >= 0, got {value_len}")
-    return REQUEST.pack(REQUEST_MAGIC, VERSION, int(op), 0, len(key), value_len) + key
+    if token is not None and (not isinstance(token, str) or not TOKEN_RE.fullmatch(token)):
+        raise ValueError("lm:// token must be 1..100 characters of A-Za-z0-9._~+/=-")
+    return token
 
 
-def unpack_request(header: bytes, max_value_bytes: int) -> tuple[Op, int, int]:
-    """(op, key_len, value_len) of a request header.
+def hello_key(token: Optional[str]) -> bytes:
+    """The HELLO key, carrying ``token`` as an LMCache tag when given."""
+    return (HELLO_KEY if token is None else f"{HELLO_KEY}@token%{token}").encode()
+
+
+def token_of_hello(key: bytes) -> Optional[str]:
+    """The token carried by a HELLO key; None when it carries none. Precondition: is_hello."""
+    rest = key[len(HELLO_KEY):]
+    return rest[len(b"@token%"):].decode("utf-8", "replace") if rest else None
+
+
+def is_hello(key: bytes) -> bool:
+    """Whether a HEALTH request's key is lmcache's HELLO."""
+    return key == HELLO_KEY.encode() or key.startswith(HELLO_KEY.encode() + b"@token%")
+
+
+def pack_request(command: Command, key: bytes, length: int = 0, fmt: int = 1, dtype: int = 2,
+                 shape: tuple[int, ...] = _EMPTY_SHAPE, location: int = 0) -> bytes:
+    """A 186-byte request header (non-PUT requests carry LMCache's filler fmt 1 / dtype 2).
 
     Raises:
-        ProtocolError: bad magic, version or op, key length outside 1..MAX_KEY_BYTES, or a
-            non-PUT with a value. A PUT larger than ``max_value_bytes`` is *not* an error here
-            (the server answers TOO_LARGE after draining it).
+        ValueError: key empty, longer than MAX_KEY_BYTES or containing whitespace; a length
+            outside 0..MAX_VALUE_BYTES; a shape of other than 4 slots.
     """
-    magic, version, op, _, key_len, value_len = REQUEST.unpack(header)
-    if magic != REQUEST_MAGIC or version != VERSION:
-        raise ProtocolError(f"bad request magic/version {magic!r}/{version}")
+    if not 0 < len(key) <= MAX_KEY_BYTES or key != key.strip() or b" " in key:
+        raise ValueError(f"lm:// key is {len(key)} bytes or has whitespace; "
+                         f"expected 1..{MAX_KEY_BYTES} bytes without spaces: {key[:40]!r}")
+    if not 0 <= length <= MAX_VALUE_BYTES:
+        raise ValueError(f"value of {length} bytes; lm:// carries 0..{MAX_VALUE_BYTES}")
+    if len(shape) != 4:
+        raise ValueError(f"shape must have 4 slots, got {shape}")
+    return REQUEST.pack(int(command), length, fmt, dtype, location, *shape,
+                        key.ljust(MAX_KEY_BYTES))
+
+
+def unpack_request(header: Buffer) -> Request:
+    """Parse a request header.
+
+    Raises:
+        ProtocolError: unknown command, negative length or location, empty key.
+    """
+    command, length, fmt, dtype, location, s0, s1, s2, s3, key = REQUEST.unpack(header)
     try:
-        op = Op(op)
+        command = Command(command)
     except ValueError:
-        raise ProtocolError(f"unknown op {op}") from None
-    if not 0 < key_len <= MAX_KEY_BYTES:
-        raise ProtocolError(f"key length {key_len} outside 1..{MAX_KEY_BYTES}")
-    if op != Op.PUT and value_len:
-        raise ProtocolError(f"{op.name} request carries a {value_len}-byte value")
-    return op, key_len, value_len
+        raise ProtocolError(f"unknown command {command}") from None
+    key = key.strip()
+    if length < 0 or location < 0 or not key:
+        raise ProtocolError(f"bad {command.name} header: length {length}, location "
+                            f"{location}, key {key[:40]!r}")
+    return Request(command, length, fmt, dtype, location, (s0, s1, s2, s3), key)
 
 
-def pack_response(status: Status, value_len: int = 0) -> bytes:
-    """Reply header."""
-    return RESPONSE.pack(RESPONSE_MAGIC, VERSION, int(status), 0, value_len)
+def pack_reply(code: Code, length: int = 0, fmt: int = 1, dtype: int = 2,
+               shape: tuple[int, ...] = _EMPTY_SHAPE, location: int = 0) -> bytes:
+    """A 36-byte reply header (defaults are LMCache's filler fields of an empty reply)."""
+    return REPLY.pack(int(code), length, fmt, dtype, *shape, location)
 
 
-def unpack_response(header: bytes, max_value_bytes: int) -> tuple[Status, int]:
-    """(status, value_len) of a reply header.
+def unpack_reply(header: Buffer) -> Reply:
+    """Parse a reply header.
 
     Raises:
-        ProtocolError: bad magic/version/status or value_len above ``max_value_bytes``.
+        ProtocolError: unknown code, negative length or location.
     """
-    magic, version, status, _, value_len = RESPONSE.unpack(header)
-    if magic != RESPONSE_MAGIC or version != VERSION:
-        raise ProtocolError(f"bad response magic/version {magic!r}/{version}")
+    code, length, fmt, dtype, s0, s1, s2, s3, location = REPLY.unpack(header)
     try:
-        status = Status(status)
+        code = Code(code)
     except ValueError:
-        raise ProtocolError(f"unknown status {status}") from None
-    if value_len > max_value_bytes:
-        raise ProtocolError(f"reply announces {value_len} bytes, limit {max_value_bytes}")
-    return status, value_len
+        raise ProtocolError(f"unknown reply code {code}") from None
+    if length < 0 or location < 0:
+        raise ProtocolError(f"bad reply: length {length}, location {location}")
+    return Reply(code, length, fmt, dtype, (s0, s1, s2, s3), location)
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    """Read exactly ``n`` bytes. ConnectionError when the peer closes first."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
+def recv_into(sock: socket.socket, view: memoryview, deadline: Optional[float] = None,
+              step_timeout: Optional[float] = None) -> None:
+    """Fill ``view`` from ``sock``.
+
+    Each wait for bytes lasts at most ``step_timeout`` seconds (None: the socket's timeout),
+    and the whole read ends by ``deadline`` (time.monotonic(); None: no deadline).
+
+    Raises:
+        ConnectionError: the peer closed first.
+        TimeoutError: a wait or the deadline ran out.
+    """
+    got, n = 0, view.nbytes
     while got < n:
+        if deadline is not None or step_timeout is not None:
+            wait = step_timeout
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"read deadline passed after {got} of {n} bytes")
+                wait = left if wait is None else min(wait, left)
+            sock.settimeout(wait)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError(f"peer closed after {got} of {n} bytes")
         got += k
+
+
+def recv_exact(sock: socket.socket, n: int, **kw) -> bytearray:
+    """Read exactly ``n`` bytes into a new bytearray (see recv_into for ``kw`` and errors)."""
+    buf = bytearray(n)
+    recv_into(sock, memoryview(buf), **kw)
     return buf

@@ -34,24 +34,29 @@ def test_round_trip_exists_remove(lm_server, make_remote, put_chunks, fetch):
 
 
 def test_raw_protocol_bytes(lm_server):
-    """The documented headers, byte by byte."""
+    """LMCache 0.5.6's headers, byte by byte: 186-byte request (9 int32 + 150-byte key padded
+    with spaces), 36-byte reply (code, length, fmt, dtype, shape x4, location); PUT unanswered."""
+    key = b"m@1@0@c0ffee@bfloat16"
+    ints = lambda *v: b"".join(int(x).to_bytes(4, "little", signed=True) for x in v)  # noqa: E731
     with socket.create_connection(("127.0.0.1", lm_server.port), timeout=5) as s:
-        s.sendall(b"LMCQ" + bytes([1, protocol.Op.PUT, 0, 0]) + (3).to_bytes(4, "little")
-                  + (5).to_bytes(8, "little") + b"key" + b"hello")
-        assert protocol.recv_exact(s, 16) == b"LMCR" + bytes([1, 0, 0, 0]) + bytes(8)
-        s.sendall(protocol.pack_request(protocol.Op.GET, b"key"))
-        head = bytes(protocol.recv_exact(s, 16))
-        assert protocol.unpack_response(head, 100) == (protocol.Status.OK, 5)
-        assert protocol.recv_exact(s, 5) == b"hello"
-        s.sendall(protocol.pack_request(protocol.Op.EXISTS, b"nope"))
-        assert protocol.unpack_response(bytes(protocol.recv_exact(s, 16)), 0)[0] == \
-            protocol.Status.NOT_FOUND
-        s.sendall(b"GARBAGE!" * 3)  # a bad header closes this connection...
-        assert s.recv(16) == b""
+        # PUT 1: length 8, fmt KV_T2D 2, dtype bfloat16 3, location 0, shape (2, 2, 0, 0)
+        s.sendall(ints(1, 8, 2, 3, 0, 2, 2, 0, 0) + key.ljust(150) + b"abcdefgh")
+        s.sendall(ints(2, 0, 1, 2, 0, 0, 0, 0, 0) + key.ljust(150))          # GET 2
+        assert bytes(protocol.recv_exact(s, 36)) == ints(200, 8, 2, 3, 2, 2, 0, 0, 0)
+        assert protocol.recv_exact(s, 8) == b"abcdefgh"
+        s.sendall(ints(3, 0, 1, 2, 0, 0, 0, 0, 0) + b"nope@1@0@1@half".ljust(150))  # EXIST 3
+        assert bytes(protocol.recv_exact(s, 36)) == ints(400, 0, 1, 2, 0, 0, 0, 0, 0)
+        s.sendall(ints(4, 0, 1, 2, 0, 0, 0, 0, 0) + key.ljust(150))          # LIST: no answer
+        s.sendall(ints(5, 0, 1, 2, 0, 0, 0, 0, 0) + key.ljust(150))          # HEALTH 5
+        assert bytes(protocol.recv_exact(s, 36)) == ints(200, 0, 1, 2, 0, 0, 0, 0, 0)
+        s.sendall(ints(3, 0, 1, 2, 0, 0, 0, 0, 0) + key.ljust(150))
+        assert bytes(protocol.recv_exact(s, 36))[:4] == ints(200)
+        s.sendall((b"GARBAGE!" * 24)[:186])  # an unknown command closes this connection...
+        assert s.recv(36) == b""
     with socket.create_connection(("127.0.0.1", lm_server.port), timeout=5) as s:
-        s.sendall(protocol.pack_request(protocol.Op.PING, b"x"))  # ...and only this one
-        assert protocol.unpack_response(bytes(protocol.recv_exact(s, 16)), 0)[0] == \
-            protocol.Status.OK
+        s.sendall(protocol.pack_request(protocol.Command.HEALTH, b"lmcache-hello@1@0@0@half"))
+        reply = protocol.unpack_reply(protocol.recv_exact(s, 36))   # ...and only this one
+        assert (reply.code, reply.length, reply.location) == (200, protocol.EXT_MAGIC, 1)
 
 
 def test_size_limits_on_both_sides(make_remote, put_chunks, fetch, cpu):

@@ -1,0 +1,185 @@
+"""lm:// both ways against real LMCache 0.5.6 (not part of ``make test``).
+
+    .venv/bin/python scripts/interop/lm_interop.py [--interop-python .venv-interop/bin/python]
+
+Four checks, each with full and partial chunks of bf16 and fp16:
+
+1. LMCache's client (``LMCServerConnector``) writes to lmcache's server (``python -m
+   lmcache.server``); lmcache's ``LMConnector`` reads every value back byte-identical, with
+   LMCache's shape/dtype/format (28-byte metadata: LMCache writes no checksum).
+2. lmcache's connector writes to lmcache's server; LMCache's client reads them byte-identical;
+   lmcache reads them back with its checksum (kept by its server beside the entry).
+3. LMCache's client writes to LMCache's server (``python -m lmcache.v1.server``); lmcache's
+   connector reads them.
+4. lmcache's connector writes to LMCache's server; LMCache's client reads them.
+
+The two packages are both named ``lmcache``, so LMCache's side runs in the interop venv as a
+subprocess (``lm_lmcache_side.py``). :func:`run_lm_checks` returns one (name, passed, detail)
+per check for the interop suite; ``main`` prints them as a table (exit 1 if any failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.storage.connectors import wire_format as wf
+from lmcache.storage.connectors.lm import LMConnector
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _spec(tag: int) -> list[dict]:
+    """Full (16-token) and partial (5-token) [2, L=2, T, D=32] chunks, bf16 and fp16."""
+    out = []
+    for i, (dtype, tokens) in enumerate([("bfloat16", 16), ("bfloat16", 5),
+                                         ("float16", 16), ("float16", 5)]):
+        out.append({"key": f"m@1@0@{tag:x}{i:04x}@{'half' if dtype == 'float16' else dtype}",
+                    "shape": [2, 2, tokens, 32], "dtype": dtype})
+    return out
+
+
+def _expected(key: str, nbytes: int) -> bytes:
+    return hashlib.shake_256(key.encode()).digest(nbytes)
+
+
+def _nbytes(item: dict) -> int:
+    return int(torch.Size(item["shape"]).numel()) * DTYPES[item["dtype"]].itemsize
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{cmd}: nothing listens on {port}")
+
+
+def _lmcache_side(python: str, op: str, port: int, spec: list[dict]) -> dict:
+    out = subprocess.run([python, str(HERE / "lm_lmcache_side.py"), op, str(port),
+                          json.dumps(spec)], capture_output=True, text=True, timeout=300)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"LMCache side {op} failed ({out.returncode}): {out.stderr[-2000:]}")
+
+
+def _our_put(conn: LMConnector, spec: list[dict]) -> None:
+    for item in spec:
+        payload = _expected(item["key"], _nbytes(item))
+        meta = wf.RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, DTYPES[item["dtype"]],
+                                 tuple(item["shape"]))
+        assert conn.put(item["key"], wf.encode_metadata(meta, payload), payload)
+    # answered requests after the (possibly unanswered) PUTs: the server has them all
+    assert conn.batched_exists([item["key"] for item in spec]) == [True] * len(spec)
+
+
+def _our_get(conn: LMConnector, spec: list[dict], checksum: bool) -> dict:
+    out = {}
+    for item in spec:
+        got = conn.get(item["key"])
+        if got is None:
+            out[item["key"]] = "miss"
+            continue
+        metadata, payload = got
+        try:
+            meta = wf.verify_payload(metadata, payload)
+        except ValueError as e:
+            out[item["key"]] = f"metadata rejected: {e}"
+            continue
+        want = (tuple(item["shape"]), DTYPES[item["dtype"]], MemoryFormat.KV_2LTD)
+        has_checksum = len(metadata) > wf.LEGACY_METADATA_SIZE
+        if (meta.shape, meta.dtype, meta.fmt) != want:
+            out[item["key"]] = f"metadata {(meta.shape, meta.dtype, meta.fmt)} != {want}"
+        elif bytes(payload) != _expected(item["key"], _nbytes(item)):
+            out[item["key"]] = "payload bytes differ"
+        elif has_checksum != checksum:
+            out[item["key"]] = f"checksum present: {has_checksum}, expected {checksum}"
+        else:
+            out[item["key"]] = "ok"
+    return out
+
+
+def _check(name: str, fn: Callable[[], dict]) -> tuple[str, bool, str]:
+    try:
+        result = fn()
+    except Exception as e:  # a check that cannot run is a failed check, with its reason
+        return name, False, f"{type(e).__name__}: {e}"
+    bad = {k: v for k, v in result.items() if v != "ok"}
+    return name, not bad, f"{len(result) - len(bad)}/{len(result)} ok" + (f"; {bad}" if bad
+                                                                           else "")
+
+
+def run_lm_checks(interop_python: str) -> list[tuple[str, bool, str]]:
+    """Run the four lm:// checks; ``interop_python`` is the interpreter of the venv with
+    lmcache==0.5.6. Returns (name, passed, detail) per check."""
+    results = []
+    for server_name, cmd in (("lmcache-server", [sys.executable, "-m", "lmcache.server"]),
+                             ("LMCache server", [interop_python, "-m", "lmcache.v1.server"])):
+        port = _free_port()
+        proc = _start(cmd + ["127.0.0.1", str(port)], port)
+        ours = server_name == "lmcache-server"
+        conn = LMConnector(f"lm://127.0.0.1:{port}", blocking_timeout_secs=30)
+        try:
+            theirs_spec, our_spec = _spec(0xA1 if ours else 0xB1), _spec(0xA2 if ours else 0xB2)
+
+            def lmcache_writes() -> dict:
+                _lmcache_side(interop_python, "put", port, theirs_spec)
+                return _our_get(conn, theirs_spec, checksum=False)
+
+            def lmcache_reads() -> dict:
+                _our_put(conn, our_spec)
+                result = _lmcache_side(interop_python, "get", port, our_spec)
+                if ours:  # and lmcache still gets its checksum back
+                    again = _our_get(conn, our_spec, checksum=True)
+                    result.update({k + " (lmcache re-read)": v for k, v in again.items()})
+                return result
+
+            results.append(_check(f"lm:// LMCache client writes, lmcache reads ({server_name})",
+                                  lmcache_writes))
+            results.append(_check(f"lm:// lmcache writes, LMCache client reads ({server_name})",
+                                  lmcache_reads))
+        finally:
+            conn.close()
+            proc.kill()
+            proc.wait(timeout=10)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--interop-python", default=str(ROOT / ".venv-interop/bin/python"))
+    args = parser.parse_args()
+    results = run_lm_checks(args.interop_python)
+    width = max(len(r[0]) for r in results)
+    for name, passed, detail in results:
+        print(f"{'PASS' if passed else 'FAIL'}  {name:<{width}}  {detail}")
+    return 0 if all(r[1] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

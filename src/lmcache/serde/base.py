@@ -9,7 +9,7 @@ import torch
 
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
-from lmcache.storage.connectors.wire_format import RemoteMetadata
+from lmcache.serde.wire_format import RemoteMetadata
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -25,8 +25,10 @@ class Allocating(Protocol):
 class Serde(ABC):
     """Converts one chunk between a CPU MemoryObj and (RemoteMetadata, payload bytes).
 
-    The metadata is what goes into the 28-byte wire header (DESIGN.md §4.5); the checksum is
-    added by :mod:`lmcache.storage.connectors.wire_format`, not by the Serde.
+    The metadata is what goes into the 28-byte wire header (DESIGN.md §4.5); the trailer
+    (KV layout, checksum over key, header and payload) is added and checked by
+    :mod:`lmcache.serde.wire_format`, not by the Serde: ``deserialize`` only sees bytes that
+    passed those checks.
     """
 
     name: str = "serde"

@@ -8,7 +8,7 @@ import torch
 
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.serde.base import Allocating, Buffer, Serde
-from lmcache.storage.connectors.wire_format import RemoteMetadata
+from lmcache.serde.wire_format import RemoteMetadata
 
 
 class NaiveSerde(Serde):

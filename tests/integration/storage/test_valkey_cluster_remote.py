@@ -30,10 +30,25 @@ def test_chunks_shard_over_the_cluster(cluster, make_remote, put_chunks, fetch):
         objs[i].ref_count_down()
     raw = ValkeyCluster(host="127.0.0.1", port=cluster.ports[0])
     k = chunk_key(3).to_string()
-    assert raw.get(k + "kv_bytes") == ref[3].view(torch.uint8).numpy().tobytes()
-    assert len(raw.get(k + "metadata")) == 36
+    assert raw.get(k) == ref[3].view(torch.uint8).numpy().tobytes()  # LMCache's GLIDE layout
+    assert len(raw.get(k + "lmc_meta")) == 56
     raw.close()
     assert remote.remove(chunk_key(3)) and fetch(remote, 3) is None
+
+
+def test_redis_cluster_scheme_two_key_layout(cluster, make_remote, put_chunks, fetch):
+    url = cluster.url.replace("valkey-cluster://", "redis-cluster://")
+    remote = make_remote(ValkeyClusterConnector(url, blocking_timeout_secs=5))
+    ref = put_chunks(remote, range(8))
+    raw = ValkeyCluster(host="127.0.0.1", port=cluster.ports[0])
+    k = chunk_key(3).to_string()
+    assert raw.get(k + "kv_bytes") == ref[3].view(torch.uint8).numpy().tobytes()
+    assert len(raw.get(k + "metadata")) == 56
+    raw.delete(k + "kv_bytes")  # evicted payload: the chunk is not counted, its get a miss
+    assert remote.batched_contains([chunk_key(i) for i in range(8)]) == 3
+    assert not remote.contains(chunk_key(3)) and fetch(remote, 3) is None
+    assert torch.equal(fetch(remote, 4), ref[4])
+    raw.close()
 
 
 def test_node_killed_and_restarted_empty(cluster, make_remote, put_chunks, fetch):

@@ -9,12 +9,18 @@ import struct
 import torch
 import valkey
 
+from lmcache.metadata import LMCacheMetadata
+from lmcache.serde.naive import NaiveSerde
+from lmcache.storage.backends.remote import RemoteBackend
 from lmcache.storage.connectors.valkey import ValkeyConnector
 from storage_servers import TLSProxy, chunk_key, eventually, free_port, make_cert, start_valkey
 
 
-def test_lmcache_key_layout_and_round_trip(valkey_server, make_remote, put_chunks, fetch):
-    url = f"valkey://127.0.0.1:{valkey_server.port}"
+def test_redis_scheme_two_key_layout_and_round_trip(valkey_server, make_remote, put_chunks,
+                                                     fetch):
+    """redis:// is LMCache's RedisConnector layout: <key>kv_bytes and <key>metadata (LMCache's
+    28-byte header, then lmcache's 28-byte trailer that LMCache does not read)."""
+    url = f"redis://127.0.0.1:{valkey_server.port}"
     remote = make_remote(ValkeyConnector(url, blocking_timeout_secs=5))
     ref = put_chunks(remote, range(3))
     raw = valkey.Valkey(port=valkey_server.port)
@@ -22,7 +28,7 @@ def test_lmcache_key_layout_and_round_trip(valkey_server, make_remote, put_chunk
     assert k == "meta-llama/Llama-3.1-8B@1@0@c0ffee00@bfloat16"
     assert raw.get(k + "kv_bytes") == ref[0].view(torch.uint8).numpy().tobytes()
     metadata = raw.get(k + "metadata")
-    assert len(metadata) == 36
+    assert len(metadata) == 56 and metadata[28:32] == b"LMc\x02"
     assert struct.unpack("<7i", metadata[:28]) == (ref[0].numel() * 2, 1, 3, 2, 4, 16, 64)
     assert sorted(raw.keys()) == sorted(
         chunk_key(i).to_string().encode() + s for i in range(3) for s in (b"kv_bytes", b"metadata"))
@@ -32,6 +38,52 @@ def test_lmcache_key_layout_and_round_trip(valkey_server, make_remote, put_chunk
     assert remote.remove(chunk_key(1)) and fetch(remote, 1) is None
     assert raw.exists(chunk_key(1).to_string() + "kv_bytes") == 0
     raw.close()
+
+
+def test_valkey_scheme_one_key_layout_and_round_trip(valkey_server, make_remote, put_chunks,
+                                                     fetch):
+    """valkey:// is LMCache 0.5.6's GLIDE layout: the raw payload under <key> alone; lmcache's
+    metadata is in the side key <key>lmc_meta (LMCache never reads it)."""
+    url = f"valkey://127.0.0.1:{valkey_server.port}"
+    remote = make_remote(ValkeyConnector(url, blocking_timeout_secs=5))
+    ref = put_chunks(remote, range(3))
+    raw = valkey.Valkey(port=valkey_server.port)
+    k = chunk_key(0).to_string()
+    assert raw.get(k) == ref[0].view(torch.uint8).numpy().tobytes()
+    side = raw.get(k + "lmc_meta")
+    assert len(side) == 56 and struct.unpack("<7i", side[:28])[0] == ref[0].numel() * 2
+    assert sorted(raw.keys()) == sorted(
+        chunk_key(i).to_string().encode() + s for i in range(3) for s in (b"", b"lmc_meta"))
+    assert remote.batched_contains([chunk_key(i) for i in (0, 1, 7, 2)]) == 2
+    for i in range(3):
+        assert torch.equal(fetch(remote, i), ref[i])
+    assert remote.remove(chunk_key(1)) and fetch(remote, 1) is None
+    assert raw.exists(chunk_key(1).to_string(), chunk_key(1).to_string() + "lmc_meta") == 0
+    raw.close()
+
+
+def test_valkey_scheme_reads_lmcache_values_as_full_chunks_of_its_layout(valkey_server, cpu,
+                                                                         fetch):
+    """A value LMCache wrote (no side key) is a full chunk of the reader's layout, checked by
+    size: a full chunk is a hit, any other size a miss."""
+    meta = LMCacheMetadata("meta-llama/Llama-3.1-8B", 1, 0, torch.bfloat16, (4, 2, 16, 4, 16))
+    url = f"valkey://127.0.0.1:{valkey_server.port}"
+    remote = RemoteBackend(cpu, NaiveSerde(), ValkeyConnector(url, metadata=meta), metadata=meta)
+    try:
+        raw = valkey.Valkey(port=valkey_server.port)
+        value = torch.randn(2, 4, 16, 64, generator=torch.Generator().manual_seed(1)).to(
+            torch.bfloat16)
+        raw.set(chunk_key(1).to_string(), value.view(torch.uint8).numpy().tobytes())
+        assert remote.contains(chunk_key(1))
+        assert torch.equal(fetch(remote, 1), value)
+        raw.set(chunk_key(2).to_string(), value.view(torch.uint8).numpy().tobytes()[:-64])
+        assert fetch(remote, 2) is None and remote.stats["corrupt"] == 1
+        without = RemoteBackend(cpu, NaiveSerde(), ValkeyConnector(url))
+        assert fetch(without, 1) is None  # no layout known: cannot read LMCache's bare value
+        without.close()
+        raw.close()
+    finally:
+        remote.close()
 
 
 def test_values_written_by_lmcache_and_inconsistent_ones(valkey_server, make_remote, fetch):
@@ -63,7 +115,7 @@ def test_password_acl_user_and_database(tmp_path, make_remote, put_chunks, fetch
         remote = make_remote(ValkeyConnector(url))
         ref = put_chunks(remote, [1])
         admin = valkey.Valkey(port=server.port, password="s3cret", db=3)
-        assert admin.exists(chunk_key(1).to_string() + "kv_bytes") == 1
+        assert admin.exists(chunk_key(1).to_string()) == 1
         assert valkey.Valkey(port=server.port, password="s3cret", db=0).dbsize() == 0
         # options override the url (the config file's username/password/db keys)
         plain = f"valkey://127.0.0.1:{server.port}"
@@ -75,7 +127,7 @@ def test_password_acl_user_and_database(tmp_path, make_remote, put_chunks, fetch
                                             retry_interval_secs=0))
         assert fetch(wrong, 1) is None and not wrong.contains(chunk_key(1))
         put_chunks(wrong, [2])  # no exception, nothing stored
-        assert admin.exists(chunk_key(2).to_string() + "metadata") == 0
+        assert admin.exists(chunk_key(2).to_string() + "lmc_meta") == 0
         assert wrong.connector.stats["failures"] >= 3
     finally:
         server.terminate()

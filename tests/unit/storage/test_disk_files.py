@@ -12,7 +12,7 @@ import torch
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.storage.backends import disk_files
-from lmcache.storage.connectors import wire_format as wf
+from lmcache.serde import wire_format as wf
 
 SHAPE = (2, 5, 256, 1024)  # 5 MiB of bf16: the header read, 5 BLOCK reads (last one partial)
 
@@ -31,19 +31,23 @@ def new_obj(alloc, fill=None):
     return obj
 
 
-def written(alloc, path):
+LAYOUT = wf.ChunkLayout(5, 8, 128, torch.bfloat16, False, 256)  # D = 1024
+
+
+def written(alloc, path, layout=None):
     value = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     src = new_obj(alloc, value)
+    key = wf.filename_to_key(os.path.basename(path), disk_files.SUFFIX)
     disk_files.write_file(str(path), wf.RemoteMetadata.for_tensor(src.tensor, src.fmt),
-                          src.byte_array)
+                          src.byte_array, key, layout)
     src.ref_count_down()
     return value
 
 
-def read(alloc, path):
+def read(alloc, path, layout=None):
     obj = new_obj(alloc)
     try:
-        problem = disk_files.read_into(str(path), obj, 1 << 30)
+        problem = disk_files.read_into(str(path), obj, 1 << 30, layout)
         return problem, (obj.tensor.clone() if problem is None else None)
     finally:
         obj.ref_count_down()
@@ -89,7 +93,7 @@ def test_damaged_headers_and_sizes(alloc, tmp_path):
     path.write_bytes(bytes(other))
     assert read(alloc, path)[0].startswith("corrupt")  # length/shape disagree
     legacy = bytearray(data)
-    legacy[len(wf.FILE_MAGIC) + 28:wf.FILE_HEADER_SIZE] = bytes(8)  # checksum zeroed
+    legacy[wf.FILE_HEADER_SIZE - 8:wf.FILE_HEADER_SIZE] = bytes(8)  # checksum zeroed
     path.write_bytes(bytes(legacy))
     assert read(alloc, path)[0] == "corrupt (checksum mismatch)"
 
@@ -99,3 +103,24 @@ def test_missing_file_raises_file_not_found(alloc, tmp_path):
     with pytest.raises(FileNotFoundError):
         disk_files.read_into(str(tmp_path / "gone.kvc"), obj, 1 << 30)
     obj.ref_count_down()
+
+
+def test_a_valid_file_under_another_key_name_is_a_miss(alloc, tmp_path):
+    path = tmp_path / "m@1@0@aa@bfloat16.kvc"
+    value = written(alloc, path, LAYOUT)
+    assert read(alloc, path, LAYOUT)[1].equal(value)
+    other = tmp_path / "m@1@0@ab@bfloat16.kvc"
+    other.write_bytes(path.read_bytes())  # a valid chunk copied to another key's file
+    assert read(alloc, other, LAYOUT) == ("corrupt (checksum mismatch)", None)
+
+
+def test_a_file_of_another_layout_is_a_miss_and_not_indexed(alloc, tmp_path):
+    path = tmp_path / "m@1@0@aa@bfloat16.kvc"
+    other = wf.ChunkLayout(5, 16, 64, torch.bfloat16, False, 256)  # same D, same byte size
+    written(alloc, path, other)
+    problem, _ = read(alloc, path, LAYOUT)
+    assert problem.startswith("corrupt (chunk of another KV layout: num_kv_heads is 16")
+    assert disk_files.scan(str(tmp_path), 1 << 30, LAYOUT) == []
+    assert path.exists()  # another instance's file: left alone
+    assert [k.to_string() for k, _, _ in disk_files.scan(str(tmp_path), 1 << 30, other)] == \
+        ["m@1@0@aa@bfloat16"]

@@ -74,9 +74,10 @@ def test_round_trip_file_name_and_layout(cpu, make_disk, tmp_path):
     assert files == ["meta-llama%2FLlama-3.1-8B@1@0@abc001@bfloat16.kvc"]
     data = (tmp_path / "disk" / files[0]).read_bytes()
     assert len(data) == CHUNK_FILE and data[:8] == wf.FILE_MAGIC
-    meta = wf.verify_payload(data[8:44], data[44:])
+    h = wf.FILE_HEADER_SIZE
+    meta = wf.verify_payload(data[8:h], data[h:], key=key(1).to_string())
     assert (meta.fmt, meta.dtype, meta.shape) == (MemoryFormat.KV_2LTD, torch.bfloat16, SHAPE)
-    assert data[44:] == ref[1].view(torch.uint8).numpy().tobytes()
+    assert data[h:] == ref[1].view(torch.uint8).numpy().tobytes()
     assert disk.contains(key(1)) and not disk.contains(key(2))
     got = disk.get_blocking(key(1))
     assert got.get_ref_count() == 1 and got.fmt == MemoryFormat.KV_2LTD

@@ -16,7 +16,7 @@ from lmcache.serde.naive import NaiveSerde
 from lmcache.storage.backends.remote import RemoteBackend
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.blackhole import BlackholeConnector
-from lmcache.storage.connectors.fs import FSConnector
+from lmcache.storage.connectors.fs import FSConnector, file_name
 
 SHAPE = (2, 2, 16, 32)
 
@@ -48,8 +48,8 @@ def put_chunks(remote, cpu, ids):
 def test_round_trip_through_files(fs_remote, cpu, tmp_path):
     ref = put_chunks(fs_remote, cpu, range(3))
     names = sorted(os.listdir(tmp_path / "remote"))
-    assert names == [wf.key_to_filename(key(i).to_string(), ".lmc") for i in range(3)]
-    assert names[0] == "org%2Fmodel@2@1@5eed00@half.lmc"
+    assert names == [file_name(key(i).to_string()) for i in range(3)]
+    assert names[0] == "org-SEP-model@2@1@5eed00@half.data"  # LMCache's FSConnector name
     assert fs_remote.batched_contains([key(0), key(1), key(5), key(2)]) == 2
     objs = fs_remote.batched_get_blocking([key(i) for i in range(4)])
     assert objs[3] is None
@@ -74,7 +74,7 @@ def test_a_second_instance_sees_the_shared_store(cpu, fs_remote, tmp_path):
 
 
 def _file(tmp_path, i):
-    return tmp_path / "remote" / wf.key_to_filename(key(i).to_string(), ".lmc")
+    return tmp_path / "remote" / file_name(key(i).to_string())
 
 
 @pytest.mark.parametrize("damage", ["payload_bit", "length_field", "truncated", "magic"])
@@ -85,11 +85,11 @@ def test_damaged_remote_bytes_are_misses(fs_remote, cpu, tmp_path, damage, caplo
     if damage == "payload_bit":
         data[500] ^= 1
     elif damage == "length_field":  # header length disagrees with the payload
-        struct.pack_into("<i", data, 8, len(data) - 44 - 2)
+        struct.pack_into("<i", data, 0, len(data) - 56 - 2)
     elif damage == "truncated":
         data = data[:-2]
-    else:
-        data[0:8] = b"NOTLMCAC"
+    else:  # lmcache's trailer after the payload
+        data[-28:-24] = b"NOTL"
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING):
         assert fs_remote.get_blocking(key(1)) is None
@@ -100,9 +100,9 @@ def test_lmcache_legacy_28_byte_header_is_read(fs_remote, cpu, tmp_path):
     put_chunks(fs_remote, cpu, [2])
     path = _file(tmp_path, 2)
     data = path.read_bytes()
-    payload = data[44:]
+    payload = data[28:-28]
     header = struct.pack("<7i", len(payload), 1, 2, *SHAPE)
-    assert data[8:36] == header
+    assert data[:28] == header and data[-28:-24] == wf.TRAILER_MAGIC
     # a value whose metadata carries no checksum is still checked by length
     got = fs_remote.serde.deserialize(wf.verify_payload(header, payload), payload, cpu)
     assert bytes(got.byte_array) == payload

@@ -1,8 +1,11 @@
 """Chunk files of the LocalDiskBackend (and of any tier that keeps one file per chunk).
 
-A chunk file is ``wire_format``'s single-value layout: ``b"LMCACHE1"`` | 36-byte metadata
-(28-byte LMCache header + xxh3_64 of header and payload) | payload. Its name is the key string
-encoded with :func:`wire_format.key_to_filename` plus ``.kvc``. Files are written to a
+A chunk file is ``wire_format``'s single-value layout: ``b"LMCACHE2"`` | 56-byte metadata
+(28-byte LMCache header + lmcache's trailer: the writer's KV layout and the xxh3_64 of key,
+header, trailer and payload) | payload. Its name is the key string encoded with
+:func:`wire_format.key_to_filename` plus ``.kvc``; the checksum covers that key, so a valid
+file copied or renamed to another key's name is a miss, and a file of another KV layout
+(layers, heads, head size, dtype, MLA) is never loaded. Files are written to a
 ``.tmp-*`` name and renamed into place, so a complete name never holds a half-written file
 unless the machine itself crashed — which the checksum then catches.
 """
@@ -18,7 +21,7 @@ from typing import Optional, Union
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
-from lmcache.storage.connectors import wire_format as wf
+from lmcache.serde import wire_format as wf
 
 logger = logging.getLogger(__name__)
 Buffer = Union[bytes, bytearray, memoryview]
@@ -28,15 +31,20 @@ TMP_PREFIX = ".tmp-"
 BLOCK = 1 << 20  # bytes read/written (and hashed) at a time: stays in cache between the two
 
 
-def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview) -> None:
+def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview, key: str = "",
+               layout: Optional[wf.ChunkLayout] = None) -> None:
     """Write a chunk file to ``path`` (a new file): the payload in BLOCK-sized pieces, each
     hashed just before it is written (cache-hot), then the header with the checksum at offset 0.
+
+    Args:
+        key: the key string the file is stored for (its name once renamed into place).
+        layout: the writer's KV layout, recorded in the trailer.
 
     Raises:
         OSError: as raised by the OS (ENOSPC on a full disk, ...).
     """
     view = memoryview(payload).cast("B")
-    state = wf.start_checksum(meta)
+    state = wf.start_checksum(meta, key, layout)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         offset = wf.FILE_HEADER_SIZE
@@ -45,7 +53,7 @@ def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview) -> None:
             state.update(block)
             _pwrite_all(fd, block, offset)
             offset += block.nbytes
-        _pwrite_all(fd, wf.FILE_MAGIC + wf.finish_metadata(meta, state), 0)
+        _pwrite_all(fd, wf.FILE_MAGIC + wf.finish_metadata(meta, state, layout), 0)
     finally:
         os.close(fd)
 
@@ -57,8 +65,10 @@ def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str]:
-    """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``, verifying every byte.
+def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
+              layout: Optional[wf.ChunkLayout] = None) -> Optional[str]:
+    """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``, verifying every byte
+    and that the file belongs to the key its name encodes and (when given) to ``layout``.
 
     The payload is read straight into ``obj.byte_array`` in BLOCK-sized pieces, each hashed
     (xxh3_64, which releases the GIL) right after it is read, while it is still in the CPU
@@ -82,14 +92,19 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str
         try:
             if got < len(header):
                 raise wf.WireFormatError(f"file of {size} bytes has no complete header")
-            meta, digest = wf.decode_metadata(wf.split_file_header(header), max_payload_bytes)
-        except wf.WireFormatError as e:
+            metadata = wf.split_file_header(header)
+            meta, trailer = wf.decode_metadata(metadata, max_payload_bytes)
+            if layout is not None:
+                wf.check_layout(meta, trailer, layout)
+            key = wf.filename_to_key(os.path.basename(path), SUFFIX)
+        except ValueError as e:
             return f"corrupt ({e})"
         if meta.length != obj.nbytes or size != wf.FILE_HEADER_SIZE + obj.nbytes:
             return f"truncated or mismatched ({size} bytes)"
-        if digest is None:
+        if trailer is None:
             return "corrupt (no checksum)"
-        state = wf.start_checksum(meta)
+        digest = trailer.checksum
+        state = wf.verify_state(metadata, key)
         got -= len(header)
         state.update(view[:got])
         while got < obj.nbytes:
@@ -104,13 +119,14 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int) -> Optional[str
 
 
 def scan(
-    directory: str, max_payload_bytes: int
+    directory: str, max_payload_bytes: int, layout: Optional[wf.ChunkLayout] = None
 ) -> list[tuple[CacheEngineKey, wf.RemoteMetadata, int]]:
     """Index the chunk files of ``directory``, oldest first: (key, metadata, file size).
 
-    Reads only the 44-byte headers. Deletes leftover temporary files (writes interrupted by a
+    Reads only the 64-byte headers. Deletes leftover temporary files (writes interrupted by a
     crash) and chunk files that are torn (size disagrees with the header), have a bad header,
-    or a name that is not an encoded key; other files are left alone.
+    or a name that is not an encoded key; chunk files of another KV layout than ``layout``
+    (when given) are left alone and not indexed; other files are left alone.
     """
     found = []
     for entry in os.scandir(directory):
@@ -123,7 +139,13 @@ def scan(
             key = CacheEngineKey.from_string(wf.filename_to_key(entry.name, SUFFIX))
             with open(entry.path, "rb") as f:
                 header = f.read(wf.FILE_HEADER_SIZE)
-            meta, _ = wf.decode_metadata(wf.split_file_header(header), max_payload_bytes)
+            meta, trailer = wf.decode_metadata(wf.split_file_header(header), max_payload_bytes)
+            if layout is not None:
+                try:
+                    wf.check_layout(meta, trailer, layout)
+                except wf.WireFormatError as e:
+                    logger.warning("disk chunk file %s is not indexed: %s", entry.name, e)
+                    continue
             st = entry.stat()
             if st.st_size != wf.FILE_HEADER_SIZE + meta.length:
                 raise wf.WireFormatError(

@@ -86,6 +86,7 @@ class LocalDiskBackend(StorageBackendInterface):
             self.path = os.path.join(self.path, f"rank{metadata.worker_id}of{metadata.world_size}")
         os.makedirs(self.path, exist_ok=True)
         self.allocator_backend = allocator_backend
+        self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
         self.policy = type(policy)()
         self.capacity_bytes = int(max_local_disk_size * (1 << 30))
         self.max_pending_writes = max_pending_writes
@@ -146,7 +147,8 @@ class LocalDiskBackend(StorageBackendInterface):
             self.stats["misses"] += 1
             return None
         try:
-            problem = disk_files.read_into(self._file(key), obj, self.capacity_bytes)
+            problem = disk_files.read_into(self._file(key), obj, self.capacity_bytes,
+                                           self.layout)
         except FileNotFoundError:
             problem = "vanished"
         except OSError as e:
@@ -204,7 +206,7 @@ class LocalDiskBackend(StorageBackendInterface):
     def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata, size: int):
         tmp = os.path.join(self.path, f"{disk_files.TMP_PREFIX}{uuid.uuid4().hex}")
         try:
-            disk_files.write_file(tmp, meta, obj.byte_array)
+            disk_files.write_file(tmp, meta, obj.byte_array, key.to_string(), self.layout)
             with self._lock:
                 if self._pending.get(key) is obj:  # not removed/cleared meanwhile
                     os.replace(tmp, self._file(key))
@@ -291,7 +293,7 @@ class LocalDiskBackend(StorageBackendInterface):
             self._remove_locked(key)
 
     def _rebuild_index(self) -> None:
-        for key, meta, size in disk_files.scan(self.path, self.capacity_bytes):
+        for key, meta, size in disk_files.scan(self.path, self.capacity_bytes, self.layout):
             self._index[key] = meta
             self.policy.on_put(key)
             self.used_bytes += size

@@ -12,6 +12,7 @@ from typing import Callable, Optional, TypeVar
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
+from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating, Serde
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.connectors import wire_format as wf
@@ -55,6 +56,8 @@ class RemoteBackend(StorageBackendInterface):
         blocking_timeout_secs: deadline of one blocking call (contains/get/remove), > 0.
         num_get_workers / num_put_workers: threads, >= 1.
         max_pending_puts: queued uploads at most, >= 1.
+        metadata: this worker's LMCacheMetadata (injected): its KV layout is recorded with
+            every chunk written and a chunk of another layout is a miss.
 
     Raises:
         TypeError: no RemoteConnector or Serde given.
@@ -70,6 +73,7 @@ class RemoteBackend(StorageBackendInterface):
         num_get_workers: int = 8,
         num_put_workers: int = 2,
         max_pending_puts: int = 64,
+        metadata: Optional["LMCacheMetadata"] = None,
     ) -> None:
         if not isinstance(remote_connector, RemoteConnector):
             raise TypeError(f"remote_connector must be a RemoteConnector (select one, e.g. "
@@ -89,6 +93,7 @@ class RemoteBackend(StorageBackendInterface):
         self.connector = remote_connector
         self.blocking_timeout_secs = float(blocking_timeout_secs)
         self.max_pending_puts = max_pending_puts
+        self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending: dict[CacheEngineKey, MemoryObj] = {}
@@ -206,7 +211,8 @@ class RemoteBackend(StorageBackendInterface):
             return None
         metadata, payload = raw
         try:
-            meta = wf.verify_payload(metadata, payload, self.connector.max_payload_bytes)
+            meta = wf.verify_payload(metadata, payload, self.connector.max_payload_bytes,
+                                     key.to_string(), self.layout)
             obj = self.serde.deserialize(meta, payload, self.allocator_backend)
         except ValueError as e:
             self.stats["corrupt"] += 1
@@ -236,7 +242,7 @@ class RemoteBackend(StorageBackendInterface):
                 if self._pending.get(key) is not obj:
                     return  # cleared before it was sent
             meta, payload = self.serde.serialize(obj)
-            metadata = wf.encode_metadata(meta, payload)
+            metadata = wf.encode_metadata(meta, payload, key.to_string(), self.layout)
             ok = self.connector.put(key.to_string(), metadata, payload)
             self.stats["puts" if ok else "put_failures"] += 1
         except ValueError as e:

@@ -4,7 +4,12 @@ A connector moves opaque bytes; the layout of those bytes is defined in
 :mod:`lmcache.storage.connectors.wire_format` and checked by the RemoteBackend. Each public
 method here is fault-tolerant: a server that is down, slow, killed or restarted empty turns into
 ``False`` / ``None`` / a miss, never an exception, and costs at most one failed attempt every
-``retry_interval_secs`` while it stays down (a simple circuit breaker). The first failure of an
+``retry_interval_secs`` while it stays down (a simple circuit breaker). A connection that was
+dropped while idle (server restart, ``CLIENT KILL``, a proxy's idle timeout) is not an outage:
+the first transport error that is not a timeout drops the connector's connections
+(``_on_transport_error``) and retries the call once on a fresh one; only when that fails too
+is the remote marked down. Timeouts are never retried (a hung server would cost the deadline
+twice). The first failure of an
 outage logs one warning and recovery logs one line; ``stats`` counts both.
 """
 
@@ -16,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
-from lmcache.storage.connectors.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
+from lmcache.serde.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +74,8 @@ class RemoteConnector(ABC):
         self._down_until: Optional[float] = None
         self._closed = False
         self._logged_errors: set[type] = set()
-        self.stats = {"failures": 0, "outages": 0, "recoveries": 0, "skipped_while_down": 0}
+        self.stats = {"failures": 0, "outages": 0, "recoveries": 0, "skipped_while_down": 0,
+                      "reconnects": 0}
 
     # ---- fault-tolerant public API ---------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -140,7 +146,14 @@ class RemoteConnector(ABC):
             self.stats["skipped_while_down"] += 1
             return default
         try:
-            result = fn()
+            try:
+                result = fn()
+            except self.transport_errors as e:
+                if _is_timeout(e):
+                    raise
+                self.stats["reconnects"] += 1
+                self._on_transport_error()
+                result = fn()  # once, on a fresh connection
         except self.transport_errors as e:
             self._mark_down(op, e)
             return default
@@ -175,10 +188,15 @@ class RemoteConnector(ABC):
         self._on_transport_error()
 
     def _on_transport_error(self) -> None:
-        """Hook: drop broken connections so that the next attempt reconnects."""
+        """Hook: drop every pooled connection so that the next attempt connects afresh."""
         return None
 
     def _safe_url(self) -> str:
         """The url without credentials (for logs)."""
         scheme, _, rest = self.url.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+def _is_timeout(error: BaseException) -> bool:
+    """True for timeouts (socket, builtin, or a client library's ``TimeoutError`` class)."""
+    return any(c.__name__ == "TimeoutError" for c in type(error).__mro__)

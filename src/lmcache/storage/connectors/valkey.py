@@ -1,20 +1,27 @@
-"""ValkeyConnector: the ``valkey://`` / ``redis://`` (``valkeys://`` / ``rediss://`` TLS) remote
-on one Valkey or Redis server, through valkey-py."""
+"""ValkeyConnector: the ``redis://`` / ``valkey://`` (``rediss://`` / ``valkeys://`` TLS) remote on
+one Valkey or Redis server, through valkey-py, in LMCache 0.5.6's key layout for each scheme."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import valkey
 import valkey.exceptions as vexc
 from valkey.connection import ConnectionPool, SSLConnection, parse_url
 
+from lmcache.keys import CacheEngineKey, LayerCacheEngineKey
+from lmcache.serde.wire_format import DEFAULT_MAX_PAYLOAD_BYTES, ChunkLayout, RemoteMetadata
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
-from lmcache.storage.connectors.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
+
+if TYPE_CHECKING:
+    from lmcache.metadata import LMCacheMetadata
 
 PAYLOAD_SUFFIX = "kv_bytes"
 METADATA_SUFFIX = "metadata"
-SCHEMES = ("valkey", "redis", "valkeys", "rediss")
+SIDE_SUFFIX = "lmc_meta"
+TWO_KEY_SCHEMES = ("redis", "rediss", "unix")
+ONE_KEY_SCHEMES = ("valkey", "valkeys")
+SCHEMES = ONE_KEY_SCHEMES + TWO_KEY_SCHEMES
 TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     vexc.ConnectionError,
     vexc.TimeoutError,
@@ -54,23 +61,54 @@ def client_options(
     return opts
 
 
-class ValkeyConnector(RemoteConnector):
-    """One Valkey/Redis server, LMCache's key layout: ``<key>kv_bytes`` holds the payload and is
-    written first, ``<key>metadata`` holds the 36-byte metadata (DESIGN.md §4.5).
+def full_chunk_metadata(key: str, layout: Optional[ChunkLayout]) -> Optional[bytes]:
+    """The 28-byte LMCache header of a full chunk of ``layout`` stored under ``key``: what
+    LMCache's one-key (GLIDE) ``valkey://`` layout implies for a value it wrote (no metadata:
+    LMCache reads it into a full chunk of its own shape). A layer key gives one layer's
+    ``[T, 2, D]`` KV_T2D. None when the layout or its chunk size is unknown."""
+    if layout is None or layout.chunk_size < 1:
+        return None
+    try:
+        layerwise = isinstance(CacheEngineKey.from_string(key), LayerCacheEngineKey)
+    except ValueError:
+        return None
+    shape, fmt = layout.full_chunk(layerwise)
+    nbytes = 1
+    for d in shape:
+        nbytes *= d
+    return RemoteMetadata(nbytes * layout.kv_dtype.itemsize, fmt, layout.kv_dtype,
+                          shape).header_bytes()
 
-    A get reads both keys in one pipelined round trip (metadata first); a put writes the payload
-    then the metadata in one pipelined round trip. Every socket operation times out after
-    ``blocking_timeout_secs``; a dead connection is replaced on the next call.
+
+class ValkeyConnector(RemoteConnector):
+    """One Valkey/Redis server, in LMCache 0.5.6's layout of the url's scheme (DESIGN.md §4.5):
+
+    * ``redis://``, ``rediss://``, ``unix://`` (LMCache's RedisConnector): ``<key>kv_bytes``
+      holds the payload, ``<key>metadata`` the 56-byte metadata (LMCache reads its first 28
+      bytes, the header, and ignores lmcache's trailer). Both are written in one MULTI/EXEC;
+      a chunk exists only when both keys do (one ``EXISTS`` of the two), so a payload evicted
+      by the server (``allkeys-lru``) is never counted.
+    * ``valkey://``, ``valkeys://`` (LMCache's GLIDE ValkeyConnector): ``<key>`` holds the raw
+      payload, nothing else (LMCache reads it into a full chunk and misses on any other size).
+      lmcache's 56-byte metadata goes to the side key ``<key>lmc_meta``, which LMCache never
+      reads. A value without a side key (written by LMCache) is read as a full chunk of this
+      instance's layout (``metadata``), checked by size; ``EXISTS <key>`` decides presence.
+
+    A get reads both keys in one pipelined round trip. Every socket operation times out after
+    ``blocking_timeout_secs``; after a dropped connection the pool is reconnected and the call
+    retried once (see RemoteConnector).
 
     Args:
         url: ``valkey://[user[:password]@]host:port[/db]`` (also ``redis://``; ``valkeys://`` and
-            ``rediss://`` use TLS), or ``unix:///path.sock``.
+            ``rediss://`` use TLS), or ``unix:///path.sock`` (two-key layout).
         blocking_timeout_secs, retry_interval_secs, max_payload_bytes: see RemoteConnector.
         username, password: ACL user and password (override the url's).
         db: database number (overrides the url's).
         tls: use TLS even with a plain ``valkey://`` url.
         tls_ca_certs, tls_certfile, tls_keyfile: PEM files (CA bundle, client cert and key).
         tls_check_hostname: verify the server's name against its certificate.
+        metadata: this worker's LMCacheMetadata (injected): the full-chunk shape of values
+            LMCache wrote under ``valkey://``; without it such values are misses.
 
     Raises:
         ValueError: unknown url scheme or a malformed url.
@@ -93,11 +131,14 @@ class ValkeyConnector(RemoteConnector):
         tls_certfile: Optional[str] = None,
         tls_keyfile: Optional[str] = None,
         tls_check_hostname: bool = True,
+        metadata: Optional["LMCacheMetadata"] = None,
     ) -> None:
         super().__init__(url, blocking_timeout_secs, retry_interval_secs, max_payload_bytes)
         scheme = url.split("://", 1)[0].lower()
-        if scheme not in SCHEMES and scheme != "unix":
+        if scheme not in SCHEMES:
             raise ValueError(f"valkey connector url scheme must be one of {SCHEMES}, got {url!r}")
+        self.one_key = scheme in ONE_KEY_SCHEMES
+        self.layout = ChunkLayout.from_metadata(metadata) if metadata is not None else None
         kwargs = parse_url(url)
         tls = tls or scheme in ("valkeys", "rediss")
         kwargs.update(client_options(self.blocking_timeout_secs, username, password, tls,
@@ -110,32 +151,57 @@ class ValkeyConnector(RemoteConnector):
         self._pool = ConnectionPool(**kwargs)
         self._client = valkey.Valkey(connection_pool=self._pool)
 
+    def _parts(self, key: str) -> tuple[str, ...]:
+        """The keys a chunk must have: (payload,) one-key, (payload, metadata) two-key."""
+        if self.one_key:
+            return (key,)
+        return (key + PAYLOAD_SUFFIX, key + METADATA_SUFFIX)
+
     def _exists(self, key: str) -> bool:
-        return self._client.exists(key + METADATA_SUFFIX) == 1
+        parts = self._parts(key)
+        return self._client.exists(*parts) == len(parts)
 
     def _batched_exists(self, keys: list[str]) -> list[bool]:
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            pipe.exists(key + METADATA_SUFFIX)
-        return [r == 1 for r in pipe.execute()]
+            pipe.exists(*self._parts(key))
+        n = len(self._parts("k"))
+        return [r == n for r in pipe.execute()]
 
     def _get(self, key: str) -> Optional[tuple[bytes, Buffer]]:
         pipe = self._client.pipeline(transaction=False)
-        pipe.get(key + METADATA_SUFFIX)
-        pipe.get(key + PAYLOAD_SUFFIX)
+        if self.one_key:
+            pipe.get(key + SIDE_SUFFIX)
+            pipe.get(key)
+        else:
+            pipe.get(key + METADATA_SUFFIX)
+            pipe.get(key + PAYLOAD_SUFFIX)
         metadata, payload = pipe.execute()
-        if metadata is None or payload is None:
+        if payload is None:
+            return None
+        if metadata is None and self.one_key:
+            metadata = full_chunk_metadata(key, self.layout)
+        if metadata is None:
             return None
         return metadata, payload
 
     def _put(self, key: str, metadata: bytes, payload: Buffer) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        pipe.set(key + PAYLOAD_SUFFIX, memoryview(payload).cast("B"))
-        pipe.set(key + METADATA_SUFFIX, metadata)
+        pipe = self._client.pipeline(transaction=True)
+        view = memoryview(payload).cast("B")
+        if self.one_key:
+            pipe.set(key + SIDE_SUFFIX, metadata)
+            pipe.set(key, view)
+        else:
+            pipe.set(key + PAYLOAD_SUFFIX, view)
+            pipe.set(key + METADATA_SUFFIX, metadata)
         pipe.execute()
 
     def _remove(self, key: str) -> bool:
-        return self._client.delete(key + METADATA_SUFFIX, key + PAYLOAD_SUFFIX) > 0
+        extra = (key + SIDE_SUFFIX,) if self.one_key else ()
+        return self._client.delete(*self._parts(key), *extra) > 0
+
+    def _on_transport_error(self) -> None:
+        self._pool.disconnect()
 
     def _close(self) -> None:
         self._client.close()

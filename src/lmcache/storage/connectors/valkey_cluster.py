@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import unquote
 
 import valkey.exceptions as vexc
 from valkey.cluster import ClusterNode, ValkeyCluster
 
+from lmcache.serde.wire_format import DEFAULT_MAX_PAYLOAD_BYTES, ChunkLayout
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
 from lmcache.storage.connectors.valkey import (
     METADATA_SUFFIX,
     PAYLOAD_SUFFIX,
+    SIDE_SUFFIX,
     TRANSPORT_ERRORS,
     client_options,
+    full_chunk_metadata,
 )
-from lmcache.storage.connectors.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
 
-SCHEMES = ("valkey-cluster", "redis-cluster", "valkeys-cluster", "rediss-cluster")
+if TYPE_CHECKING:
+    from lmcache.metadata import LMCacheMetadata
+
+ONE_KEY_SCHEMES = ("valkey-cluster", "valkeys-cluster")
+SCHEMES = ONE_KEY_SCHEMES + ("redis-cluster", "rediss-cluster")
 
 
 def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], Optional[str], Optional[str]]:
@@ -47,9 +53,16 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], Optional[str], O
 
 
 class ValkeyClusterConnector(RemoteConnector):
-    """A Valkey Cluster (slots spread over several primaries), same key layout as
-    :class:`ValkeyConnector` (``<key>kv_bytes`` written before ``<key>metadata``; the two keys
-    may live on different nodes, so the checksum in the metadata is what guards a get).
+    """A Valkey Cluster (slots spread over several primaries), in LMCache 0.5.6's layouts:
+
+    * ``redis-cluster://`` (LMCache's RedisClusterConnector): ``<key>kv_bytes`` written before
+      ``<key>metadata`` (56 bytes; LMCache reads the first 28). The two keys may live on
+      different nodes, so presence is one ``EXISTS`` of both (split over their slots by the
+      client) and the checksum in the metadata guards a get.
+    * ``valkey-cluster://`` (LMCache's GLIDE ValkeyConnector with ``valkey_mode: cluster``):
+      ``<key>`` holds the raw payload; lmcache's metadata is in the side key
+      ``<key>lmc_meta``, written first; a value without one (LMCache's) is read as a full chunk
+      of this instance's layout, as in :class:`ValkeyConnector`.
 
     The cluster client is built lazily, so a cluster that is down at start costs hits, not a
     failed startup. After a transport error the client is discarded and rebuilt from the url's
@@ -84,9 +97,12 @@ class ValkeyClusterConnector(RemoteConnector):
         tls_certfile: Optional[str] = None,
         tls_keyfile: Optional[str] = None,
         tls_check_hostname: bool = True,
+        metadata: Optional["LMCacheMetadata"] = None,
     ) -> None:
         super().__init__(url, blocking_timeout_secs, retry_interval_secs, max_payload_bytes)
         self.nodes, url_user, url_password = parse_cluster_url(url)
+        self.one_key = url.split("://", 1)[0].lower() in ONE_KEY_SCHEMES
+        self.layout = ChunkLayout.from_metadata(metadata) if metadata is not None else None
         tls = tls or url.lower().startswith(("valkeys-", "rediss-"))
         self._options = client_options(
             self.blocking_timeout_secs,
@@ -113,17 +129,32 @@ class ValkeyClusterConnector(RemoteConnector):
                 )
             return self._client
 
+    def _parts(self, key: str) -> tuple[str, ...]:
+        if self.one_key:
+            return (key,)
+        return (key + PAYLOAD_SUFFIX, key + METADATA_SUFFIX)
+
     def _exists(self, key: str) -> bool:
-        return self._cluster().exists(key + METADATA_SUFFIX) == 1
+        parts = self._parts(key)
+        return self._cluster().exists(*parts) == len(parts)
 
     def _batched_exists(self, keys: list[str]) -> list[bool]:
         pipe = self._cluster().pipeline()
         for key in keys:
-            pipe.exists(key + METADATA_SUFFIX)
-        return [r == 1 for r in pipe.execute()]
+            for part in self._parts(key):
+                pipe.exists(part)
+        flags = pipe.execute()
+        n = len(self._parts("k"))
+        return [all(r == 1 for r in flags[i * n:(i + 1) * n]) for i in range(len(keys))]
 
     def _get(self, key: str) -> Optional[tuple[bytes, Buffer]]:
         client = self._cluster()
+        if self.one_key:
+            payload = client.get(key)
+            if payload is None:
+                return None
+            metadata = client.get(key + SIDE_SUFFIX) or full_chunk_metadata(key, self.layout)
+            return (metadata, payload) if metadata is not None else None
         metadata = client.get(key + METADATA_SUFFIX)
         if metadata is None:
             return None
@@ -134,13 +165,18 @@ class ValkeyClusterConnector(RemoteConnector):
 
     def _put(self, key: str, metadata: bytes, payload: Buffer) -> None:
         client = self._cluster()
-        client.set(key + PAYLOAD_SUFFIX, memoryview(payload).cast("B"))
-        client.set(key + METADATA_SUFFIX, metadata)
+        view = memoryview(payload).cast("B")
+        if self.one_key:
+            client.set(key + SIDE_SUFFIX, metadata)
+            client.set(key, view)
+        else:
+            client.set(key + PAYLOAD_SUFFIX, view)
+            client.set(key + METADATA_SUFFIX, metadata)
 
     def _remove(self, key: str) -> bool:
         client = self._cluster()
-        removed = client.delete(key + METADATA_SUFFIX)
-        return (client.delete(key + PAYLOAD_SUFFIX) + removed) > 0
+        extra = (key + SIDE_SUFFIX,) if self.one_key else ()
+        return sum(client.delete(part) for part in (*self._parts(key), *extra)) > 0
 
     def _on_transport_error(self) -> None:
         self._close()

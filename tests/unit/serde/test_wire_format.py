@@ -1,4 +1,5 @@
-"""The remote wire format (DESIGN.md §4.5 + lmcache's checksum) and key file names."""
+"""The remote wire format (DESIGN.md §4.5 + lmcache's trailer: layout and a checksum covering the
+key) and key file names."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import xxhash
 
 from lmcache.memory.memory_format import MemoryFormat
-from lmcache.storage.connectors import wire_format as wf
+from lmcache.serde import wire_format as wf
+from lmcache.storage.connectors import wire_format as old_path_wf
 
 
 def _payload(n: int = 64) -> bytes:
@@ -33,25 +35,87 @@ def test_header_is_seven_little_endian_int32_with_design_dtype_codes():
         assert wf.decode_metadata(header)[0].dtype == torch.float16
 
 
-def test_metadata_is_header_plus_xxh3_of_header_and_payload():
+LAYOUT = wf.ChunkLayout(4, 1, 2, torch.bfloat16, False, 8)
+
+
+def test_old_import_path_is_the_same_module():
+    assert old_path_wf is wf
+
+
+def test_metadata_is_header_then_trailer_with_layout_and_xxh3_of_key_header_payload():
+    payload = _payload(2 * 4 * 8 * 2 * 2)
+    key = "m@1@0@ab@bfloat16"
+    meta = wf.RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, torch.bfloat16, (2, 4, 8, 2))
+    data = wf.encode_metadata(meta, payload, key, LAYOUT)
+    assert len(data) == wf.METADATA_SIZE == 56
+    assert data[:28] == meta.header_bytes()
+    fields = struct.unpack("<4sIIIBBBB", data[28:48])
+    assert fields == (b"LMc\x02", 4, 1, 2, 3, 3, 1, 0)  # layers, heads, head size, dtypes, flags
+    digest = struct.unpack("<Q", data[48:])[0]
+    assert digest == xxhash.xxh3_64_intdigest(key.encode() + b"\0" + data[:48] + payload)
+    assert wf.verify_payload(data, payload, key=key, expect=LAYOUT) == meta
+    decoded, trailer = wf.decode_metadata(data)
+    assert decoded == meta and trailer.checksum == digest
+    assert trailer.layout == wf.ChunkLayout(4, 1, 2, torch.bfloat16, False)
+
+
+def test_checksum_covers_the_key():
+    payload = _payload(64)
+    meta = wf.RemoteMetadata(64, MemoryFormat.BINARY, None, (64,))
+    data = wf.encode_metadata(meta, payload, "model@1@0@aa@half")
+    assert wf.verify_payload(data, payload, key="model@1@0@aa@half") == meta
+    with pytest.raises(wf.WireFormatError, match="checksum"):
+        wf.verify_payload(data, payload, key="model@1@0@ab@half")
+
+
+@pytest.mark.parametrize("other", [
+    wf.ChunkLayout(4, 2, 1, torch.bfloat16, False),    # same D = 2, heads and head size swapped
+    wf.ChunkLayout(4, 1, 2, torch.float16, False),     # other dtype, same byte size
+    wf.ChunkLayout(4, 1, 2, torch.bfloat16, True),     # MLA
+    wf.ChunkLayout(2, 1, 2, torch.bfloat16, False),    # other layer count
+])
+def test_a_chunk_of_another_layout_is_rejected_even_with_the_same_byte_size(other):
     payload = _payload(2 * 4 * 8 * 2 * 2)
     meta = wf.RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, torch.bfloat16, (2, 4, 8, 2))
-    data = wf.encode_metadata(meta, payload)
-    assert len(data) == wf.METADATA_SIZE == 36
-    assert data[:28] == meta.header_bytes()
-    digest = struct.unpack("<Q", data[28:])[0]
-    assert digest == xxhash.xxh3_64_intdigest(data[:28] + payload)
-    assert wf.verify_payload(data, payload) == meta
-    decoded, got_digest = wf.decode_metadata(data)
-    assert decoded == meta and got_digest == digest
+    data = wf.encode_metadata(meta, payload, "k", other)
+    with pytest.raises(wf.WireFormatError, match="another KV layout"):
+        wf.verify_payload(data, payload, key="k", expect=LAYOUT)
 
 
-def test_fewer_than_four_dims_use_minus_one_slots():
+def test_lmcache_header_without_trailer_is_checked_against_the_layout():
+    payload = _payload(2 * 4 * 8 * 2 * 2)
+    ok = struct.pack("<7i", len(payload), 1, 3, 2, 4, 8, 2)
+    assert wf.verify_payload(ok, payload, key="k", expect=LAYOUT).shape == (2, 4, 8, 2)
+    for fields, what in [((len(payload), 1, 2, 2, 4, 8, 2), "dtype"),          # fp16
+                         ((len(payload), 1, 3, 2, 2, 16, 2), "shape"),         # 2 layers
+                         ((len(payload), 6, 3, 1, 4, 16, 2), "shape"),         # MLA fmt
+                         ((len(payload), 1, 3, 2, 4, 4, 4), "shape"),          # D = 4
+                         ((len(payload) * 2, 1, 3, 2, 4, 16, 2), "payload is")]:
+        with pytest.raises(wf.WireFormatError, match=what):
+            wf.verify_payload(struct.pack("<7i", *fields), payload, expect=LAYOUT)
+    big = wf.ChunkLayout(4, 1, 2, torch.bfloat16, False, 4)  # chunk_size 4 < 8 tokens
+    with pytest.raises(wf.WireFormatError, match="tokens"):
+        wf.verify_payload(ok, payload, expect=big)
+
+
+def test_one_byte_dtypes_without_lmcache_code_go_as_uint8_with_exact_dtype_in_trailer():
+    for dtype in (torch.int8, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.bool):
+        t = torch.zeros(2, 1, 4, 6, dtype=dtype)
+        meta = wf.RemoteMetadata.for_tensor(t, MemoryFormat.KV_2LTD)
+        data = wf.encode_metadata(meta, bytes(48), "k")
+        assert struct.unpack_from("<7i", data)[2] == 6
+        assert wf.decode_metadata(data)[0].dtype == dtype
+        assert wf.decode_metadata(data[:28])[0].dtype == torch.uint8
+
+
+def test_fewer_than_four_dims_pad_with_zero_as_lmcache():
     t = torch.zeros(16, 2, 8, dtype=torch.float16)  # KV_T2D [T, 2, D]
     meta = wf.RemoteMetadata.for_tensor(t, MemoryFormat.KV_T2D)
     header = meta.header_bytes()
-    assert struct.unpack("<7i", header) == (512, 2, 2, 16, 2, 8, -1)
+    assert struct.unpack("<7i", header) == (512, 2, 2, 16, 2, 8, 0)
     assert wf.decode_metadata(header)[0].shape == (16, 2, 8)
+    binary = struct.pack("<7i", 10, int(MemoryFormat.BINARY), 6, 10, 0, 0, 0)  # LMCache's
+    assert wf.decode_metadata(binary)[0].shape == (10,)
 
 
 def test_lmcache_written_28_byte_metadata_is_accepted_by_length():
@@ -69,9 +133,10 @@ def test_lmcache_written_28_byte_metadata_is_accepted_by_length():
         ((16, 1, 4, 1, 1, 1, 5), "is not 16 bytes"),          # length disagrees with shape
         ((16, 9, 4, 1, 1, 1, 4), "unknown MemoryFormat"),
         ((16, 1, 42, 1, 1, 1, 4), "unknown dtype code"),
-        ((-4, 1, 4, 1, 1, 1, -1), "outside"),
-        ((16, 1, 4, 4, -1, 1, 1), "bad shape"),                # hole in the shape
-        ((1 << 30, 1, 6, 1 << 30, -1, -1, -1), "outside"),     # above the size limit
+        ((-4, 1, 4, 1, 1, 1, 0), "outside"),
+        ((16, 1, 4, 4, -1, 1, 1), "bad shape"),                # negative slot
+        ((16, 2, 4, 4, 1, 1, -1), "bad shape"),                # lmcache's old -1 padding
+        ((1 << 30, 1, 6, 1 << 30, 0, 0, 0), "outside"),        # above the size limit
     ],
 )
 def test_inconsistent_headers_are_rejected(fields, message):
@@ -83,8 +148,10 @@ def test_wrong_sizes_and_flipped_bits_are_rejected():
     payload = bytearray(_payload(64))
     meta = wf.RemoteMetadata(64, MemoryFormat.BINARY, None, (64,))
     data = bytearray(wf.encode_metadata(meta, payload))
-    with pytest.raises(wf.WireFormatError, match="expected 36 or 28"):
-        wf.decode_metadata(data[:30])
+    with pytest.raises(wf.WireFormatError, match="expected 56 or 28"):
+        wf.decode_metadata(data[:36])
+    with pytest.raises(wf.WireFormatError, match="trailer magic"):
+        wf.decode_metadata(bytes(data[:28]) + b"XXXX" + bytes(data[32:]))
     with pytest.raises(wf.WireFormatError, match="payload is 63 bytes but the header says 64"):
         wf.verify_payload(data, payload[:63])
     payload[10] ^= 1
@@ -110,7 +177,7 @@ def test_blob_layout_magic_metadata_payload():
     payload = _payload(32)
     meta = wf.RemoteMetadata(32, MemoryFormat.BINARY, torch.uint8, (32,))
     blob = wf.encode_file_header(meta, payload) + payload
-    assert blob[:8] == b"LMCACHE1" and len(blob) == wf.FILE_HEADER_SIZE + 32 == 76
+    assert blob[:8] == b"LMCACHE2" and len(blob) == wf.FILE_HEADER_SIZE + 32 == 96
     got, view = wf.decode_blob(blob)
     assert got == meta and bytes(view) == payload
     with pytest.raises(wf.WireFormatError, match="bad magic"):

@@ -63,8 +63,8 @@ def test_repeated_lookup_for_one_request_does_not_stack_pins(worker):
 def test_unreachable_worker_is_a_miss_not_an_error(tmp_path):
     client = LookupClient([protocol.lookup_address("nobody", 0, str(tmp_path))], timeout_ms=200)
     assert client.lookup([1, 2, 3], "r") == 0
-    assert client.lookup([1, 2, 3], "r") == 0  # the socket was rebuilt and still works
-    assert client.failures == 2
+    assert client.lookup([1, 2, 3], "r") == 0  # marked down: answered at once
+    assert client.failures == 1 and client.stats["skipped_down"] == 1
     client.close()
 
 
@@ -99,3 +99,7 @@ def test_client_argument_errors():
         LookupClient([])
     with pytest.raises(ValueError, match="timeout_ms"):
         LookupClient(["ipc:///tmp/x"], timeout_ms=0)
+    with pytest.raises(ValueError, match="retry_interval_ms"):
+        LookupClient(["ipc:///tmp/x"], retry_interval_ms=-1)
+    with pytest.raises(ValueError, match="max_retry_interval_ms"):
+        LookupClient(["ipc:///tmp/x"], retry_interval_ms=500, max_retry_interval_ms=100)

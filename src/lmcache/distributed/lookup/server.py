@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import socket
 import threading
 
 import torch
@@ -24,6 +27,11 @@ class LookupServer:
         engine: the worker's LMCacheEngine (``lookup(tokens, pin, lookup_id, request_configs)``
             and ``lookup_unpin(lookup_id)``).
         address: ZMQ endpoint to bind, e.g. from :func:`protocol.lookup_address`.
+
+    Raises:
+        RuntimeError: the endpoint is already served by a live process (two instances with the
+            same ipc path, e.g. the same ``engine_id``), or cannot be bound; names the endpoint.
+            A stale ipc file left by a dead process is replaced.
     """
 
     def __init__(self, engine, address: str):
@@ -32,7 +40,13 @@ class LookupServer:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.REP)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(address)
+        check_endpoint_free(address)
+        try:
+            self._sock.bind(address)
+        except zmq.ZMQError as exc:
+            self._sock.close(0)
+            raise RuntimeError(f"lookup endpoint {address} cannot be bound: {exc} (is another "
+                               f"lmcache instance using it?)") from exc
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="lmcache-lookup-server", daemon=True)
         self._thread.start()
@@ -74,3 +88,27 @@ class LookupServer:
         self._stop.set()
         self._thread.join(timeout=5)
         self._sock.close(0)
+
+
+def check_endpoint_free(address: str) -> None:
+    """RuntimeError when a live process listens on ``address``'s ipc path (ZMQ would silently
+    take the path over, and the other instance's scheduler would ask this worker)."""
+    if not address.startswith("ipc://") or address.startswith("ipc://@"):
+        return
+    path = address[len("ipc://"):]
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return  # a stale file of a process that is gone: bind replaces it
+        raise RuntimeError(f"lookup endpoint {address} exists and cannot be checked: {exc}") from exc
+    finally:
+        probe.close()
+    raise RuntimeError(
+        f"lookup endpoint {address} is already served by a live process: two lmcache instances "
+        f"share one ipc path (same vLLM engine_id and rank, or the same LMCACHE_IPC_DIR); give "
+        f"each instance its own engine_id")

@@ -15,11 +15,13 @@ from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating, Serde
 from lmcache.storage.backends.base import StorageBackendInterface
+from lmcache.storage.backends.circuit_breaker import CircuitBreaker
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.base import RemoteConnector
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+PROBE_KEY = "lmcache-breaker-probe"  # looked up (never written) by the breaker's probe
 
 
 def release_when_done(future: "Future[Optional[MemoryObj]]") -> None:
@@ -41,8 +43,16 @@ class RemoteBackend(StorageBackendInterface):
       dropped and counted); the reference is dropped once sent. A queued chunk is served from
       memory.
     * Reads run on ``num_get_workers`` threads and every blocking call returns within
-      ``blocking_timeout_secs`` seconds: a late answer is a miss (its memory is released when
-      it arrives). Remote bytes are verified with :mod:`wire_format` (sizes, header, checksum;
+      ``blocking_timeout_secs`` seconds (``contains`` / ``batched_contains``, which lookups
+      and the store path ask, within ``contains_timeout_secs``): a late answer is a miss (its
+      memory is released when it arrives).
+    * Circuit breaker: a call that misses its deadline, or an upload running longer than
+      ``blocking_timeout_secs``, opens the breaker. While open every call fails fast without
+      touching the network (contains → not held, get → miss, put → dropped and counted in
+      ``dropped_open``, queued uploads are dropped too), so a hung remote never stalls a
+      lookup or a store; a background probe (an ``exists`` every ``probe_interval_secs``
+      that must answer within ``contains_timeout_secs``) closes it again. ``breaker.stats``
+      counts opens, closes, rejected calls and probes. Remote bytes are verified with :mod:`wire_format` (sizes, header, checksum;
       a header whose length disagrees with the payload is a miss) before the Serde copies them
       into memory from ``allocator_backend``.
     * Any remote failure is a miss or a dropped put, never an exception (see RemoteConnector).
@@ -53,7 +63,10 @@ class RemoteBackend(StorageBackendInterface):
         allocator_backend: gives memory for the chunks read back.
         serde: turns MemoryObjs into payload bytes and back.
         remote_connector: the store.
-        blocking_timeout_secs: deadline of one blocking call (contains/get/remove), > 0.
+        blocking_timeout_secs: deadline of one blocking call (get/remove), > 0.
+        contains_timeout_secs: deadline of contains/batched_contains, > 0; keep it below the
+            scheduler's ``lookup_timeout_ms`` so the faster tiers' prefix is still promised.
+        probe_interval_secs: seconds between probes while the breaker is open, > 0.
         num_get_workers / num_put_workers: threads, >= 1.
         max_pending_puts: queued uploads at most, >= 1.
         metadata: this worker's LMCacheMetadata (injected): its KV layout is recorded with
@@ -73,6 +86,8 @@ class RemoteBackend(StorageBackendInterface):
         num_get_workers: int = 8,
         num_put_workers: int = 2,
         max_pending_puts: int = 64,
+        contains_timeout_secs: float = 1.0,
+        probe_interval_secs: float = 1.0,
         metadata: Optional["LMCacheMetadata"] = None,
     ) -> None:
         if not isinstance(remote_connector, RemoteConnector):
@@ -80,8 +95,10 @@ class RemoteBackend(StorageBackendInterface):
                             f"remote_connector=valkey), got {remote_connector!r}")
         if not isinstance(serde, Serde):
             raise TypeError(f"serde must be a Serde (e.g. serde=naive), got {serde!r}")
-        if not blocking_timeout_secs > 0:
-            raise ValueError(f"blocking_timeout_secs must be > 0, got {blocking_timeout_secs!r}")
+        for what, value in (("blocking_timeout_secs", blocking_timeout_secs),
+                            ("contains_timeout_secs", contains_timeout_secs)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{what} must be > 0, got {value!r} (seconds)")
         if min(num_get_workers, num_put_workers, max_pending_puts) < 1:
             raise ValueError(
                 f"num_get_workers, num_put_workers, max_pending_puts must be >= 1, got "
@@ -92,6 +109,10 @@ class RemoteBackend(StorageBackendInterface):
         self.serde = serde
         self.connector = remote_connector
         self.blocking_timeout_secs = float(blocking_timeout_secs)
+        self.contains_timeout_secs = float(contains_timeout_secs)
+        self.breaker = CircuitBreaker(f"remote tier {getattr(remote_connector, 'url', '')}",
+                                      self._probe, probe_interval_secs)
+        self._uploading: dict[int, float] = {}  # thread id -> start of its current upload
         self.max_pending_puts = max_pending_puts
         self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
         self._lock = threading.Lock()
@@ -101,40 +122,55 @@ class RemoteBackend(StorageBackendInterface):
         self._warned: set[str] = set()
         self.stats = dict.fromkeys(
             ("puts", "put_failures", "dropped_backlog", "hits", "misses", "corrupt",
-             "timeouts"), 0)
+             "timeouts", "dropped_open"), 0)
         self._getters = ThreadPoolExecutor(num_get_workers, thread_name_prefix="lmc-remote-r")
         self._putters = ThreadPoolExecutor(num_put_workers, thread_name_prefix="lmc-remote-w")
 
     # ---- helpers -------------------------------------------------------------------------
     def _wait(self, future: "Future[T]", default: T, deadline: Optional[float] = None) -> T:
-        """Result of ``future`` by ``deadline`` (default now + blocking_timeout_secs)."""
+        """Result of ``future`` by ``deadline`` (default now + blocking_timeout_secs); a
+        missed deadline is ``default`` and opens the breaker."""
         if deadline is None:
             deadline = time.monotonic() + self.blocking_timeout_secs
         try:
             return future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
             self.stats["timeouts"] += 1
-            self._warn_once("timeout", "remote call took longer than %.1fs; treated as a miss",
-                            self.blocking_timeout_secs)
+            self.breaker.trip("a remote call missed its deadline")
             return default
         except (CancelledError, Exception) as e:  # never raise into the engine
             self._warn_once(f"error:{type(e).__name__}", "remote call failed: %r", e)
             return default
 
-    def _run(self, fn: Callable[[], T], default: T) -> T:
-        if self._closed:
+    def _run(self, fn: Callable[[], T], default: T, timeout: Optional[float] = None) -> T:
+        if self._closed or self.breaker.reject():
             return default
+        deadline = time.monotonic() + (self.blocking_timeout_secs if timeout is None else timeout)
         try:
-            return self._wait(self._getters.submit(fn), default)
+            return self._wait(self._getters.submit(fn), default, deadline)
         except RuntimeError:  # pool shut down by a concurrent close()
             return default
+
+    def _probe(self) -> bool:
+        """The breaker's probe: one ``exists`` answered within ``contains_timeout_secs``."""
+        started = time.monotonic()
+        self.connector.exists(PROBE_KEY)
+        in_time = time.monotonic() - started <= self.contains_timeout_secs
+        return in_time and bool(getattr(self.connector, "is_available", True))
+
+    def _check_uploads(self) -> None:
+        """Open the breaker when an upload has run past ``blocking_timeout_secs``."""
+        started = min(tuple(self._uploading.values()), default=None)
+        if started is not None and time.monotonic() - started > self.blocking_timeout_secs:
+            self.breaker.trip("a remote upload is stuck")
 
     # ---- queries -------------------------------------------------------------------------
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
         """True when queued or in the remote store (``pin`` has no effect on a remote)."""
         if key in self._pending:
             return True
-        return self._run(lambda: self.connector.exists(key.to_string()), False)
+        return self._run(lambda: self.connector.exists(key.to_string()), False,
+                         self.contains_timeout_secs)
 
     def batched_contains(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
         """Contiguous prefix of ``keys`` held (queued or remote); one batched remote query."""
@@ -145,7 +181,8 @@ class RemoteBackend(StorageBackendInterface):
         rest = [k.to_string() for k in keys[n:]]
         if not rest:
             return n
-        flags = self._run(lambda: self.connector.batched_exists(rest), [])
+        flags = self._run(lambda: self.connector.batched_exists(rest), [],
+                          self.contains_timeout_secs)
         for flag in flags:
             if not flag:
                 break
@@ -196,8 +233,8 @@ class RemoteBackend(StorageBackendInterface):
             except RuntimeError:  # the upload finished and released it just now
                 pass
         try:
-            if self._closed:
-                raise RuntimeError("closed")
+            if self._closed or self.breaker.reject():
+                raise RuntimeError("closed or breaker open")
             return self._getters.submit(self._fetch, key)
         except RuntimeError:
             missed: Future = Future()
@@ -224,6 +261,10 @@ class RemoteBackend(StorageBackendInterface):
     # ---- writes --------------------------------------------------------------------------
     def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         """Queue an upload of ``obj`` (dropped when the queue is full or the tier closed)."""
+        self._check_uploads()
+        if self.breaker.reject():
+            self.stats["dropped_open"] += 1
+            return
         with self._lock:
             if self._closed or key in self._pending:
                 return
@@ -241,9 +282,19 @@ class RemoteBackend(StorageBackendInterface):
             with self._lock:
                 if self._pending.get(key) is not obj:
                     return  # cleared before it was sent
+            if self.breaker.reject():
+                self.stats["dropped_open"] += 1
+                return
             meta, payload = self.serde.serialize(obj)
             metadata = wf.encode_metadata(meta, payload, key.to_string(), self.layout)
-            ok = self.connector.put(key.to_string(), metadata, payload)
+            me = threading.get_ident()
+            self._uploading[me] = started = time.monotonic()
+            try:
+                ok = self.connector.put(key.to_string(), metadata, payload)
+            finally:
+                del self._uploading[me]
+            if time.monotonic() - started > self.blocking_timeout_secs:
+                self.breaker.trip("a remote upload missed its deadline")
             self.stats["puts" if ok else "put_failures"] += 1
         except ValueError as e:
             self.stats["put_failures"] += 1
@@ -283,6 +334,7 @@ class RemoteBackend(StorageBackendInterface):
             if self._closed:
                 return
             self._closed = True
+        self.breaker.shutdown()
         self._putters.shutdown(wait=True)
         self._getters.shutdown(wait=True, cancel_futures=True)
         self.connector.close()

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.serde.base import Allocating, Buffer, Serde
 from lmcache.serde.wire_format import RemoteMetadata
@@ -32,10 +33,18 @@ class NaiveSerde(Serde):
     ) -> Optional[MemoryObj]:
         """Allocate ``meta.shape`` of ``meta.dtype`` (uint8 for raw bytes) and copy the payload.
 
+        A BINARY payload that is a compressed stream (cachegen, kivi, fp8; see
+        :mod:`lmcache.serde.compressed`) is decoded by the codec its header names.
+
         Raises:
-            ValueError: ``len(payload) != meta.length``.
+            ValueError: ``len(payload) != meta.length``; a foreign, newer or corrupt stream.
         """
         view = memoryview(payload).cast("B")
+        if meta.fmt == MemoryFormat.BINARY:  # a compressing serde's stream: its own header
+            from lmcache.serde.compressed import decode_stream, is_stream  # decides (or a miss)
+
+            if is_stream(view):
+                return decode_stream(view, allocator_backend)
         if view.nbytes != meta.length:
             raise ValueError(f"payload is {view.nbytes} bytes, metadata says {meta.length}")
         dtype = meta.dtype if meta.dtype is not None else torch.uint8

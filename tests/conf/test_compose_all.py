@@ -164,12 +164,16 @@ def _round_trip(container) -> None:
     slots = torch.arange(N, N + NUM_TOKENS)  # blocks 1 and 2 (block 0 is vLLM's null block)
     assert engine.store(tokens, kvcaches=kv, slot_mapping=slots) == NUM_TOKENS
 
-    def retrieve_and_compare() -> None:
+    def retrieve_and_compare(rel_tol: float = 0.0) -> None:
         out = [torch.zeros(shape, dtype=DTYPE) for _ in range(L)]
         ret = engine.retrieve(tokens, kvcaches=out, slot_mapping=slots)
         assert int(ret.sum()) == NUM_TOKENS
         for layer in range(L):
-            torch.testing.assert_close(out[layer][1:3], kv[layer][1:3], rtol=0, atol=0)
+            if rel_tol:  # a lossy serde (cachegen, kivi, fp8) between the tiers
+                got, want = out[layer][1:3].float(), kv[layer][1:3].float()
+                assert float((got - want).norm() / want.norm()) < rel_tol
+            else:
+                torch.testing.assert_close(out[layer][1:3], kv[layer][1:3], rtol=0, atol=0)
             assert int(torch.count_nonzero(out[layer][0])) == 0
             assert int(torch.count_nonzero(out[layer][3:])) == 0
 
@@ -182,7 +186,9 @@ def _round_trip(container) -> None:
                 break
             time.sleep(0.05)
         assert engine.lookup(tokens) == NUM_TOKENS, f"tiers {tiers[1:]} lost the chunks"
-        retrieve_and_compare()
+        serde = container.config().get("serde")
+        lossy = serde is not None and option_name(serde) in ("cachegen", "kivi", "fp8")
+        retrieve_and_compare(0.6 if lossy else 0.0)  # 2-bit KIVI of Gaussian noise: ~0.45
 
 
 def _blackhole_only(container) -> bool:

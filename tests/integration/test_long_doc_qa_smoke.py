@@ -33,6 +33,8 @@ def run_app(out_dir: Path, cache: Path, *overrides: str) -> subprocess.Completed
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "lmcache.experiments.long_doc_qa", f"hydra.run.dir={out_dir}",
            f"model.cache_dir={cache}", *TINY, *overrides]
+    if "-m" in overrides:  # a sweep: the flag first; hydra.run.dir does not apply
+        cmd = [*cmd[:3], "-m", *(c for c in cmd[3:] if c not in ("-m", f"hydra.run.dir={out_dir}"))]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -41,46 +43,71 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_two_docs_two_questions_hit_on_warm_round_with_identical_outputs(tmp_path, model_cache):
+def test_two_docs_two_questions_two_repeats_hit_on_warm_rounds_with_identical_outputs(tmp_path, model_cache):
     proc = run_app(tmp_path, model_cache, "documents.count=2", "questions.per_document=2",
-                   f"documents.max_tokens={DOC_TOKENS}", "documents.min_tokens=512",
-                   "max_tokens=4", "warmup_tokens=16", "progress=false")
+                   f"documents.max_tokens={DOC_TOKENS}", "documents.min_tokens=512", "repeats=2",
+                   "max_tokens=4", "warmup_tokens=16")
     log = f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}"
     assert proc.returncode == 0, log
     assert "greedy outputs are identical with and without lmcache" in proc.stdout, log
-    assert str(tmp_path / "long_doc_qa.csv") in proc.stdout.replace("\n", "")
+    assert f"per-round CSV: {tmp_path / 'long_doc_qa.csv'}\n" in proc.stdout  # whole path
+    # a line per phase: engine start-up, then every (repeat, round)
+    assert "vLLM ready for without_lmcache in " in proc.stdout
+    assert "vLLM ready for with_lmcache in " in proc.stdout
+    assert "repeat 2 round 2 (warm), 2 requests, median TTFT: " in proc.stdout
+    assert "lmcache's own cost per request" in proc.stdout
+    assert "WARNING" not in proc.stdout  # other libraries' messages went to the engine logs
+    run_log = (tmp_path / "long_doc_qa.log").read_text()
+    assert "greedy outputs are identical with and without lmcache" in run_log
+    assert "TTFT per round" in run_log and "repeat 1 round 1 (cold)" in run_log
+    assert (tmp_path / "vllm_with_lmcache.log").is_file()
 
     rounds = read_csv(tmp_path / "long_doc_qa.csv")
-    assert [(r["round"], r["phase"], r["requests"]) for r in rounds] == [("1", "cold", "2"), ("2", "warm", "2")]
+    assert [(r["round"], r["phase"], r["requests"]) for r in rounds] == [("1", "cold", "4"), ("2", "warm", "4")]
     cold, warm = rounds
     whole = DOC_TOKENS // CHUNK * CHUNK  # 512: the document's whole chunks
     assert cold["hit_tokens_with_lmcache"] == "0" and cold["hit_tokens_without_lmcache"] == "0"
-    assert int(warm["hit_tokens_with_lmcache"]) == 2 * whole
+    assert float(warm["hit_tokens_with_lmcache"]) == whole  # every repeat hits: salted docs are new
     assert warm["hit_tokens_without_lmcache"] == "0"
     assert cold["outputs_identical"] == warm["outputs_identical"] == "True"
-    assert float(warm["ttft_with_lmcache_s"]) > 0 and float(warm["ttft_without_lmcache_s"]) > 0
+    for col in ("ttft_with_lmcache_s", "ttft_without_lmcache_s", "speedup", "speedup_p25", "speedup_p75"):
+        assert float(warm[col]) > 0
+    assert float(warm["speedup_p25"]) <= float(warm["speedup"]) <= float(warm["speedup_p75"])
+    # lmcache's own timers: a warm request loads, a cold one stores, both look up and hash
+    assert float(warm["load_ms"]) > 0 and float(cold["store_ms"]) > 0 and float(cold["load_ms"]) == 0
+    assert float(cold["lookup_ms"]) > 0 and float(warm["hash_ms"]) > 0
 
     reqs = read_csv(tmp_path / "long_doc_qa_requests.csv")
-    assert len(reqs) == 8
-    by_pass = {p: {r["request_key"]: r for r in reqs if r["pass"] == p}
+    assert len(reqs) == 16
+    by_pass = {p: {(r["request_key"], r["repeat"]): r for r in reqs if r["pass"] == p}
                for p in ("without_lmcache", "with_lmcache")}
     assert by_pass["without_lmcache"].keys() == by_pass["with_lmcache"].keys()
+    assert {k[1] for k in by_pass["with_lmcache"]} == {"0", "1"}
     for key, base in by_pass["without_lmcache"].items():
         lm = by_pass["with_lmcache"][key]
         assert base["output_token_ids"] == lm["output_token_ids"] and len(base["output_token_ids"].split()) == 4
         assert base["prompt_tokens"] == lm["prompt_tokens"] and int(base["prompt_tokens"]) > DOC_TOKENS
         assert int(lm["hit_tokens"]) == (whole if lm["round"] == "2" else 0)
+        assert float(base["load_ms"]) == float(base["store_ms"]) == 0  # no lmcache in that pass
 
 
-def test_configuration_error_exits_2_naming_the_key(tmp_path, model_cache):
-    proc = run_app(tmp_path, model_cache, "documents.count=99", "documents.min_tokens=512",
-                   f"documents.max_tokens={DOC_TOKENS}")
+@pytest.mark.parametrize("overrides, message", [
+    (["documents.count=99"], "configuration error: documents.count=99"),
+    (["+chunk_sise=128"], "configuration error: unknown top-level key(s) ['chunk_sise']"),
+    (["chunk_sise=128"], "chunk_sise"),  # Hydra's own error (no '+'): the same status
+])
+def test_configuration_errors_exit_2_before_any_engine_starts(tmp_path, model_cache, overrides, message):
+    proc = run_app(tmp_path, model_cache, "documents.min_tokens=512",
+                   f"documents.max_tokens={DOC_TOKENS}", *overrides)
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert "configuration error: documents.count=99" in proc.stderr
+    assert message in proc.stderr
+    assert "starting vLLM" not in proc.stdout  # no engine started
 
 
-def test_lmcache_configuration_error_exits_2_before_any_engine_starts(tmp_path, model_cache):
-    proc = run_app(tmp_path, model_cache, "+lmcache.extra_config.chunk_sise=128")
+def test_sweep_of_failing_jobs_reports_and_exits_with_their_status(tmp_path, model_cache):
+    env_dir = tmp_path / "sweep"
+    proc = run_app(tmp_path, model_cache, "-m", f"hydra.sweep.dir={env_dir}",
+                   "documents.count=98,99", "documents.min_tokens=512")
     assert proc.returncode == 2, proc.stderr[-4000:]
-    assert "unknown LMCache config key 'chunk_sise'" in proc.stderr and "chunk_size" in proc.stderr
-    assert "without_lmcache" not in proc.stdout  # no pass ran
+    assert proc.stderr.count("configuration error: documents.count=9") == 2
+    assert f"sweep: no job wrote long_doc_qa.csv under {env_dir}" in proc.stdout

@@ -128,8 +128,10 @@ class LMCacheEngine:
         self._check_open()
         self._check_locations(kwargs.get("store_location"), kwargs.get("retrieve_locations"))
         xfer = self._transfer_kwargs(kwargs)
+        t0 = time.perf_counter()
         chunks = list(self.token_database.process_tokens(
             tokens, mask, request_configs=kwargs.get("request_configs")))
+        self.stats.observe("process_tokens_seconds", time.perf_counter() - t0)
         self.stats.inc(f"{op}_requests")
         self.stats.inc(f"{op}_requested_tokens", sum(e - s for s, e, _ in chunks))
         return xfer, chunks
@@ -244,7 +246,9 @@ class LMCacheEngine:
         self._check_open()
         if pin and lookup_id is None:
             raise ValueError("lookup(pin=True) needs a lookup_id to release the pins with")
+        t0 = time.perf_counter()
         chunks = list(self.token_database.process_tokens(tokens, request_configs=request_configs))
+        self.stats.observe("process_tokens_seconds", time.perf_counter() - t0)
         keys = [key for _, _, key in chunks]
         self._check_locations(None, retrieve_locations)
         if self._layerwise is not None:  # a chunk counts only with every layer held
@@ -262,6 +266,7 @@ class LMCacheEngine:
         self.stats.inc("lookup_requests")
         self.stats.inc("lookup_tokens", len(tokens))
         self.stats.inc("lookup_hit_tokens", hit_tokens)
+        self.stats.observe("lookup_seconds", time.perf_counter() - t0)
         return hit_tokens
 
     def lookup_unpin(self, lookup_id: Union[object, Iterable[object]]) -> None:

@@ -3,19 +3,25 @@
 Several documents (license texts, a few thousand tokens each) get several questions each; a
 prompt is the document's tokens followed by the question's, so the document is a shared prefix.
 Round 1 asks every document's first question (cold), round ``r`` its ``r``-th question (warm).
-The same prompts run through vLLM twice, each pass in its own child process
-(:mod:`lmcache.experiments.runner`): once with no KV connector and once with lmcache's
-``LMCacheConnectorV1Dynamic``; vLLM's own prefix caching is off in both, so the difference is
-lmcache's. The app prints a rich table and writes two CSV files under Hydra's output directory
-(per round: TTFT without/with lmcache, speedup, hit tokens; per request: every measurement and
-the output token ids), then checks that the greedy outputs of the two passes are identical.
+Each pass (no KV connector / lmcache's ``LMCacheConnectorV1Dynamic``; vLLM's own prefix caching
+off in both) has its own engine process (:mod:`lmcache.experiments.runner`); every request goes
+to both passes back to back, alternating which goes first, and every round is repeated
+``repeats`` times on salted documents (:mod:`lmcache.experiments.interleave`). The app prints
+the median TTFTs, the median of the paired speedups and their spread (p25-p75) per round, a note
+where the spread includes 1.0, lmcache's own cost per request (lookup, hashing, load, store),
+writes two CSV files under Hydra's output directory and checks that the greedy outputs of the
+passes are identical.
+
+lmcache's own config tree composes into the app's config at the root
+(:mod:`lmcache.experiments.lmcache_config`): ``deployment=cpu_disk local_disk=/nvme/kv``.
 
 Run ``python -m lmcache.experiments.long_doc_qa [overrides]`` (or ``scripts/long_doc_qa.py``);
-the config is ``experiment/long_doc_qa`` of the installed ``lmcache.conf`` package, e.g.
-``documents.count=2 questions.per_document=2 passes=[without_lmcache]``.
+``-m`` sweeps end with one combined table, CSV and plot (:mod:`lmcache.experiments.sweep`).
 
-Exit status: 0 on success; 1 when greedy outputs differ between the passes (the message names
-the requests); 2 on a configuration error (the message names the key). A failing pass raises.
+Exit status (one per outcome): 0 success; 2 configuration error (Hydra's own override errors
+included; the message names the key); 3 greedy outputs differ between the passes; 4 a run
+failed (an engine crashed; the message holds its traceback); 130 interrupted. In a sweep the
+status is the highest of its jobs.
 """
 
 from __future__ import annotations
@@ -29,22 +35,23 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lmcache.experiments import report
+from lmcache.experiments import interleave, report
+from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import build_requests, load_documents
-from lmcache.experiments.runner import ENGINE_ENV, run_pass
+from lmcache.experiments.lmcache_config import (ExperimentConfigError, check_known_keys,
+                                                check_same_config, connector_overrides)
+from lmcache.experiments.runner import ENGINE_ENV, EngineProcess
 from lmcache.experiments.tiny_model import TinyModelSpec, ensure_tiny_model
 
 CONFIG_PATH = "pkg://lmcache.conf"
 CONFIG_NAME = "experiment/long_doc_qa"
 PASSES = ("without_lmcache", "with_lmcache")
-EXIT_MISMATCH = 1
-EXIT_CONFIG = 2
+EXIT_OK, EXIT_CONFIG, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 log = logging.getLogger(__name__)
+_statuses: list[int] = []  # one per job run by Hydra in this process (main() exits with max)
 
-
-class ExperimentConfigError(ValueError):
-    """A bad value in the experiment's configuration (the message names the key)."""
+__all__ = ["ExperimentConfigError", "main", "run_experiment"]
 
 
 def prepare_model(cfg: DictConfig) -> str:
@@ -59,49 +66,60 @@ def prepare_model(cfg: DictConfig) -> str:
     return str(ensure_tiny_model(cfg.model.cache_dir, spec))
 
 
-def kv_transfer_fields(cfg: DictConfig) -> dict[str, Any]:
-    """``KVTransferConfig`` fields of the with_lmcache pass; ``lmcache.extra_config`` keys get the
-    ``lmcache.`` prefix unless they already have it."""
-    lm = cfg.lmcache
-    extra = OmegaConf.to_container(lm.extra_config, resolve=True) or {}
-    extra = {(k if str(k).startswith("lmcache.") else f"lmcache.{k}"): v for k, v in extra.items()}
-    return {"kv_connector": str(lm.kv_connector),
-            "kv_connector_module_path": str(lm.kv_connector_module_path),
-            "kv_role": str(lm.kv_role),
-            "kv_load_failure_policy": str(lm.kv_load_failure_policy),
-            "kv_connector_extra_config": extra}
+def kv_transfer_fields(cfg: DictConfig, lmcache_overrides: list[str]) -> dict[str, Any]:
+    """``KVTransferConfig`` fields of the with_lmcache pass: ``kv_transfer.*`` and, in
+    ``kv_connector_extra_config``, ``lmcache.overrides`` = ``lmcache_overrides``."""
+    kv = cfg.kv_transfer
+    return {"kv_connector": str(kv.kv_connector),
+            "kv_connector_module_path": str(kv.kv_connector_module_path),
+            "kv_role": str(kv.kv_role),
+            "kv_load_failure_policy": str(kv.kv_load_failure_policy),
+            "kv_connector_extra_config": {"lmcache.overrides": list(lmcache_overrides)}}
 
 
-def build_jobs(cfg: DictConfig, model: str, requests) -> dict[str, dict[str, Any]]:
-    """One job dict (see :func:`lmcache.experiments.runner.run_pass_here`) per pass of
-    ``cfg.passes``, in that order.
+def check_config(cfg: DictConfig, choices, task_overrides) -> dict[str, Any]:
+    """Check the experiment's keys and lmcache's config (before any engine starts) and return
+    the with_lmcache pass's KV-transfer fields.
 
     Raises:
-        ExperimentConfigError: ``passes`` is empty, repeats a pass, or names an unknown one.
+        ExperimentConfigError / ValueError: naming the bad key.
     """
+    check_known_keys(cfg, CONFIG_NAME)
     passes = [str(p) for p in cfg.passes]
     unknown = [p for p in passes if p not in PASSES]
     if not passes or unknown or len(set(passes)) != len(passes):
         raise ExperimentConfigError(
             f"passes={passes}: expected a non-empty list of distinct names from {list(PASSES)}")
+    if int(cfg.repeats) < 1:
+        raise ExperimentConfigError(f"repeats={cfg.repeats}: expected an integer >= 1")
+    fields = kv_transfer_fields(cfg, connector_overrides(cfg, choices, task_overrides))
+    from lmcache.config.checks import check_config as check_lmcache
+    from lmcache.integration.vllm.engine_builder import compose_from_vllm
+
+    engine_cfg = compose_from_vllm(fields["kv_connector_extra_config"])
+    check_same_config(cfg, engine_cfg)
+    if "with_lmcache" in passes:
+        check_lmcache(engine_cfg)
+    return fields
+
+
+def build_jobs(cfg: DictConfig, model: str, kv_transfer: dict[str, Any],
+               log_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """One engine job (see :class:`lmcache.experiments.runner.PassEngine`) per pass of
+    ``cfg.passes``, in that order; only ``with_lmcache`` gets ``kv_transfer``; with
+    ``log_dir``, each engine's output goes to ``<log_dir>/vllm_<pass>.log``."""
     llm_kwargs = OmegaConf.to_container(cfg.vllm, resolve=True)
-    reqs = [{"request_key": r.request_key, "round": r.round, "doc_index": r.doc_index,
-             "question_index": r.question_index, "prompt_token_ids": list(r.prompt_token_ids)}
-            for r in requests]
-    jobs = {}
-    for name in passes:
-        jobs[name] = {
-            "name": name, "model": model, "llm": llm_kwargs, "requests": reqs,
-            "kv_transfer": kv_transfer_fields(cfg) if name == "with_lmcache" else None,
-            "max_tokens": int(cfg.max_tokens), "warmup_tokens": int(cfg.warmup_tokens),
-            "progress": bool(cfg.progress),
-        }
-    return jobs
+    return {str(name): {"name": str(name), "model": model, "llm": llm_kwargs,
+                        "kv_transfer": kv_transfer if name == "with_lmcache" else None,
+                        "max_tokens": int(cfg.max_tokens), "warmup_tokens": int(cfg.warmup_tokens),
+                        "log_file": None if log_dir is None else str(Path(log_dir) / f"vllm_{name}.log")}
+            for name in cfg.passes}
 
 
 def make_requests(cfg: DictConfig, model: str):
-    """The documents and the list of QARequest of the experiment, tokenized by ``model``'s
-    tokenizer."""
+    """(documents, request dicts, vocabulary size) of the experiment, tokenized by ``model``'s
+    tokenizer. A request dict has ``request_key``, ``round``, ``doc_index``,
+    ``question_index`` and ``prompt_token_ids``."""
     os.environ.update(ENGINE_ENV)
     from transformers import AutoTokenizer
 
@@ -120,45 +138,65 @@ def make_requests(cfg: DictConfig, model: str):
         raise ExperimentConfigError(
             f"documents.max_tokens={d.max_tokens} + question + max_tokens={cfg.max_tokens} exceeds "
             f"vllm.max_model_len={cfg.vllm.max_model_len}")
-    return docs, requests
+    reqs = [{"request_key": r.request_key, "round": r.round, "doc_index": r.doc_index,
+             "question_index": r.question_index, "prompt_token_ids": list(r.prompt_token_ids)}
+            for r in requests]
+    return docs, reqs, len(tok)
 
 
-def run_experiment(cfg: DictConfig, output_dir: str | os.PathLike) -> int:
-    """Run every pass, write the CSV files into ``output_dir``, print the table; return the exit
-    status (0, or :data:`EXIT_MISMATCH` when outputs differ and ``check_outputs`` is on)."""
-    from rich.console import Console
-
-    console = Console()
+def run_experiment(cfg: DictConfig, output_dir: str | os.PathLike, kv_transfer: dict[str, Any],
+                   extra_columns: dict[str, str] | None = None) -> int:
+    """Start one engine per pass, run the interleaved plan, write the CSV files into
+    ``output_dir`` (``extra_columns`` first in every per-round row, e.g. a sweep's values),
+    print the tables; return the exit status (:data:`EXIT_OK`, or :data:`EXIT_MISMATCH` when
+    outputs differ and ``check_outputs`` is on)."""
+    say = Reporter(progress=bool(cfg.progress))
     os.environ["VLLM_LOGGING_LEVEL"] = str(cfg.vllm_logging_level)
-    if "with_lmcache" in cfg.passes:
-        # Fail fast, before any engine starts, on a bad lmcache configuration (exit 2).
-        from lmcache.integration.vllm.engine_builder import compose_from_vllm
-
-        compose_from_vllm(kv_transfer_fields(cfg)["kv_connector_extra_config"])
     model = prepare_model(cfg)
-    docs, requests = make_requests(cfg, model)
-    console.print(f"model [bold]{model}[/]; {len(docs)} documents "
-                  f"({', '.join(f'{d.name}:{d.num_tokens}' for d in docs)} tokens), "
-                  f"{len(requests)} requests per pass")
-    results: dict[str, list[dict[str, Any]] | None] = {p: None for p in PASSES}
-    for name, job in build_jobs(cfg, model, requests).items():
-        results[name] = run_pass(job)
-    summary = report.summarize_rounds(results["without_lmcache"], results["with_lmcache"])
+    docs, reqs, vocab = make_requests(cfg, model)
+    steps = interleave.plan(reqs, int(cfg.repeats), [str(p) for p in cfg.passes], vocab)
+    say.line(f"model {model}; {len(docs)} documents "
+             f"({', '.join(f'{d.name}:{d.num_tokens}' for d in docs)} tokens), {len(reqs)} "
+             f"requests x {cfg.repeats} repeats = {len(steps)} per pass, passes interleaved")
     out = Path(output_dir)
-    csv_path = report.write_csv(summary, out / str(cfg.output.csv))
-    req_path = report.write_csv(report.request_rows(results), out / str(cfg.output.requests_csv),
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = build_jobs(cfg, model, kv_transfer, out)
+    engines = {n: EngineProcess(job) for n, job in jobs.items()}
+    try:
+        say.line(f"starting vLLM for {', '.join(engines)} (model load, KV cache, warm-up); "
+                 f"their own messages go to {out}/vllm_<pass>.log")
+        for engine in engines.values():
+            engine.start()
+        for name, engine in engines.items():
+            say.line(f"vLLM ready for {name} in {engine.wait_ready():.1f} s")
+        results = interleave.run_plan(steps, lambda n, r: engines[n].run(r), say.on_result)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    say.flush_round()
+    by_pass = {p: results.get(p) for p in PASSES}
+    summary = report.summarize_rounds(by_pass["without_lmcache"], by_pass["with_lmcache"])
+    extra = dict(extra_columns or {})
+    csv_path = report.write_csv([{**extra, **s} for s in summary], out / str(cfg.output.csv),
+                                [*extra, *report.ROUND_COLUMNS])
+    req_path = report.write_csv(report.request_rows(by_pass), out / str(cfg.output.requests_csv),
                                 report.REQUEST_COLUMNS)
-    console.print(report.render_table(summary))
-    console.print(f"per-round CSV: {csv_path}\nper-request CSV: {req_path}")
-    status, message = output_check(results["without_lmcache"], results["with_lmcache"],
+    say.table(report.render_table(summary))
+    if by_pass["with_lmcache"]:
+        say.table(report.render_costs(summary))
+    for note in report.noise_notes(summary):
+        say.line(note)
+    say.line(f"per-round CSV: {csv_path}")
+    say.line(f"per-request CSV: {req_path}")
+    status, message = output_check(by_pass["without_lmcache"], by_pass["with_lmcache"],
                                    bool(cfg.check_outputs))
     if message:
-        (Console(stderr=True) if status else console).print(message, markup=False, highlight=False)
+        say.line(message, error=bool(status))
     return status
 
 
 def output_check(without, with_, check: bool) -> tuple[int, str]:
-    """Compare the greedy outputs of the two passes.
+    """Compare the greedy outputs of the two passes (request and repeat by request and repeat).
 
     Returns ``(exit status, message)``: ``(0, "greedy outputs are identical ...")`` when they
     match; ``(EXIT_MISMATCH, "ERROR: ...")`` naming the differing requests when they do not and
@@ -166,28 +204,62 @@ def output_check(without, with_, check: bool) -> tuple[int, str]:
     """
     if not without or not with_:
         return 0, ""
-    bad = report.mismatched_outputs(without, with_)
+
+    def keyed(rows):
+        return [{**r, "request_key": (f"{r['request_key']}@r{r['repeat']}" if r.get("repeat")
+                                      else r["request_key"])} for r in rows]
+
+    bad = report.mismatched_outputs(keyed(without), keyed(with_))
     if not bad:
         return 0, "greedy outputs are identical with and without lmcache"
-    total = len({r["request_key"] for r in without} | {r["request_key"] for r in with_})
+    total = len({r["request_key"] for r in keyed(without)} | {r["request_key"] for r in keyed(with_)})
     msg = (f"greedy outputs differ with and without lmcache for {len(bad)} of {total} "
            f"requests: {', '.join(bad)}")
     return (EXIT_MISMATCH, f"ERROR: {msg}") if check else (0, f"WARNING: {msg}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point: run the experiment in Hydra's output directory's terms; exit non-zero
-    on an output mismatch or a configuration error."""
+def _job(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
+    hc = HydraConfig.get()
     try:
-        status = run_experiment(cfg, HydraConfig.get().runtime.output_dir)
+        fields = check_config(cfg, hc.runtime.choices, list(hc.overrides.task))
+        swept = {}
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            swept = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in hc.overrides.task
+                     if "=" in o}
+        return run_experiment(cfg, hc.runtime.output_dir, fields, swept)
     except (ExperimentConfigError, ValueError) as exc:
+        log.error("configuration error: %s", exc)
         print(f"long_doc_qa: configuration error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    if status:
-        sys.exit(status)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one exit status for a failed run
+        log.exception("run failed")
+        print(f"long_doc_qa: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
+def hydra_app(cfg: DictConfig) -> int:
+    """Hydra's task function: run one job and record its exit status."""
+    status = _job(cfg)
+    _statuses.append(status)
+    return status
+
+
+def main() -> None:
+    """Entry point: run the Hydra app and exit with one status per outcome (module docstring);
+    Hydra's own errors (unknown override, missing ``+``) exit :data:`EXIT_CONFIG`."""
+    _statuses.clear()
+    try:
+        hydra_app()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (1 if exc.code else 0)
+        # the task function never raises, so Hydra exits 1 only for its own config errors
+        sys.exit(EXIT_CONFIG if code == 1 else code)
+    sys.exit(max(_statuses, default=EXIT_OK))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ Every metric carries the labels ``model_name`` and ``worker_id``.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # name -> help text; units are tokens unless the name says otherwise.
@@ -29,8 +32,12 @@ COUNTERS = {
 HISTOGRAMS = {
     "store_seconds": "Wall time of a store call, seconds.",
     "retrieve_seconds": "Wall time of a retrieve call, seconds.",
+    "lookup_seconds": "Wall time of a lookup call, seconds.",
+    "process_tokens_seconds": "Time spent cutting tokens into chunks and hashing them "
+                              "(token database, in lookup, store and retrieve), seconds.",
 }
 GAUGES = {"pinned_lookups": "Lookups whose pinned chunks are not yet released."}
+_MAX_PENDING = 4096  # observations kept per histogram for take_observations()
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -45,7 +52,12 @@ class LMCStatsMonitor:
         registry: the monitor's own CollectorRegistry.
     """
 
+    _live: "weakref.WeakSet[LMCStatsMonitor]" = weakref.WeakSet()
+    _live_lock = threading.Lock()
+
     def __init__(self, model_name: str = "", worker_id: int = 0) -> None:
+        with LMCStatsMonitor._live_lock:
+            LMCStatsMonitor._live.add(self)
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = {"model_name": str(model_name), "worker_id": str(worker_id)}
         names = list(self.labels)
@@ -59,6 +71,8 @@ class LMCStatsMonitor:
                 f"lmcache_{name}", doc, names, registry=self.registry, buckets=_BUCKETS
             )
             self._metrics[name] = metric.labels(**self.labels)
+        self._pending: dict[str, list[float]] = {name: [] for name in HISTOGRAMS}
+        self._pending_lock = threading.Lock()
 
     def inc(self, name: str, amount: float = 1) -> None:
         """Add ``amount`` (>= 0) to counter ``name`` (a key of COUNTERS). KeyError if unknown."""
@@ -70,6 +84,18 @@ class LMCStatsMonitor:
         if name not in HISTOGRAMS:
             raise KeyError(f"unknown histogram {name!r}; known: {sorted(HISTOGRAMS)}")
         self._metrics[name].observe(seconds)
+        with self._pending_lock:
+            if len(self._pending[name]) < _MAX_PENDING:
+                self._pending[name].append(float(seconds))
+
+    def take_observations(self) -> dict[str, list[float]]:
+        """The histogram observations (seconds) made since the last call, by histogram name,
+        and forget them (at most 4096 are kept per histogram between calls; the histograms'
+        own counts and sums are complete). Used to forward them to another process's
+        Prometheus histograms (:mod:`lmcache.observability.vllm_metrics`)."""
+        with self._pending_lock:
+            taken, self._pending = self._pending, {name: [] for name in HISTOGRAMS}
+        return taken
 
     def set_gauge(self, name: str, value: float) -> None:
         """Set gauge ``name`` (a key of GAUGES)."""
@@ -84,6 +110,32 @@ class LMCStatsMonitor:
             raise KeyError(f"unknown metric {name!r}")
         got = self.registry.get_sample_value(f"lmcache_{name}{suffix}", self.labels)
         return 0.0 if got is None else got
+
+    def total(self, name: str) -> float:
+        """Sum of the observations of histogram ``name`` (seconds)."""
+        if name not in HISTOGRAMS:
+            raise KeyError(f"unknown histogram {name!r}; known: {sorted(HISTOGRAMS)}")
+        got = self.registry.get_sample_value(f"lmcache_{name}_sum", self.labels)
+        return 0.0 if got is None else got
+
+    @classmethod
+    def live(cls) -> list["LMCStatsMonitor"]:
+        """Every monitor of this process that is still referenced (one per engine)."""
+        with cls._live_lock:
+            return list(cls._live)
+
+    @classmethod
+    def process_totals(cls) -> dict[str, float]:
+        """Counters' totals and histograms' sums (``<name>``) and sample counts
+        (``<name>_count``), added over every live monitor of this process."""
+        out: dict[str, float] = {}
+        for mon in cls.live():
+            for name in COUNTERS:
+                out[name] = out.get(name, 0.0) + mon.value(name)
+            for name in HISTOGRAMS:
+                out[name] = out.get(name, 0.0) + mon.total(name)
+                out[f"{name}_count"] = out.get(f"{name}_count", 0.0) + mon.value(name)
+        return out
 
     def snapshot(self) -> dict[str, float]:
         """Every metric's :meth:`value`, by short name."""

@@ -13,7 +13,8 @@ from lmcache.experiments import report
 def row(key, rnd, ttft, hits, out, prompt=1000):
     return {"request_key": key, "round": rnd, "doc_index": int(key[1]), "question_index": rnd,
             "prompt_tokens": prompt, "ttft_s": ttft, "prefill_s": ttft * 0.9, "hit_tokens": hits,
-            "output_token_ids": out}
+            "output_token_ids": out, "lookup_ms": 0.5, "hash_ms": 0.25,
+            "load_ms": 3.0 if hits else 0.0, "store_ms": 0.0 if hits else 4.0}
 
 
 WITHOUT = [row("d0#q0", 0, 2.0, 0, [1, 2]), row("d1#q0", 0, 1.0, 0, [3, 4]),
@@ -27,16 +28,41 @@ def test_summarize_both_passes():
     assert [x["round"] for x in s] == [1, 2] and [x["phase"] for x in s] == ["cold", "warm"]
     cold, warm = s
     assert cold["requests"] == 2 and cold["prompt_tokens_mean"] == 1000
-    assert cold["ttft_without_lmcache_s"] == pytest.approx(1.5)
+    assert cold["ttft_without_lmcache_s"] == pytest.approx(1.5)  # median of 2.0 and 1.0
+    assert cold["ttft_without_lmcache_p25_s"] == pytest.approx(1.25)
+    assert cold["ttft_without_lmcache_p75_s"] == pytest.approx(1.75)
     assert cold["ttft_with_lmcache_s"] == pytest.approx(2.0)
-    assert cold["speedup"] == pytest.approx(0.75)
+    # paired ratios: d0 2.0/2.5 = 0.8, d1 1.0/1.5 = 0.667
+    assert cold["speedup"] == pytest.approx((0.8 + 2 / 3) / 2)
+    assert cold["speedup_p25"] == pytest.approx(2 / 3 + 0.25 * (0.8 - 2 / 3))
+    assert cold["spread_exceeds_effect"] is False
     assert cold["hit_tokens_with_lmcache"] == 0 and cold["hit_rate_with_lmcache"] == 0
     assert warm["speedup"] == pytest.approx(4.0)
     assert warm["hit_tokens_without_lmcache"] == 0
-    assert warm["hit_tokens_with_lmcache"] == 1280
+    assert warm["hit_tokens_with_lmcache"] == 640  # mean per request
     assert warm["hit_rate_with_lmcache"] == pytest.approx(0.64)
     assert cold["outputs_identical"] is True and warm["outputs_identical"] is True
+    assert warm["lookup_ms"] == pytest.approx(0.5) and warm["load_ms"] == pytest.approx(3.0)
+    assert warm["lmcache_ms"] == pytest.approx(0.5 + 0.25 + 3.0) and cold["store_ms"] == 4.0
     assert set(cold) == set(report.ROUND_COLUMNS)
+
+
+def test_quartiles_and_pairs_by_repeat():
+    assert report.quartiles([3.0]) == (3.0, 3.0, 3.0)
+    assert report.quartiles([4, 1, 3, 2, 5]) == (2.0, 3.0, 4.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        report.quartiles([])
+    # the same request in two repeats: ratios pair by (request, repeat), not by order
+    a = [dict(row("d0#q0", 0, 1.0, 0, [1]), repeat=0), dict(row("d0#q0", 0, 3.0, 0, [1]), repeat=1)]
+    b = [dict(row("d0#q0", 0, 2.5, 0, [1]), repeat=1), dict(row("d0#q0", 0, 1.1, 0, [1]), repeat=0)]
+    (s,) = report.summarize_rounds(a, b)
+    assert s["requests"] == 2 and s["speedup"] == pytest.approx((1 / 1.1 + 3 / 2.5) / 2)
+    assert s["speedup_p25"] < 1.0 < s["speedup_p75"] and s["spread_exceeds_effect"] is True
+    assert report.noise_notes([s]) == [
+        f"note: round 1 (cold): the speedup's spread {s['speedup_p25']:.2f}-"
+        f"{s['speedup_p75']:.2f} includes 1.00, so the difference between the passes there is "
+        "within this machine's noise"]
+    assert report.noise_notes(report.summarize_rounds(WITHOUT, WITH)) == []
 
 
 def test_summarize_one_pass_and_mismatch():
@@ -66,7 +92,7 @@ def test_write_csv_round_trip(tmp_path):
     assert list(rows[0]) == list(report.ROUND_COLUMNS)
     assert rows[1]["round"] == "2" and rows[1]["phase"] == "warm"
     assert float(rows[1]["speedup"]) == pytest.approx(4.0)
-    assert rows[1]["hit_tokens_with_lmcache"] == "1280"
+    assert rows[1]["hit_tokens_with_lmcache"] == "640"
     assert rows[1]["outputs_identical"] == "True"
     only = report.write_csv(report.summarize_rounds(WITHOUT, None), tmp_path / "one.csv")
     with only.open() as f:
@@ -82,6 +108,7 @@ def test_write_requests_csv(tmp_path):
         back = list(csv.DictReader(f))
     assert len(back) == 8 and back[4]["pass"] == "with_lmcache"
     assert back[6]["hit_tokens"] == "768" and back[6]["output_token_ids"] == "5 6"
+    assert back[6]["repeat"] == "0" and back[6]["load_ms"] == "3" and back[4]["store_ms"] == "4"
 
 
 def test_write_csv_rejects_missing_column(tmp_path):
@@ -89,13 +116,19 @@ def test_write_csv_rejects_missing_column(tmp_path):
         report.write_csv([{"round": 1}], tmp_path / "x.csv", ["round", "speedup"])
 
 
-def test_render_table():
+def test_render_tables():
     console = Console(record=True, width=80)
-    console.print(report.render_table(report.summarize_rounds(WITHOUT, WITH)))
+    summary = report.summarize_rounds(WITHOUT, WITH)
+    console.print(report.render_table(summary))
+    console.print(report.render_costs(summary))
     text = console.export_text()
     assert "1 cold" in text and "2 warm" in text
-    assert "4.00x" in text and "0.75x" in text and "1280" in text
+    assert "4.00x" in text and "0.73x" in text and "640" in text
     assert "1500.0" in text and "500.0" in text  # ms
+    assert "0.70-0.77" in text  # the cold round's spread
     assert "…" not in text  # nothing truncated at 80 columns
     lines = text.splitlines()
     assert any(ln.split("│")[1:-1] and ln.split("│")[-2].strip() == "yes" for ln in lines)
+    cost = next(ln for ln in lines if "2 warm" in ln and "3.75" in ln)
+    assert [c.strip() for c in cost.split("│")[1:-1]] == [
+        "2 warm", "0.50", "0.25", "3.00", "0.00", "3.75", "0.8"]

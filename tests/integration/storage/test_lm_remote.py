@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -134,3 +136,57 @@ def test_console_script_and_bad_urls():
         LMConnector("lm://nohost")
     with pytest.raises(ValueError, match="lm://host:port"):
         LMConnector("valkey://h:1")
+
+
+def test_server_restart_between_two_gets_costs_one_retry_not_an_outage(make_remote,
+                                                                       put_chunks, fetch):
+    """Issue 7 kind 5: the lm server restarts on the same port between two gets. With a 60 s
+    retry interval, an outage would cost a minute of misses; the pooled socket the restart
+    broke is noticed and replaced, so the next calls are served at once."""
+    port = free_port()
+    server = LMServerProcess(port).start()
+    try:
+        remote = make_remote(LMConnector(f"lm://127.0.0.1:{port}", retry_interval_secs=60,
+                                         blocking_timeout_secs=5))
+        ref = put_chunks(remote, [0])
+        assert torch.equal(fetch(remote, 0), ref[0])
+        server.kill()
+        server = LMServerProcess(port).start()  # back, empty
+        assert fetch(remote, 0) is None  # a miss (the data is gone), not an outage:
+        ref = put_chunks(remote, [1])
+        assert torch.equal(fetch(remote, 1), ref[1])
+        assert remote.connector.stats["outages"] == 0 and remote.connector.is_available
+    finally:
+        server.kill()
+
+
+def test_connection_dropped_while_idle_is_replaced(make_remote, put_chunks, fetch):
+    """The server closes idle connections after 0.5 s; the next get reconnects at once."""
+    server = LMServerProcess(None, "--idle-timeout-s", "0.5").start()
+    try:
+        remote = make_remote(LMConnector(url(server), retry_interval_secs=60,
+                                         blocking_timeout_secs=5))
+        ref = put_chunks(remote, [0, 1])
+        for _ in range(2):
+            time.sleep(1.0)  # every pooled socket is closed by the server meanwhile
+            assert torch.equal(fetch(remote, 0), ref[0])
+            assert remote.batched_contains([chunk_key(0), chunk_key(1)]) == 2
+        assert remote.connector.stats["outages"] == 0
+    finally:
+        server.kill()
+
+
+def test_retry_on_a_reused_socket_that_breaks_mid_request(lm_server):
+    """A pooled socket that passes the staleness check but fails when used is retried once on
+    a fresh connection (the server is stopped so that it cannot close the socket first)."""
+    conn = LMConnector(url(lm_server), retry_interval_secs=60, blocking_timeout_secs=5)
+    meta = wf.encode_metadata(wf.RemoteMetadata(4, wf.MemoryFormat.BINARY, None, (4,)), b"abcd")
+    assert conn.put("k@1@0@1@half", meta, b"abcd")
+    pooled = conn._pool.get_nowait()
+    lm_server.pause()
+    pooled.sock.shutdown(socket.SHUT_WR)  # sending on it now fails (EPIPE)
+    conn._pool.put_nowait(pooled)
+    threading.Timer(0.3, lm_server.resume).start()
+    assert bytes(conn.get("k@1@0@1@half")[1]) == b"abcd"
+    assert conn.stats["reconnect_retries"] == 1 and conn.stats["outages"] == 0
+    conn.close()

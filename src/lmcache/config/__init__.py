@@ -6,7 +6,7 @@ Importing this package registers lmcache's OmegaConf resolvers
 """
 
 from lmcache.config.compose import compose_config, list_groups, list_options, register_resolvers
-from lmcache.config.legacy import REMOTE_SCHEMES, overrides_from_legacy
+from lmcache.config.legacy import REMOTE_SCHEMES, legacy_overrides, overrides_from_legacy
 
 register_resolvers()
 
@@ -14,6 +14,7 @@ __all__ = [
     "REMOTE_SCHEMES",
     "compose_config",
     "list_groups",
+    "legacy_overrides",
     "list_options",
     "overrides_from_legacy",
     "register_resolvers",

@@ -5,7 +5,8 @@ any value; these checks turn a bad value or a bad combination into a ValueError 
 the key, the value and what was expected, instead of a failure deep inside a component:
 
 * every top-level LMCache key of ``conf/config.yaml`` has the right type and range
-  (:data:`TOP_LEVEL_KEYS`, one table of key → parser);
+  (:data:`TOP_LEVEL_KEYS`, one table of key → parser), and ``max_local_cpu_size`` fits the
+  machine's memory;
 * the tiers: at least one, ``local_cpu`` first (it is the allocator backend every other
   tier stages through), no tier class twice, a remote tier with a ``remote_connector`` whose
   url scheme matches it, a local_disk tier with a writable directory and a capacity;
@@ -18,6 +19,7 @@ project's file-name rule.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -37,6 +39,7 @@ TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
     "save_unfull_chunk": v.strict(v.boolean, bool),
     "hash_algorithm": v.strict(v.one_of(*sorted(HASH_ALGORITHMS)), str),
     "hash_seed": v.hash_seed,
+    "local_cpu": v.strict(v.boolean, bool),
     "max_local_cpu_size": v.strict(v.positive_float, float),
     "local_disk": v.strict(v.local_disk_path, str, None),
     "max_local_disk_size": v.strict(v.non_negative_float, float),
@@ -47,6 +50,59 @@ TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
     "extra_config": v.strict(v.optional_dict, dict, None),  # set by the LMCache translation
 }
 """Top-level LMCache key → parser of its composed value (ints pass where a number is asked)."""
+
+logger = logging.getLogger(__name__)
+
+
+def machine_memory() -> tuple[int | None, int | None, str]:
+    """(total bytes, available bytes, where they were read) of this machine's memory: the
+    smaller of ``MemTotal`` in /proc/meminfo and the cgroup's limit (``memory.max`` v2,
+    ``memory.limit_in_bytes`` v1), and ``MemAvailable``; None where nothing could be read."""
+    total = available = None
+    where = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
+                    if line.split()[1:2] and line.split()[1].isdigit()}
+        total, available = info.get("MemTotal"), info.get("MemAvailable")
+        where.append("MemTotal in /proc/meminfo")
+    except OSError:
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (total or 1 << 62):
+            total = int(text)
+            where = [f"the cgroup limit {path}"]
+        break
+    return total, available, " and ".join(where)
+
+
+def check_memory(size_gib: Any, key: str = "max_local_cpu_size") -> None:
+    """Check that ``size_gib`` GiB of CPU memory (the allocator buffer, allocated whole at
+    start) fits this machine (:func:`machine_memory`); a size above the memory available now
+    only logs a warning.
+
+    Raises:
+        ValueError: "config key max_local_cpu_size=<v> GiB is more than this machine's memory
+            (<total> GiB, MemTotal in /proc/meminfo)..."
+    """
+    if isinstance(size_gib, bool) or not isinstance(size_gib, (int, float)):
+        return
+    total, available, where = machine_memory()
+    need = size_gib * 1024**3
+    if total is not None and need > total:
+        raise ValueError(
+            f"config key {key}={size_gib!r} GiB is more than this machine's memory "
+            f"({total / 1024**3:.1f} GiB, {where}); the CPU tier's buffer is allocated whole "
+            f"at start: lower {key}")
+    if available is not None and need > available:
+        logger.warning("config key %s=%r GiB is more than the memory available now "
+                       "(%.1f GiB, MemAvailable in /proc/meminfo)", key, size_gib,
+                       available / 1024**3)
 
 
 def option_name(node: Any) -> str | None:
@@ -82,7 +138,8 @@ def check_values(cfg: DictConfig | Mapping[str, Any]) -> None:
 
     Raises:
         ValueError: "config key <key>=<value>: expected ..." (a url's password masked); a
-            value whose interpolation cannot be resolved.
+            value whose interpolation cannot be resolved; max_local_cpu_size larger than the
+            machine's memory (:func:`check_memory`).
     """
     for key, parse in TOP_LEVEL_KEYS.items():
         if key not in cfg:
@@ -98,6 +155,8 @@ def check_values(cfg: DictConfig | Mapping[str, Any]) -> None:
             parse(value)
         except ValueError as e:
             raise ValueError(f"config key {key}={_shown(value)!r}: {e}") from None
+        if key == "max_local_cpu_size":
+            check_memory(value, key)
 
 
 def check_directory(path: str, key: str = "local_disk") -> None:

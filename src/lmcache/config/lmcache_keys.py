@@ -1,11 +1,13 @@
-"""LMCache's configuration keys as lmcache knows them: the ones it translates (with their
-parsers and LMCache's defaults), LMCache features it does not have yet, LMCache settings it
-accepts only at their default, and LMCache's deprecated names. Read by
-:mod:`lmcache.config.legacy`.
+"""LMCache's configuration keys as lmcache knows them (LMCache 0.5.6's key table,
+``lmcache/v1/config.py``): the ones it translates (with their parsers and LMCache's
+defaults), LMCache features it does not have yet, LMCache settings it accepts only at their
+default (each with the feature it configures), old keys that LMCache itself ignores, and
+LMCache's deprecated names. Read by :mod:`lmcache.config.legacy`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from lmcache.config import values as v
@@ -19,7 +21,7 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "local_disk": (v.local_disk_path, None),
     "max_local_disk_size": (v.non_negative_float, 0.0),
     "remote_url": (v.optional_str, None),
-    "remote_serde": (v.string, "naive"),
+    "remote_serde": (v.optional_str, "naive"),   # null: the default serde
     "use_layerwise": (v.boolean, False),
     "save_unfull_chunk": (v.boolean, False),
     "save_decode_cache": (v.boolean, False),
@@ -28,6 +30,9 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "lookup_timeout_ms": (v.positive_int, 3000),
     "pre_caching_hash_algorithm": (v.string, "builtin"),
     "extra_config": (v.optional_dict, None),
+    # lmcache always prefetches the chunks of slower tiers in the background from lookup time
+    # on, which is what LMCache's asynchronous loading does; the key is accepted either way.
+    "enable_async_loading": (v.boolean, False),
 }
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.
@@ -36,40 +41,101 @@ FEATURES: dict[str, str] = {
     "enable_p2p": "P2P KV-cache sharing",
     "enable_pd": "disaggregated prefill (PD)",
     "enable_controller": "the cache controller",
-    "enable_async_loading": "asynchronous loading",
+    "enable_hidden_state_cache": "the hidden-state cache",
+    "enable_chunk_statistics": "chunk statistics",
+    "enable_lazy_memory_allocator": "the lazy memory allocator",
+    "enable_kv_events": "KV events",
+    "enable_scheduler_bypass_lookup": "the scheduler bypass lookup",
+    "internal_api_server_enabled": "LMCache's internal API server",
+    "run_script_api_enabled": "LMCache's internal API server",
 }
 
-# Other LMCache keys (with LMCache's defaults): accepted only at their default value.
-UNSUPPORTED_DEFAULTS: dict[str, Any] = {
-    "local_cpu_use_hugepages": False, "reserve_local_cpu_size": 0.0,
-    "local_disk_path_sharding": "by_gpu",
-    "blend_recompute_ratios": None, "blend_thresholds": None, "blend_check_layers": None,
-    "blend_min_tokens": 256, "blend_special_str": " # # ",
-    "retrieve_locations": None, "store_location": None,
-    "p2p_host": None, "p2p_init_ports": None, "p2p_lookup_ports": None,
-    "lmcache_instance_id": None, "controller_pull_url": None, "controller_reply_url": None,
-    "lmcache_worker_ports": None, "lmcache_worker_ids": None,
-    "lmcache_worker_heartbeat_delay_time": 10, "lmcache_worker_heartbeat_time": None,
-    "pd_role": None, "pd_buffer_size": None, "pd_buffer_device": None, "pd_peer_host": None,
-    "pd_peer_init_port": None, "pd_peer_alloc_port": None, "pd_peer_query_port": None,
-    "pd_proxy_host": None, "pd_proxy_port": None, "transfer_channel": None,
-    "nixl_backends": None, "nixl_buffer_size": None, "nixl_buffer_device": None,
-    "gds_path": None, "gds_buffer_size": None, "audit_actual_remote_url": None,
-    "external_lookup_client": None, "py_enable_gc": True, "numa_mode": None,
-    "priority_limit": None, "min_retrieve_tokens": 0, "enable_scheduler_bypass_lookup": False,
-    "internal_api_server_enabled": False, "runtime_plugin_locations": None,
-    "storage_plugins": None, "enable_lazy_memory_allocator": False,
-    "enable_chunk_statistics": False, "enable_kv_events": False, "use_gpu_connector_v3": False,
-    "mp_host": None, "mp_port": 5555, "remote_config_url": None, "app_id": None,
-    "enable_hidden_state_cache": False,
+_BLEND, _P2P, _PD, _CTRL = "CacheBlend", "P2P KV-cache sharing", "disaggregated prefill (PD)", \
+    "the cache controller"
+_GDS, _API, _PLUGINS = "GPUDirect Storage (GDS)", "LMCache's internal API server", "plugins"
+_HIDDEN, _STATS, _LAZY = "the hidden-state cache", "chunk statistics", "the lazy memory allocator"
+
+# Other LMCache keys: name → (LMCache default, the feature it configures or None). Accepted
+# only at their default value; any other value is an error naming the feature.
+UNSUPPORTED: dict[str, tuple[Any, str | None]] = {
+    "local_cpu_use_hugepages": (False, "huge pages for the CPU tier"),
+    "reserve_local_cpu_size": (0.0, "reserved CPU memory"),
+    "local_disk_path_sharding": ("by_gpu", "local_disk path sharding"),
+    "blend_recompute_ratios": (None, _BLEND), "blend_thresholds": (None, _BLEND),
+    "blend_check_layers": (None, _BLEND), "blend_min_tokens": (256, _BLEND),
+    "blend_special_str": (" # # ", _BLEND),
+    "retrieve_locations": (None, "retrieve_locations in the config"),
+    "store_location": (None, "store_location in the config"),
+    "p2p_host": (None, _P2P), "p2p_init_ports": (None, _P2P), "p2p_lookup_ports": (None, _P2P),
+    "mp_host": (None, "LMCache's multiprocess mode"), "mp_port": (5555, "LMCache's multiprocess mode"),
+    "lmcache_instance_id": (None, _CTRL), "controller_pull_url": (None, _CTRL),
+    "controller_reply_url": (None, _CTRL), "lmcache_worker_ports": (None, _CTRL),
+    "lmcache_worker_ids": (None, _CTRL), "lmcache_worker_heartbeat_delay_time": (10, _CTRL),
+    "lmcache_worker_heartbeat_time": (None, _CTRL),
+    "pd_role": (None, _PD), "pd_buffer_size": (None, _PD), "pd_buffer_device": (None, _PD),
+    "pd_peer_host": (None, _PD), "pd_peer_init_port": (None, _PD),
+    "pd_peer_alloc_port": (None, _PD), "pd_peer_query_port": (None, _PD),
+    "pd_proxy_host": (None, _PD), "pd_proxy_port": (None, _PD),
+    "pd_allocation_timeout_sec": (math.inf, _PD), "pd_shutdown_timeout_sec": (5.0, _PD),
+    "pd_condition_poll_interval_sec": (0.005, _PD), "pd_max_prefill_len": (0, _PD),
+    "pd_backend_mode": ("async", _PD), "pd_skip_proxy_notification": (False, _PD),
+    "pd_bidirectional": (False, _PD), "transfer_channel": (None, "NIXL transfer channels"),
+    "nixl_backends": (None, "NIXL"), "nixl_buffer_size": (None, "NIXL"),
+    "nixl_buffer_device": (None, "NIXL"),
+    "gds_path": (None, _GDS), "gds_path_sharding": ("by_gpu", _GDS), "gds_buffer_size": (None, _GDS),
+    "use_gds": (True, _GDS), "gds_backend": ("cufile", _GDS),
+    "maru_path": (None, "the Maru backend"), "maru_pool_size": (4.0, "the Maru backend"),
+    "audit_actual_remote_url": (None, "the audit remote connector"),
+    "internal_api_server_host": ("127.0.0.1", _API), "internal_api_server_port_start": (6999, _API),
+    "internal_api_server_include_index_list": (None, _API),
+    "internal_api_server_socket_path_prefix": (None, _API), "script_allowed_imports": (None, _API),
+    "external_lookup_client": (None, "external lookup clients"),
+    "py_enable_gc": (True, None), "numa_mode": (None, "NUMA-aware allocation"),
+    "priority_limit": (None, "request priorities"), "min_retrieve_tokens": (0, None),
+    "hit_miss_ratio": (None, None), "lookup_server_worker_ids": (None, None),
+    "runtime_plugin_locations": (None, _PLUGINS), "storage_plugins": (None, _PLUGINS),
+    "remote_storage_plugins": (None, _PLUGINS),
+    "lazy_memory_initial_ratio": (0.2, _LAZY), "lazy_memory_expand_trigger_ratio": (0.5, _LAZY),
+    "lazy_memory_step_ratio": (0.1, _LAZY), "lazy_memory_safe_size": (0.0, _LAZY),
+    "chunk_statistics_auto_start_statistics": (False, _STATS),
+    "chunk_statistics_auto_exit_timeout_hours": (0.0, _STATS),
+    "chunk_statistics_auto_exit_target_unique_chunks": (0, _STATS),
+    "chunk_statistics_strategy": ("memory_bloom_filter", _STATS),
+    "use_gpu_connector_v3": (False, "GPU connector v3"),
+    "pin_timeout_sec": (300, None), "pin_check_interval_sec": (30, None),
+    "remote_config_url": (None, "remote configuration"), "app_id": (None, "remote configuration"),
+    "max_hidden_state_cpu_size": (2.0, _HIDDEN), "hidden_state_layers": (None, _HIDDEN),
+    "hidden_states_retrieve_mode": ("prefix_strict", _HIDDEN),
+}
+UNSUPPORTED_DEFAULTS: dict[str, Any] = {k: d for k, (d, _) in UNSUPPORTED.items()}
+
+# Old keys that LMCache 0.5.6 no longer reads (it logs "Unknown configuration key" and goes
+# on): lmcache warns the same way and ignores them. Name → hint.
+IGNORED_OLD_KEYS: dict[str, str] = {
+    "local_device": "LMCache's CPU tier is local_cpu/max_local_cpu_size, a disk tier "
+                    "local_disk/max_local_disk_size",
+    "pipelined_backend": "retrieval is always pipelined with the tiers' prefetch",
+    "async_loading": "the current key is enable_async_loading",
+    "enable_nixl": "the current key is enable_pd (disaggregated prefill)",
+    "nixl_receiver_host": "the current key is pd_peer_host (disaggregated prefill)",
+    "nixl_receiver_port": "the current keys are pd_peer_init_port/pd_peer_alloc_port",
+    "nixl_peer_port": "the current key is pd_peer_init_port",
+    "nixl_enable_gc": "no current equivalent",
 }
 
-ALIASES: dict[str, str] = {  # LMCache's deprecated names
+# LMCache's deprecated names → current names (``_CONFIG_ALIASES`` of LMCache 0.5.6).
+ALIASES: dict[str, str] = {
     "enable_xpyd": "enable_pd",
+    "nixl_peer_host": "pd_peer_host", "nixl_peer_init_port": "pd_peer_init_port",
+    "nixl_peer_alloc_port": "pd_peer_alloc_port", "nixl_proxy_host": "pd_proxy_host",
+    "nixl_proxy_port": "pd_proxy_port", "nixl_buffer_size": "pd_buffer_size",
+    "nixl_role": "pd_role",
     "controller_url": "controller_pull_url",
     "lmcache_worker_port": "lmcache_worker_ports",
+    "plugin_locations": "runtime_plugin_locations",
+    "external_backends": "storage_plugins",
 }
 
-HASH_ALGORITHMS = tuple(sorted(_HASH_ALGORITHMS))  # "builtin", "sha256_cbor"
+HASH_ALGORITHMS = tuple(sorted(_HASH_ALGORITHMS))
 
-KNOWN_KEYS = frozenset(SUPPORTED) | frozenset(FEATURES) | frozenset(UNSUPPORTED_DEFAULTS)
+KNOWN_KEYS = frozenset(SUPPORTED) | frozenset(FEATURES) | frozenset(UNSUPPORTED)

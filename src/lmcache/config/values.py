@@ -7,6 +7,7 @@ Every parser returns the parsed value or raises ValueError saying what was expec
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -15,6 +16,22 @@ from typing import Any, Callable
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
 _NONE = {"", "none", "null"}
+
+
+def unquote(value: str) -> str:
+    """An environment value without its surrounding quotes, as LMCache 0.5.6 reads
+    ``LMCACHE_*`` variables (``_parse_quoted_string``): ``"'/nvme/kv'"`` → ``/nvme/kv``,
+    escapes inside a quoted string resolved as a Python literal (``"'a\\tb'"`` → a TAB b),
+    an unparsable quoted string just loses its outer quotes; surrounding spaces are stripped."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in ("'", '"'):
+        try:
+            evaluated = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value[1:-1]
+        if isinstance(evaluated, str):
+            return evaluated
+    return value
 
 
 def boolean(value: Any) -> bool:

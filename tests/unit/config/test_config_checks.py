@@ -14,6 +14,7 @@ from lmcache.config import compose_config
 from lmcache.config.checks import (TOP_LEVEL_KEYS, check_config, check_directory, check_values,
                                    chunk_bytes, option_name)
 from lmcache.config.values import override_value
+from lmcache.token_database.hashing import HASH_ALGORITHMS
 from lmcache.containers import build_scheduler_container, build_worker_container
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata
@@ -147,7 +148,7 @@ BAD_VALUES = [
     ("chunk_size=1.5", "config key chunk_size=1.5: expected an integer, got float 1.5"),
     ("chunk_size=true", "config key chunk_size=True: expected an integer, got bool True"),
     ("hash_algorithm=md5",
-     "config key hash_algorithm='md5': expected one of builtin, sha256_cbor"),
+     "config key hash_algorithm='md5': expected one of " + ", ".join(sorted(HASH_ALGORITHMS))),
     ("local_disk=5", "config key local_disk=5: expected a string or null, got int 5"),
     ("remote_url=valkey://",
      "config key remote_url='valkey://': the url has no host; expected "

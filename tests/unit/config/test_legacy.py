@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from lmcache.config import compose_config, list_options
 from lmcache.config.checks import option_name
-from lmcache.config.legacy import FEATURES, REMOTE_SCHEMES, overrides_from_legacy
+from lmcache.config.legacy import FEATURES, HASH_ALGORITHMS, REMOTE_SCHEMES, overrides_from_legacy
 
 
 def write_yaml(tmp_path, text: str) -> str:
@@ -186,8 +186,8 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, source, key):
     ("local_cpu", "maybe", "expected a boolean"),
     ("extra_config", "{not json", "expected a JSON object"),
     ("cache_policy", "XYZ", "storage/policy option 'xyz'"),
-    ("remote_serde", "cachegen", "serde option 'cachegen'"),
-    ("pre_caching_hash_algorithm", "md5", "expected one of builtin, sha256_cbor"),
+    ("remote_serde", "zfp", "serde option 'zfp'"),
+    ("pre_caching_hash_algorithm", "md5", "expected one of " + ", ".join(HASH_ALGORITHMS)),
 ])
 def test_bad_values_name_key_and_value(key, value, expected):
     with pytest.raises(ValueError) as err:
@@ -228,9 +228,18 @@ def test_local_disk_needs_a_size():
         overrides_from_legacy(None, {"LMCACHE_LOCAL_DISK": "/d"}, {})
 
 
-def test_local_cpu_false_is_refused_clearly():
-    with pytest.raises(ValueError, match="local_cpu=False .* is not supported"):
-        overrides_from_legacy(None, {"LMCACHE_LOCAL_CPU": "false"}, {})
+def test_local_cpu_false_keeps_cpu_memory_as_the_allocator_only(caplog):
+    overrides = overrides_from_legacy(None, {"LMCACHE_LOCAL_CPU": "false",
+                                             "LMCACHE_LOCAL_DISK": "/d",
+                                             "LMCACHE_MAX_LOCAL_DISK_SIZE": "2"}, {})
+    assert overrides == ["storage/backends=[local_cpu,local_disk]", "++local_disk='/d'",
+                         "++local_cpu=false", "++max_local_disk_size=2.0"]
+    cfg = compose_config(overrides)
+    assert cfg.local_cpu is False and cfg.storage.backends.local_cpu.local_cpu is False
+    with caplog.at_level("WARNING"):
+        assert overrides_from_legacy(None, {"LMCACHE_LOCAL_CPU": "0"}, {}) == ["++local_cpu=false"]
+    assert "local_cpu=False (from environment variable LMCACHE_LOCAL_CPU) and no other tier" \
+        in caplog.text
 
 
 @pytest.mark.parametrize("scheme", sorted(REMOTE_SCHEMES))

@@ -28,12 +28,17 @@ def compose_from_vllm(extra_config: Mapping[str, Any] | None):
     ``"lmcache.overrides"`` (a list of strings, e.g. ``["deployment=cpu_disk",
     "local_disk=/nvme/kv"]``); they are applied after the LMCache keys, so they win.
 
+    Logs the effective config once, with the source of every value that is not a default
+    (:func:`lmcache.config.effective.log_effective_config`).
+
     Raises:
-        ValueError: an unknown or invalid key in any of the sources (the message names it), or
-            ``lmcache.overrides`` that is not a list of strings.
+        ValueError: an unknown or invalid key in any of the sources (the message names it and
+            its source), a malformed override, or ``lmcache.overrides`` that is not a list of
+            strings.
     """
     from lmcache.config.compose import compose_config
-    from lmcache.config.legacy import overrides_from_legacy
+    from lmcache.config.effective import log_effective_config
+    from lmcache.config.legacy import legacy_overrides
 
     extra = dict(extra_config or {})
     native = extra.pop(OVERRIDES_KEY, None) or []
@@ -41,8 +46,12 @@ def compose_from_vllm(extra_config: Mapping[str, Any] | None):
         native = [native]
     if not isinstance(native, (list, tuple)) or not all(isinstance(o, str) for o in native):
         raise ValueError(f"{OVERRIDES_KEY} must be a list of Hydra override strings, got {native!r}")
-    overrides = overrides_from_legacy(os.environ.get("LMCACHE_CONFIG_FILE"), os.environ, extra)
-    return compose_config([*overrides, *native])
+    pairs = legacy_overrides(os.environ.get("LMCACHE_CONFIG_FILE"), os.environ, extra)
+    overrides = [o for o, _ in pairs] + list(native)
+    sources = [s for _, s in pairs] + [f"kv_connector_extra_config[{OVERRIDES_KEY!r}]"] * len(native)
+    cfg = compose_config(overrides, sources=sources)
+    log_effective_config(cfg, overrides, sources)  # once per process and config
+    return cfg
 
 
 def probe_cpu_page_map(block_size: int, head_size: int, dtype: torch.dtype, isa: str,

@@ -36,9 +36,12 @@ class LocalCPUBackend(StorageBackendInterface):
         policy: eviction order (LRU, FIFO, LFU, MRU).
         max_local_cpu_size: cap in GB (GiB, 1024**3 bytes, as LMCache) on the allocator bytes
             this backend lets be in use (allocation padding included); > 0.
+        local_cpu: False → the allocator_backend only, not a cache tier (LMCache's
+            ``local_cpu: false``): :meth:`put` keeps nothing, so nothing is served from it
+            and a write-back keeps nothing; :meth:`allocate` works as usual.
 
     Raises:
-        ValueError: max_local_cpu_size <= 0.
+        ValueError: max_local_cpu_size <= 0; local_cpu not a bool.
     """
 
     def __init__(
@@ -46,9 +49,13 @@ class LocalCPUBackend(StorageBackendInterface):
         allocator: CPUMemoryAllocator,
         policy: CachePolicy,
         max_local_cpu_size: float = 5.0,
+        local_cpu: bool = True,
     ) -> None:
         if isinstance(max_local_cpu_size, bool) or not max_local_cpu_size > 0:
             raise ValueError(f"max_local_cpu_size must be > 0 GB, got {max_local_cpu_size!r}")
+        if not isinstance(local_cpu, bool):
+            raise ValueError(f"local_cpu must be a bool, got {local_cpu!r}")
+        self.local_cpu = local_cpu
         self.name = "LocalCPUBackend"
         self.allocator = allocator
         self.policy = policy
@@ -103,8 +110,11 @@ class LocalCPUBackend(StorageBackendInterface):
 
         Replacing a different object under the same key drops the old object's reference and
         moves its pins to the new one. If the cap cannot be kept even after evicting, the put
-        is skipped (counted in ``num_rejected_puts``): a lost hit, never a crash.
+        is skipped (counted in ``num_rejected_puts``): a lost hit, never a crash. With
+        ``local_cpu=False`` nothing is kept (the tier is off, not full: not counted).
         """
+        if not self.local_cpu:
+            return
         with self._lock:
             old = self.hot_cache.get(key)
             if old is obj:

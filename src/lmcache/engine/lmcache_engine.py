@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Generator, Iterable
 from typing import Optional, Union
 
@@ -21,6 +22,7 @@ from lmcache.token_database.base import TokenDatabase, Tokens
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_PIN_LEASE_SECS = 600.0
 _ENGINE_KWARGS = ("request_configs", "lookup_id", "req_id",  # not for the connector
                   "store_location", "retrieve_locations")
 
@@ -49,18 +51,34 @@ class LMCacheEngine:
         token_database: cuts tokens into (start, end, key) chunks.
         gpu_connector: moves KV between the paged cache and MemoryObjs.
         storage_manager: the tiers (``lmcache.storage.manager.StorageManager`` interface).
+        pin_lease_secs: longest time (seconds, > 0) the pins (and prefetched memory) of one
+            ``lookup(pin=True)`` are held when no retrieve or ``lookup_unpin`` releases them
+            (a request the scheduler abandoned); released at the next lookup or unpin after.
+
+    Pins carry the request's lifetime: ``lookup_unpin(lookup_id)`` releases them, also the
+    pins of a lookup still running at that moment (it releases what it took when it ends,
+    however late), and a lease bounds them when nobody calls it.
 
     Attributes:
         stats: LMCStatsMonitor with this engine's counters (own Prometheus registry).
+        counters: ``abandoned_lookups`` (lookups that finished after their request's unpin and
+            released what they took), ``expired_pin_leases`` (pin sets released by the lease).
+
+    Raises:
+        TypeError: a collaborator of the wrong type.  ValueError: pin_lease_secs <= 0.
     """
 
     def __init__(self, metadata: LMCacheMetadata, token_database: TokenDatabase,
-                 gpu_connector: GPUConnectorInterface, storage_manager) -> None:
+                 gpu_connector: GPUConnectorInterface, storage_manager,
+                 pin_lease_secs: float = DEFAULT_PIN_LEASE_SECS) -> None:
         for name, value, cls in (("metadata", metadata, LMCacheMetadata),
                                  ("token_database", token_database, TokenDatabase),
                                  ("gpu_connector", gpu_connector, GPUConnectorInterface)):
             if not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+        if isinstance(pin_lease_secs, bool) or not pin_lease_secs > 0:
+            raise ValueError(f"pin_lease_secs must be > 0 seconds, got {pin_lease_secs!r}")
+        self.pin_lease_secs = float(pin_lease_secs)
         self.metadata = metadata
         self.token_database = token_database
         self.gpu_connector = gpu_connector
@@ -70,6 +88,9 @@ class LMCacheEngine:
         self._layerwise = LayerwisePath(self) if self.is_layerwise else None
         self.stats = LMCStatsMonitor(metadata.model_name, metadata.worker_id)
         self._lookup_pins: dict[object, list[CacheEngineKey]] = {}
+        self._pin_expiry: OrderedDict[object, float] = OrderedDict()  # lookup_id -> deadline
+        self._inflight: dict[object, object] = {}  # lookup_id -> token of the running lookup
+        self.counters = {"abandoned_lookups": 0, "expired_pin_leases": 0}
         self._lock = threading.Lock()
         self._warned: set[str] = set()  # log-once topics
         self._closed = False
@@ -99,6 +120,7 @@ class LMCacheEngine:
         # One batched query (one round trip per tier): the chained hash makes the cached chunks
         # a prefix; a chunk after the first miss is stored again (a put replaces it).
         present = self.storage_manager.contains_prefix([k for _, _, k in chunks], retrieve_locations=where)
+        parent = chunks[present - 1][2] if present else self._key_before(tokens, chunks, kwargs)
         skipped = sum(end - start for start, end, _ in chunks[:present])
         for start, end, key in chunks[present:]:
             obj = self.storage_manager.allocate(
@@ -114,7 +136,8 @@ class LMCacheEngine:
                 for obj in objs:
                     obj.ref_count_down()
                 raise
-            self.storage_manager.batched_put(keys, objs, store_location=store_location)
+            self.storage_manager.batched_put(keys, objs, store_location=store_location,
+                                             prefix_parent=parent)
         stored = sum(e - s for s, e in zip(starts, ends))
         self.stats.inc("stored_tokens", stored)
         self.stats.inc("store_skipped_tokens", skipped)
@@ -135,6 +158,14 @@ class LMCacheEngine:
         self.stats.inc(f"{op}_requests")
         self.stats.inc(f"{op}_requested_tokens", sum(e - s for s, e, _ in chunks))
         return xfer, chunks
+
+    def _key_before(self, tokens: Tokens, chunks: list, kwargs: dict) -> Optional[CacheEngineKey]:
+        """The key of the chunk before ``chunks[0]`` (the store_mask's prefix), or None."""
+        if not chunks or chunks[0][0] == 0:
+            return None
+        before = list(self.token_database.process_tokens(
+            tokens[:chunks[0][0]], request_configs=kwargs.get("request_configs")))
+        return before[-1][2] if before else None
 
     def _count_failed_store(self, failed: int, stored: int) -> None:
         self.stats.inc("failed_stores")
@@ -185,7 +216,8 @@ class LMCacheEngine:
         reading only ``retrieve_locations``); returns how many chunks."""
         keys = [key for _, _, key in chunks]
         objs: list[Optional[MemoryObj]] = self.storage_manager.batched_get(
-            keys, lookup_id=lookup_id, retrieve_locations=retrieve_locations) if keys else []
+            keys, lookup_id=lookup_id, retrieve_locations=retrieve_locations,
+            accept=lambda i, obj: self._usable(obj, chunks[i][1] - chunks[i][0])) if keys else []
         good = 0
         for (start, end, _), obj in zip(chunks, objs):
             if obj is None or not self._usable(obj, end - start):
@@ -237,6 +269,9 @@ class LMCacheEngine:
         ``pin=True`` the counted chunks stay pinned (not evictable) until
         ``lookup_unpin(lookup_id)`` or a ``retrieve(..., lookup_id=...)``; chunks only a slower
         tier holds are then prefetched for that retrieve (StorageManager.contains_prefix).
+        A ``lookup_unpin(lookup_id)`` that comes while this lookup still runs (the scheduler
+        gave up on it) makes it release what it pinned and prefetched when it ends, and return
+        0; pins nobody releases are released after ``pin_lease_secs``.
         ``retrieve_locations``: tier names to search (default all).
 
         Raises:
@@ -251,18 +286,22 @@ class LMCacheEngine:
         self.stats.observe("process_tokens_seconds", time.perf_counter() - t0)
         keys = [key for _, _, key in chunks]
         self._check_locations(None, retrieve_locations)
-        if self._layerwise is not None:  # a chunk counts only with every layer held
-            hits, pinned = self._layerwise.contains_chunks(keys, pin=pin)
-        else:
-            hits = self.storage_manager.contains_prefix(
-                keys, pin=pin, lookup_id=lookup_id if pin else None,
-                retrieve_locations=retrieve_locations) if keys else 0
-            pinned = keys[:hits]
+        token = self._lookup_begins(lookup_id) if pin else None
+        try:
+            if self._layerwise is not None:  # a chunk counts only with every layer held
+                hits, pinned = self._layerwise.contains_chunks(keys, pin=pin)
+            else:
+                hits = self.storage_manager.contains_prefix(
+                    keys, pin=pin, lookup_id=lookup_id if pin else None,
+                    retrieve_locations=retrieve_locations) if keys else 0
+                pinned = keys[:hits]
+        except BaseException:
+            if pin:
+                self._lookup_ends(lookup_id, token, [])  # raised: nothing left pinned by it
+            raise
+        if pin and not self._lookup_ends(lookup_id, token, pinned if hits else []):
+            hits = 0  # abandoned: what it took is released already
         hit_tokens = chunks[hits - 1][1] if hits else 0
-        if pin and hits:
-            with self._lock:
-                self._lookup_pins.setdefault(lookup_id, []).extend(pinned)
-                self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
         self.stats.inc("lookup_requests")
         self.stats.inc("lookup_tokens", len(tokens))
         self.stats.inc("lookup_hit_tokens", hit_tokens)
@@ -272,17 +311,70 @@ class LMCacheEngine:
     def lookup_unpin(self, lookup_id: Union[object, Iterable[object]]) -> None:
         """Release the pins of ``lookup(..., pin=True, lookup_id=...)``: one id or a list/tuple
         of ids; unknown ids are ignored (the integration calls this for every finished request).
+        A lookup of these ids still running releases its pins itself when it ends.
         """
         ids = lookup_id if isinstance(lookup_id, (list, tuple)) else [lookup_id]
         keys: list[CacheEngineKey] = []
         with self._lock:
             for one in ids:
                 keys.extend(self._lookup_pins.pop(one, ()))
+                self._pin_expiry.pop(one, None)
+                self._inflight.pop(one, None)  # a running lookup of it is abandoned
             self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
         if keys:
             self.storage_manager.unpin(keys)
         for one in ids:  # prefetched chunks no retrieve took
             self.storage_manager.discard_prefetch(one)
+        self._release_expired()
+
+    def _lookup_begins(self, lookup_id: object) -> object:
+        """Register a running pinning lookup; returns its token."""
+        self._release_expired()
+        token = object()
+        with self._lock:
+            self._inflight.setdefault(lookup_id, set()).add(token)
+        return token
+
+    def _lookup_ends(self, lookup_id: object, token: object, pinned: list) -> bool:
+        """Hand a finished lookup's pins to its request (True), or, when the request's unpin
+        came meanwhile, release them and its prefetch now (False). Idempotent per token."""
+        with self._lock:
+            running = self._inflight.get(lookup_id)
+            alive = running is not None and token in running
+            if alive:
+                running.discard(token)
+                if not running:
+                    del self._inflight[lookup_id]
+                if pinned:
+                    self._lookup_pins.setdefault(lookup_id, []).extend(pinned)
+                    self._pin_expiry[lookup_id] = time.monotonic() + self.pin_lease_secs
+                    self._pin_expiry.move_to_end(lookup_id)
+                self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
+                return True
+        if pinned:
+            self.counters["abandoned_lookups"] += 1
+            self.storage_manager.unpin(pinned)
+            self.storage_manager.discard_prefetch(lookup_id)
+            self._warn_once("abandoned", "lookup %r finished after its request's unpin; its "
+                            "pins and prefetch were released (counted in abandoned_lookups)",
+                            lookup_id)
+        return False
+
+    def _release_expired(self) -> None:
+        """Release the pin sets whose lease ran out (requests nobody unpinned)."""
+        now = time.monotonic()
+        expired = []
+        with self._lock:
+            for one, deadline in self._pin_expiry.items():
+                if deadline > now:
+                    break
+                expired.append(one)
+        if expired:
+            self.counters["expired_pin_leases"] += len(expired)
+            self._warn_once("lease", "pins of %d lookup(s) held past pin_lease_secs=%.0f were "
+                            "released (counted in expired_pin_leases)", len(expired),
+                            self.pin_lease_secs)
+            self.lookup_unpin(expired)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:

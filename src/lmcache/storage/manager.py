@@ -1,13 +1,10 @@
-"""StorageManager: routes puts and gets over the ordered storage tiers; lookup prefetch."""
+"""StorageManager: routes puts and gets over the ordered storage tiers (prefetch: Prefetcher)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Hashable, Sequence
-from concurrent.futures import Future
-from functools import partial
+from collections.abc import Callable, Hashable, Sequence
 from typing import Optional, Union
 
 import torch
@@ -17,11 +14,13 @@ from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
-from lmcache.storage.event_manager import EventManager, EventType
+from lmcache.storage.event_manager import EventManager
+from lmcache.storage.prefetcher import Prefetcher
 
 logger = logging.getLogger(__name__)
 
 Locations = Union[str, Sequence[str], None]
+Accept = Callable[[int, MemoryObj], bool]
 DEFAULT_BLOCKING_TIMEOUT_SECS = 10.0  # LMCache's blocking_timeout_secs default
 
 
@@ -30,25 +29,29 @@ class StorageManager:
 
     * Store: :meth:`batched_put` gives every object to every tier (each tier keeps its own
       reference), or only to the tier named by ``store_location``, then drops the producer's
-      reference.
+      reference. The keys of one call are consecutive chunks of one prefix; ``prefix_parent``
+      (the chunk before the first) lets each tier keep the prefix chain for eviction
+      (``link_prefix``: a chunk is never evicted while later chunks of its prefix stay).
     * Lookup: :meth:`contains_prefix` counts the contiguous prefix of chunks held by any tier
       (the first chunk no tier holds ends it); with ``pin`` each counted chunk is pinned in the
-      tier that answered for it. With a ``lookup_id`` it also **prefetches**: every counted
-      chunk that only a tier other than the allocator_backend holds (disk, remote) is fetched in
-      the background (``batched_get_non_blocking``) into allocator memory, and each future is
-      registered in the EventManager as a LOADING event ``(lookup_id, key)``. Remote data
-      cannot be pinned, so the prefetched MemoryObjs (the event's reference) are the pin.
+      tier that answered for it. With a ``lookup_id`` it also **prefetches** (the
+      :class:`~lmcache.storage.prefetcher.Prefetcher` collaborator): every counted chunk that
+      only a tier other than the allocator_backend holds is fetched in the background into
+      allocator memory reserved now; the promise shrinks to the chunks whose memory could be
+      reserved (``stats["prefetch_no_memory"]`` counts the rest, apart from misses).
     * Retrieve: :meth:`batched_get` serves each chunk of the contiguous hit prefix: a chunk
-      prefetched under its ``lookup_id`` is taken from the EventManager (waiting only for the
+      prefetched under its ``lookup_id`` is taken from the prefetch (waiting only for the
       chunks it needs, all within one deadline of ``blocking_timeout_secs``); any other chunk is
       read from the first tier holding it, one ``batched_get_blocking`` per contiguous run of
       chunks of the same tier (a chunk gone from its tier meanwhile is tried in the others).
+    * **Repair** (an entry indexed but not servable): when a tier that answered ``contains``
+      for a chunk then fails to deliver it (None, an error, an object ``accept`` refuses), the
+      chunk is removed from that tier (``stats["repaired_entries"]``), so no later lookup
+      promises it and the engine's next store writes it again. A None while the
+      allocator_backend was short of memory is not repaired (the entry may be fine).
     * Write-back: chunks served by a slower tier are put into the allocator_backend when it is
-      one of the tiers; a prefetched chunk as soon as it arrives, so a repeated lookup (vLLM
-      asks again while a request waits) finds it in the CPU tier instead of fetching it again.
-      The event's reference on prefetched chunks that the retrieve does not need, and on all of
-      a lookup's chunks at :meth:`discard_prefetch`, is released (when each arrives); the CPU
-      tier's copy is then an ordinary evictable chunk.
+      one of the tiers; a prefetched chunk as soon as it arrives (before its event completes),
+      so a repeated lookup finds it in the CPU tier instead of fetching it again.
     * ``retrieve_locations`` (lookup, block mapping, retrieve) restricts the tiers searched to
       those with the given backend names; ``store_location`` (store) restricts the tiers
       written to the one with that name (LMCache semantics; names as ``backend.name``:
@@ -63,13 +66,17 @@ class StorageManager:
         allocator_backend: the LocalCPUBackend that allocates MemoryObjs; None → the first
             LocalCPUBackend in ``backends`` (allocate then raises RuntimeError if there is none).
         event_manager: holds the prefetch futures (default: a new EventManager whose unclaimed
-            results are released with ``ref_count_down``).
+            results are released with ``ref_count_down``); ignored when ``prefetcher`` is given.
         blocking_timeout_secs: how long a retrieve waits in all for the prefetched chunks it
             needs, > 0; None → the largest ``blocking_timeout_secs`` of the tiers, else 10 s.
+        prefetcher: the lookup prefetch (default: a new Prefetcher over ``event_manager``).
 
     Attributes:
-        stats: counters ``prefetch_chunks`` (prefetches started), ``prefetch_hits`` (prefetched
-            chunks a retrieve used), ``prefetch_misses`` (needed but failed or late).
+        stats (property): ``prefetch_chunks`` (prefetches started), ``prefetch_hits``
+            (prefetched chunks a retrieve used), ``prefetch_misses`` (needed but failed or
+            late), ``prefetch_no_memory`` (chunks not promised: no memory could be reserved),
+            ``repaired_entries`` (unservable entries removed from their tier),
+            ``rejected_objects`` (objects ``accept`` refused), ``write_back_errors``.
 
     Raises:
         ValueError: blocking_timeout_secs <= 0.
@@ -81,6 +88,7 @@ class StorageManager:
         allocator_backend: Optional[LocalCPUBackend] = None,
         event_manager: Optional[EventManager] = None,
         blocking_timeout_secs: Optional[float] = None,
+        prefetcher: Optional[Prefetcher] = None,
     ) -> None:
         self.backends: list[StorageBackendInterface] = list(backends)
         if allocator_backend is None:
@@ -99,12 +107,17 @@ class StorageManager:
         if isinstance(blocking_timeout_secs, bool) or not blocking_timeout_secs > 0:
             raise ValueError(f"blocking_timeout_secs must be > 0, got {blocking_timeout_secs!r}")
         self.blocking_timeout_secs = float(blocking_timeout_secs)
-        self.event_manager = event_manager if event_manager is not None else EventManager()
-        self._prefetches: dict[Hashable, list[CacheEngineKey]] = {}
-        self._lock = threading.Lock()
-        self.stats = dict.fromkeys(("prefetch_chunks", "prefetch_hits", "prefetch_misses"), 0)
+        self.prefetcher = prefetcher if prefetcher is not None else Prefetcher(event_manager)
+        self.event_manager = self.prefetcher.event_manager
+        self._counters = dict.fromkeys(("repaired_entries", "rejected_objects",
+                                        "write_back_errors"), 0)
         self.num_tier_errors = 0
-        self._logged: set[int] = set()
+        self._logged: set[object] = set()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters (class docstring)."""
+        return {**self.prefetcher.stats, **self._counters}
 
     # ---- tier selection -----------------------------------------------------------------
     @property
@@ -152,9 +165,11 @@ class StorageManager:
 
     # ---- store -----------------------------------------------------------------------------
     def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj],
-                    store_location: Optional[str] = None) -> None:
+                    store_location: Optional[str] = None,
+                    prefix_parent: Optional[CacheEngineKey] = None) -> None:
         """Put every object into every tier (or only the tier named ``store_location``), then
-        drop the producer's reference of each.
+        drop the producer's reference of each. ``keys`` are consecutive chunks of one prefix;
+        ``prefix_parent`` is the chunk before ``keys[0]`` (None: the first chunk, or unknown).
 
         Raises:
             ValueError: len(keys) != len(objs), or no tier is named ``store_location``;
@@ -169,6 +184,7 @@ class StorageManager:
         try:
             for backend in targets:
                 try:
+                    backend.link_prefix(keys, prefix_parent)
                     backend.batched_put(keys, objs)
                 except Exception as e:  # noqa: BLE001 - a failing tier costs hits only
                     self._tier_error(backend, "batched_put", e)
@@ -213,7 +229,8 @@ class StorageManager:
             hash(lookup_id)  # TypeError now, not after pinning
         owners = self._prefix_owners(keys, pin, tiers)
         if lookup_id is not None:
-            count = self._prefetch(lookup_id, keys, owners)
+            count = self.prefetcher.start(lookup_id, keys, owners, self.allocator_backend,
+                                          self._put_back, self._tier_error)
             if pin:
                 for key, owner in zip(keys[count:], owners[count:]):
                     self._unpin_in(owner, key)
@@ -243,131 +260,65 @@ class StorageManager:
             self._tier_error(backend, "unpin", e)
             return False
 
-    # ---- prefetch -------------------------------------------------------------------------
-    def _prefetch(self, lookup_id: Hashable, keys: Sequence[CacheEngineKey],
-                  owners: list[StorageBackendInterface]) -> int:
-        """Start the background gets of the chunks owned by slower tiers; returns how many
-        leading chunks stay counted (all, unless a tier failed to start its gets)."""
-        self.discard_prefetch(lookup_id)
-        started: list[CacheEngineKey] = []
-        seen: set[CacheEngineKey] = set()
-        count, i = len(owners), 0
-        while i < count:
-            backend, j = owners[i], i
-            while j < count and owners[j] is backend:
-                j += 1
-            fetch = getattr(backend, "batched_get_non_blocking", None)
-            if backend is not self.allocator_backend and fetch is not None:
-                run = [k for k in keys[i:j] if k not in seen]  # (keys are unique in practice)
-                try:
-                    futures = list(fetch(run))
-                    if len(futures) != len(run):
-                        raise RuntimeError(f"{len(futures)} futures for {len(run)} keys")
-                except Exception as e:  # noqa: BLE001 - then the lookup promises less
-                    self._tier_error(backend, "batched_get_non_blocking", e)
-                    count = i
-                    break
-                for key, future in zip(run, futures):
-                    future.add_done_callback(partial(self._written_back_on_arrival, key))
-                    self.event_manager.add_event(EventType.LOADING, (lookup_id, key), [future])
-                started.extend(run)
-                seen.update(run)
-            i = j
-        if started:
-            with self._lock:
-                self._prefetches[lookup_id] = started
-            self.stats["prefetch_chunks"] += len(started)
-        return count
-
-    def _written_back_on_arrival(self, key: CacheEngineKey, future: Future) -> None:
-        """Done-callback of a prefetch: write the chunk back into the allocator_backend now
-        (it stays pinned there by the event's reference until a retrieve takes it or the
-        prefetch is discarded; after that it is an ordinary, evictable CPU-tier chunk)."""
-        if future.cancelled() or future.exception() is not None:
-            return
-        obj = future.result()
-        if obj is not None:
-            self._put_back(key, obj)
-
+    # ---- prefetch (the Prefetcher collaborator) --------------------------------------------
     def discard_prefetch(self, lookup_id: Hashable) -> bool:
         """Release the chunks prefetched under ``lookup_id`` that no retrieve took (each when
         it arrives); False when there is no such prefetch."""
-        with self._lock:
-            keys = self._prefetches.pop(lookup_id, None)
-        for key in keys or ():
-            self.event_manager.discard(EventType.LOADING, (lookup_id, key))
-        return keys is not None
+        return self.prefetcher.discard(lookup_id)
 
     @property
     def num_prefetches(self) -> int:
         """Lookups whose prefetched chunks are still held for their retrieve."""
-        return len(self._prefetches)
-
-    def _claim_prefetch(self, lookup_id: Optional[Hashable],
-                        keys: Sequence[CacheEngineKey]) -> set[CacheEngineKey]:
-        """End ``lookup_id``'s prefetch: the keys among ``keys`` it holds (the caller takes
-        their events); the events of the others are discarded now."""
-        if lookup_id is None:
-            return set()
-        with self._lock:
-            held = self._prefetches.pop(lookup_id, None)
-        if not held:
-            return set()
-        wanted = set(keys)
-        for key in held:
-            if key not in wanted:
-                self.event_manager.discard(EventType.LOADING, (lookup_id, key))
-        return wanted.intersection(held)
-
-    def _take(self, lookup_id: Hashable, key: CacheEngineKey,
-              deadline: float) -> Optional[MemoryObj]:
-        got = self.event_manager.take(EventType.LOADING, (lookup_id, key), 1,
-                                      timeout=max(0.0, deadline - time.monotonic()))
-        obj = got[0] if got else None
-        self.stats["prefetch_hits" if obj is not None else "prefetch_misses"] += 1
-        return obj  # type: ignore[return-value]
+        return len(self.prefetcher)
 
     # ---- retrieve --------------------------------------------------------------------------
     def batched_get(self, keys: Sequence[CacheEngineKey], lookup_id: Optional[Hashable] = None,
-                    retrieve_locations: Locations = None) -> list[Optional[MemoryObj]]:
+                    retrieve_locations: Locations = None,
+                    accept: Optional[Accept] = None) -> list[Optional[MemoryObj]]:
         """One object (+1 reference for the caller) per key of the contiguous hit prefix;
         None from the first miss on. Chunks prefetched by ``contains_prefix(...,
         lookup_id=lookup_id)`` come from that prefetch (its leftovers are released); the others
-        from the tiers of ``retrieve_locations`` (default all)."""
+        from the tiers of ``retrieve_locations`` (default all). ``accept(i, obj)``, when given,
+        vets the object of ``keys[i]`` (e.g. its shape and dtype) before it is written back or
+        returned: a refused object ends the prefix and is removed from the tier it came from
+        (a prefetched one from every tier)."""
         keys = list(keys)
         tiers = self._tiers(retrieve_locations)
-        prefetched = self._claim_prefetch(lookup_id, keys)
+        prefetched = self.prefetcher.claim(lookup_id, keys)
         deadline = time.monotonic() + self.blocking_timeout_secs
         out: list[Optional[MemoryObj]] = [None] * len(keys)
         pos, n = 0, len(keys)
         try:
             while pos < n:
+                parent = keys[pos - 1] if pos else None
                 if keys[pos] in prefetched:
                     prefetched.discard(keys[pos])
-                    obj = self._take(lookup_id, keys[pos], deadline)
-                    if obj is None:
+                    obj = self.prefetcher.take(lookup_id, keys[pos], deadline)
+                    if obj is None or not self._accepted(accept, pos, keys[pos], obj, None):
                         break
-                    self._put_back(keys[pos], obj)
+                    self._put_back(keys[pos], obj, parent)  # (again, if the first was refused)
                     out[pos] = obj
                     pos += 1
                     continue
                 end = pos
                 while end < n and keys[end] not in prefetched:
                     end += 1
-                got = self._get_run(keys[pos:end], tiers)
+                got = self._get_run(keys[pos:end], tiers, accept, pos, parent)
                 out[pos:pos + len(got)] = got
                 if len(got) < end - pos:
                     break
                 pos = end
         finally:
             for key in prefetched:  # not reached: released when they arrive
-                self.event_manager.discard(EventType.LOADING, (lookup_id, key))
+                self.prefetcher.drop(lookup_id, key)
         return out
 
-    def _get_run(self, keys: Sequence[CacheEngineKey],
-                 tiers: Sequence[StorageBackendInterface]) -> list[MemoryObj]:
-        """The contiguous hit prefix of ``keys``: one batched_get_blocking per run of chunks
-        held by the same tier; a chunk its tier no longer has is tried in the other tiers."""
+    def _get_run(self, keys: Sequence[CacheEngineKey], tiers: Sequence[StorageBackendInterface],
+                 accept: Optional[Accept], base: int,
+                 parent: Optional[CacheEngineKey]) -> list[MemoryObj]:
+        """The contiguous hit prefix of ``keys`` (``keys[0]`` is chunk ``base`` of the request,
+        ``parent`` the chunk before it): one batched_get_blocking per run of chunks held by the
+        same tier; a chunk its tier fails to deliver is repaired there and tried in the others."""
         owners = self._prefix_owners(keys, False, tiers)
         out: list[MemoryObj] = []
         i = 0
@@ -375,30 +326,42 @@ class StorageManager:
             backend, j = owners[i], i
             while j < len(owners) and owners[j] is backend:
                 j += 1
-            objs = self._tier_get(backend, keys[i:j])
+            failures = self._allocation_failures()
+            got = self._tier_get(backend, keys[i:j])
+            batch_failed = got is None  # then each chunk alone: which one fails?
+            objs = [None] * (j - i) if got is None else got
             for idx, obj in enumerate(objs):
+                key = keys[i + idx]
                 source = backend
+                if obj is None and batch_failed:
+                    obj, source = self._get_one(key, [backend])
                 if obj is None:
+                    self._repair(backend, key, failures)
                     others = [t for t in tiers if t is not backend]
-                    obj, source = self._get_one(keys[i + idx], others)
+                    obj, source = self._get_one(key, others)
+                if obj is not None and not self._accepted(accept, base + i + idx, key, obj,
+                                                          source):
+                    obj = None
                 if obj is None:
                     for rest in objs[idx + 1:]:
                         if rest is not None:
                             rest.ref_count_down()
                     return out
                 if source is not self.allocator_backend:
-                    self._put_back(keys[i + idx], obj)
+                    self._put_back(key, obj, parent)
+                parent = key
                 out.append(obj)
             i = j
         return out
 
     def _tier_get(self, backend: StorageBackendInterface,
-                  keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+                  keys: Sequence[CacheEngineKey]) -> Optional[list[Optional[MemoryObj]]]:
+        """The tier's objects for ``keys`` (None for each miss); None when the call raised."""
         try:
             objs = list(backend.batched_get_blocking(keys))
         except Exception as e:  # noqa: BLE001
             self._tier_error(backend, "batched_get_blocking", e)
-            return [None] * len(keys)
+            return None
         for extra in objs[len(keys):]:  # a tier that returned too many: keep nothing extra
             if extra is not None:
                 extra.ref_count_down()
@@ -416,13 +379,58 @@ class StorageManager:
                 return obj, backend
         return None, None
 
-    def _put_back(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+    def _accepted(self, accept: Optional[Accept], index: int, key: CacheEngineKey,
+                  obj: MemoryObj, source: Optional[StorageBackendInterface]) -> bool:
+        """``accept(index, obj)``; a refused object is released and its entry repaired."""
+        if accept is None:
+            return True
+        try:
+            ok = bool(accept(index, obj))
+        except Exception as e:  # noqa: BLE001 - a check that fails refuses
+            logger.warning("accept check of %s failed: %r; treated as a miss", key, e)
+            ok = False
+        if ok:
+            return True
+        obj.ref_count_down()
+        self._counters["rejected_objects"] += 1
+        for backend in ([source] if source is not None else self.backends):
+            self._repair(backend, key, None)
+        return False
+
+    def _allocation_failures(self) -> int:
+        return getattr(self.allocator_backend, "num_failed_allocations", 0)
+
+    def _repair(self, backend: StorageBackendInterface, key: CacheEngineKey,
+                failures: Optional[int]) -> None:
+        """Remove an entry ``backend`` indexed but could not serve, so that it is no longer
+        promised and the next store writes it again. Skipped when allocations failed since
+        ``failures`` was read (the tier may have missed for want of memory only)."""
+        if failures is not None and self._allocation_failures() != failures:
+            return
+        try:
+            removed = backend.remove(key)
+        except Exception as e:  # noqa: BLE001
+            self._tier_error(backend, "remove (repair)", e)
+            return
+        if removed:
+            self._counters["repaired_entries"] += 1
+            if ("repair", id(backend)) not in self._logged:
+                self._logged.add(("repair", id(backend)))  # type: ignore[arg-type]
+                logger.warning("storage tier %s indexed %s but could not serve it; entry "
+                               "removed (logged once per tier; counted in repaired_entries)",
+                               backend.name, key)
+
+    def _put_back(self, key: CacheEngineKey, obj: MemoryObj,
+                  parent: Optional[CacheEngineKey] = None) -> None:
         """Write-back of a chunk served by a slower tier into the allocator_backend."""
         if not self._write_back:
             return
         try:
+            if parent is not None:
+                self.allocator_backend.link_prefix([key], parent)
             self.allocator_backend.put(key, obj)
         except Exception as e:  # noqa: BLE001 - write-back is an optimisation
+            self._counters["write_back_errors"] += 1
             self._tier_error(self.allocator_backend, "write-back put", e)
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -438,10 +446,7 @@ class StorageManager:
     def close(self) -> None:
         """Release every prefetch (as each arrives), then close every tier (and the
         allocator_backend if it is not a tier)."""
-        with self._lock:
-            lookup_ids = list(self._prefetches)
-        for lookup_id in lookup_ids:
-            self.discard_prefetch(lookup_id)
+        self.prefetcher.close()
         closing = list(self.backends)
         if self.allocator_backend is not None and not self._write_back:
             closing.append(self.allocator_backend)

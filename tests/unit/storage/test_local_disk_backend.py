@@ -92,13 +92,15 @@ def test_restart_rebuilds_index_and_usage(cpu, make_disk, tmp_path):
     ref = store(disk, cpu, range(5))
     disk.close()
     d = tmp_path / "disk"
-    (d / ".tmp-deadbeef").write_bytes(b"half a write")        # interrupted write
+    (d / (".tmp-lmcache-" + "ab" * 16)).write_bytes(b"half a write")  # our interrupted write
+    (d / ".tmp-deadbeef").write_bytes(b"another program's")      # left alone (7.12)
     (d / "notes.txt").write_text("not ours")                     # left alone
-    (d / "junk.kvc").write_bytes(b"x" * 100)                     # not an encoded key
+    (d / "junk.kvc").write_bytes(b"x" * 100)                     # not an encoded key: left alone
     os.truncate(d / wf.key_to_filename(key(4).to_string(), ".kvc"), CHUNK_FILE - 10)  # torn
     again = make_disk()
     assert sorted(os.listdir(d)) == sorted(
-        [wf.key_to_filename(key(i).to_string(), ".kvc") for i in range(4)] + ["notes.txt"])
+        [wf.key_to_filename(key(i).to_string(), ".kvc") for i in range(4)]
+        + ["notes.txt", ".tmp-deadbeef", "junk.kvc"])
     assert len(again) == 4 and again.used_bytes == 4 * CHUNK_FILE
     assert again.batched_contains([key(i) for i in range(6)]) == 4
     for i in range(4):

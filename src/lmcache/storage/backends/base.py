@@ -51,6 +51,13 @@ class StorageBackendInterface(abc.ABC):
         for key, obj in zip(keys, objs):
             self.put(key, obj)
 
+    def link_prefix(self, keys: Sequence[CacheEngineKey],
+                    parent: Optional[CacheEngineKey] = None) -> None:
+        """Note that ``keys`` (about to be put) are consecutive chunks of one prefix following
+        ``parent`` (None: the first chunk, or unknown). Tiers that evict use it so that a chunk
+        is never evicted while later chunks of its prefix stay (``policy.prefix_chain``); the
+        default keeps nothing."""
+
     @abc.abstractmethod
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """The object for ``key`` with +1 reference for the caller, or None on a miss."""
@@ -58,8 +65,18 @@ class StorageBackendInterface(abc.ABC):
     def batched_get_blocking(
         self, keys: Sequence[CacheEngineKey]
     ) -> list[Optional[MemoryObj]]:
-        """:meth:`get_blocking` for each key (None for each miss)."""
-        return [self.get_blocking(key) for key in keys]
+        """:meth:`get_blocking` for each key (None for each miss). When one raises, the
+        objects already read are released and the error propagates."""
+        out: list[Optional[MemoryObj]] = []
+        try:
+            for key in keys:
+                out.append(self.get_blocking(key))
+        except BaseException:
+            for obj in out:
+                if obj is not None:
+                    obj.ref_count_down()
+            raise
+        return out
 
     @abc.abstractmethod
     def unpin(self, key: CacheEngineKey) -> bool:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import threading
+import uuid
 import time
 from typing import Optional, Union
 
@@ -27,7 +29,18 @@ logger = logging.getLogger(__name__)
 Buffer = Union[bytes, bytearray, memoryview]
 
 SUFFIX = ".kvc"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-lmcache-"
+_TMP_NAME = re.compile(r"\.tmp-lmcache-[0-9a-f]{32}")  # lmcache's own temporary files only
+
+
+def tmp_name() -> str:
+    """A new temporary file name of lmcache's own form (``.tmp-lmcache-<32 hex>``)."""
+    return f"{TMP_PREFIX}{uuid.uuid4().hex}"
+
+
+def is_tmp_name(name: str) -> bool:
+    """Whether ``name`` is one of lmcache's temporary files (other programs' are not)."""
+    return _TMP_NAME.fullmatch(name) is not None
 BLOCK = 1 << 20  # bytes read/written (and hashed) at a time: stays in cache between the two
 
 
@@ -66,9 +79,11 @@ def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
 
 
 def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
-              layout: Optional[wf.ChunkLayout] = None) -> Optional[str]:
+              layout: Optional[wf.ChunkLayout] = None,
+              expect: Optional[wf.RemoteMetadata] = None) -> Optional[str]:
     """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``, verifying every byte
-    and that the file belongs to the key its name encodes and (when given) to ``layout``.
+    and that the file belongs to the key its name encodes and (when given) to ``layout``, and
+    that its header describes the same format, dtype and shape as ``expect`` (when given).
 
     The payload is read straight into ``obj.byte_array`` in BLOCK-sized pieces, each hashed
     (xxh3_64, which releases the GIL) right after it is read, while it is still in the CPU
@@ -101,6 +116,10 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
             return f"corrupt ({e})"
         if meta.length != obj.nbytes or size != wf.FILE_HEADER_SIZE + obj.nbytes:
             return f"truncated or mismatched ({size} bytes)"
+        if expect is not None and (meta.fmt, meta.dtype, tuple(meta.shape)) != (
+                expect.fmt, expect.dtype, tuple(expect.shape)):
+            return (f"of another shape ({meta.fmt.name} {meta.dtype} {tuple(meta.shape)}, "
+                    f"indexed as {expect.fmt.name} {expect.dtype} {tuple(expect.shape)})")
         if trailer is None:
             return "corrupt (no checksum)"
         digest = trailer.checksum
@@ -123,20 +142,25 @@ def scan(
 ) -> list[tuple[CacheEngineKey, wf.RemoteMetadata, int]]:
     """Index the chunk files of ``directory``, oldest first: (key, metadata, file size).
 
-    Reads only the 64-byte headers. Deletes leftover temporary files (writes interrupted by a
-    crash) and chunk files that are torn (size disagrees with the header), have a bad header,
-    or a name that is not an encoded key; chunk files of another KV layout than ``layout``
-    (when given) are left alone and not indexed; other files are left alone.
+    Reads only the 64-byte headers. Touches only lmcache's own files: deletes leftover
+    temporary files of lmcache's form (:func:`is_tmp_name`; writes interrupted by a crash) and
+    chunk files (names that decode to a key) that are torn (size disagrees with the header) or
+    have a bad header; chunk files of another KV layout than ``layout`` (when given) are left
+    alone and not indexed; every other file (other programs' temporary files, names that are
+    not an encoded key) is left alone.
     """
     found = []
     for entry in os.scandir(directory):
-        if entry.name.startswith(TMP_PREFIX):
+        if is_tmp_name(entry.name):
             unlink(entry.path)
             continue
         if not entry.name.endswith(SUFFIX) or not entry.is_file():
             continue
         try:
             key = CacheEngineKey.from_string(wf.filename_to_key(entry.name, SUFFIX))
+        except ValueError:
+            continue  # not a name lmcache writes: not ours
+        try:
             with open(entry.path, "rb") as f:
                 header = f.read(wf.FILE_HEADER_SIZE)
             meta, trailer = wf.decode_metadata(wf.split_file_header(header), max_payload_bytes)

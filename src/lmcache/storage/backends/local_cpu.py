@@ -16,6 +16,7 @@ from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.policy.base import CachePolicy
+from lmcache.storage.policy.prefix_chain import PrefixChain
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ class LocalCPUBackend(StorageBackendInterface):
     :meth:`allocate` carves objects from the shared allocator and, when memory is short, evicts
     stored objects in ``policy`` order — only those that :attr:`MemoryObj.can_evict` (held by
     this tier alone and unpinned), so an object being written or read, or promised to a
-    retrieve by a pinning lookup, is never evicted. Nothing blocks: no room → None.
+    retrieve by a pinning lookup, is never evicted. Nothing blocks: no room → None (counted
+    in ``num_failed_allocations``). Eviction respects the prefix chain (:meth:`link_prefix`,
+    :class:`PrefixChain`): a chunk is never evicted while a later chunk of its prefix stays.
+    Every refused put is counted in ``num_rejected_puts`` and logged once.
 
     Args:
         allocator: the process's CPUMemoryAllocator (shared with the other tiers).
@@ -67,6 +71,10 @@ class LocalCPUBackend(StorageBackendInterface):
         self.num_hits = 0
         self.num_misses = 0
         self.num_rejected_puts = 0
+        self.num_failed_allocations = 0
+        self.num_repaired = 0
+        self.chain = PrefixChain()
+        self._warned_full = False
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -83,9 +91,14 @@ class LocalCPUBackend(StorageBackendInterface):
             return list(self.hot_cache)
 
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
+        """True when ``key`` is held with its memory still valid (an entry whose object was
+        freed is dropped, counted in ``num_repaired``); ``pin`` pins it."""
         with self._lock:
             obj = self.hot_cache.get(key)
             if obj is None:
+                return False
+            if not obj.is_valid:
+                self._drop_freed(key)
                 return False
             if pin:
                 obj.pin()
@@ -96,6 +109,9 @@ class LocalCPUBackend(StorageBackendInterface):
         reported to the policy."""
         with self._lock:
             obj = self.hot_cache.get(key)
+            if obj is not None and not obj.is_valid:
+                self._drop_freed(key)
+                obj = None
             if obj is None:
                 self.num_misses += 1
                 return None
@@ -116,6 +132,7 @@ class LocalCPUBackend(StorageBackendInterface):
         if not self.local_cpu:
             return
         with self._lock:
+            self.chain.inserted(key)  # linked first: its parent is no victim of its room
             old = self.hot_cache.get(key)
             if old is obj:
                 self.policy.on_put(key)
@@ -124,8 +141,14 @@ class LocalCPUBackend(StorageBackendInterface):
             if self._held_bytes + need > self.max_bytes and not self._evict_until(
                 lambda: self._held_bytes + need <= self.max_bytes, exclude=key
             ):
+                if old is None:
+                    self.chain.remove(key)
                 self.num_rejected_puts += 1
-                logger.warning("LocalCPUBackend full: %s not stored", key)
+                if not self._warned_full:
+                    self._warned_full = True
+                    logger.warning("LocalCPUBackend full (nothing evictable): %s not stored; "
+                                   "further refusals are only counted in num_rejected_puts",
+                                   key)
                 return
             obj.ref_count_up()
             self.hot_cache[key] = obj
@@ -135,6 +158,11 @@ class LocalCPUBackend(StorageBackendInterface):
                     obj.pin()
                 old.ref_count_down()
             self.policy.on_put(key)
+
+    def link_prefix(self, keys: Sequence[CacheEngineKey],
+                    parent: Optional[CacheEngineKey] = None) -> None:
+        with self._lock:
+            self.chain.link(keys, parent, self.hot_cache.__contains__)
 
     def unpin(self, key: CacheEngineKey) -> bool:
         with self._lock:
@@ -183,12 +211,14 @@ class LocalCPUBackend(StorageBackendInterface):
         with self._lock:
             if attempt() or (evict and self._evict_until(attempt)):
                 return result[0]
+            self.num_failed_allocations += 1
         return None
 
     # ---- internals ----------------------------------------------------------------------
     def _evict_until(self, done: Callable[[], bool], exclude: object = None) -> bool:
-        """Evict evictable objects in policy order until ``done()``; caller holds the lock."""
-        for key in self.policy.victims(list(self.hot_cache)):
+        """Evict evictable objects in policy order, leaves of the prefix chain only, until
+        ``done()``; caller holds the lock."""
+        for key in self.chain.victims(list(self.policy.victims(list(self.hot_cache)))):
             if key == exclude:
                 continue
             obj = self.hot_cache.get(key)
@@ -206,5 +236,13 @@ class LocalCPUBackend(StorageBackendInterface):
             return False
         self._held_bytes -= obj.reserved_bytes
         self.policy.on_remove(key)
-        obj.ref_count_down()
+        self.chain.remove(key)
+        if obj.is_valid:
+            obj.ref_count_down()
         return True
+
+    def _drop_freed(self, key: CacheEngineKey) -> None:
+        """An entry whose object was freed by someone else's extra release: unservable."""
+        self.num_repaired += 1
+        logger.error("LocalCPUBackend held freed memory for %s; entry dropped", key)
+        self._remove_locked(key)

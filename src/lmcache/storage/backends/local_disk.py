@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -20,6 +19,7 @@ from lmcache.storage.backends import disk_files
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.base import CachePolicy
+from lmcache.storage.policy.prefix_chain import PrefixChain
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +32,24 @@ class LocalDiskBackend(StorageBackendInterface):
       and queues the write (temporary file, then atomic rename) on ``num_writers`` threads,
       which drop the reference when done; meanwhile the chunk is served from that memory.
     * Reads go into memory from ``allocator_backend.allocate`` and are verified (size, header,
-      checksum); a torn, truncated or corrupt file is a miss and is deleted.
+      shape, checksum); a torn, truncated, garbled or wrong-shape file is a miss and is
+      deleted (``stats["corrupt"]``). :meth:`contains` checks that the file is still there with
+      its size, so an entry whose file was deleted or truncated is dropped, never promised.
+    * A prefetch (:meth:`batched_get_non_blocking`) reserves the memory of every read when it
+      starts; it returns futures only for the chunks it could reserve memory for. A read
+      that finds no memory is counted in ``stats["no_memory"]``, not as a miss.
+    * Only lmcache's own files are touched: temporary files ``.tmp-lmcache-<hex>`` and chunk
+      files whose name decodes to a key; other programs' files in ``local_disk`` stay.
     * At start the index is rebuilt from the files (:func:`disk_files.scan`), so the tier
       survives a restart with correct usage accounting.
     * ``max_local_disk_size`` bounds the bytes of files (headers included); eviction follows
       the policy, skipping pinned and pending chunks. When the disk itself is full (ENOSPC,
       EDQUOT, EFBIG) admissions stop with one warning, and resume once free space is seen again
       (checked at most every ``disk_full_retry_secs``); the other tiers keep working.
+    * Every refused chunk is counted (``dropped_disk_full``, ``dropped_capacity``,
+      ``dropped_backlog``, ``dropped_unwritable``, ``dropped_closed``) and logged once.
+    * Eviction respects the prefix chain (:meth:`link_prefix`): a chunk is never evicted while
+      a later chunk of its prefix stays (links are not kept across a restart).
 
     Args:
         allocator_backend: gives memory for reads (``allocate(shape, dtype, fmt)``).
@@ -95,12 +106,15 @@ class LocalDiskBackend(StorageBackendInterface):
         self._index: dict[CacheEngineKey, wf.RemoteMetadata] = {}
         self._pending: dict[CacheEngineKey, MemoryObj] = {}
         self._pins: dict[CacheEngineKey, int] = {}
+        self._writing = 0  # write jobs queued or running, cleanup included
+        self.chain = PrefixChain()
         self.used_bytes = 0
         self._full_gate = disk_files.FullDiskGate(self.path, disk_full_retry_secs)
         self._warned: set[str] = set()
         self.stats = dict.fromkeys(("writes", "write_errors", "dropped_disk_full",
-                                    "dropped_capacity", "dropped_backlog", "hits", "misses",
-                                    "corrupt", "evictions"), 0)
+                                    "dropped_capacity", "dropped_backlog", "dropped_unwritable",
+                                    "dropped_closed", "hits", "misses", "no_memory", "corrupt",
+                                    "vanished", "evictions"), 0)
         self._closed = False
         self._writers = ThreadPoolExecutor(num_writers, thread_name_prefix="lmc-disk-w")
         self._readers = ThreadPoolExecutor(num_readers, thread_name_prefix="lmc-disk-r")
@@ -113,9 +127,23 @@ class LocalDiskBackend(StorageBackendInterface):
         return len(self._index) + len(self._pending)
 
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
+        """True when the chunk is being written, or its file is there with the size its header
+        gave (else the entry is dropped: a file deleted or truncated behind the tier's back)."""
         with self._lock:
-            if key not in self._index and key not in self._pending:
-                return False
+            if key not in self._pending:
+                meta = self._index.get(key)
+                if meta is None:
+                    return False
+                try:
+                    intact = os.stat(self._file(key)).st_size == wf.FILE_HEADER_SIZE + meta.length
+                except OSError:
+                    intact = False
+                if not intact:
+                    self.stats["vanished"] += 1
+                    self._warn_once("vanished", "disk chunk file of %s is gone or truncated; "
+                                    "entry dropped (further ones only counted)", key)
+                    self._remove_locked(key)
+                    return False
             if pin:
                 self._pins[key] = self._pins.get(key, 0) + 1
             return True
@@ -129,7 +157,15 @@ class LocalDiskBackend(StorageBackendInterface):
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         """The chunk in new allocator memory (+1 ref for the caller), or None on a miss, when
-        memory is short, or when the file is bad (then it is deleted)."""
+        memory is short (``stats["no_memory"]``), or when the file is bad (then it is deleted)."""
+        found = self._lookup(key)
+        if found is None or isinstance(found, MemoryObj):
+            return found
+        obj = self._allocate(found)
+        return None if obj is None else self._read(key, found, obj)
+
+    def _lookup(self, key: CacheEngineKey) -> Union[None, MemoryObj, wf.RemoteMetadata]:
+        """The pending object (+1 ref), the file's metadata, or None (a miss, counted)."""
         with self._lock:
             obj = self._pending.get(key)
             if obj is not None:
@@ -141,14 +177,23 @@ class LocalDiskBackend(StorageBackendInterface):
                 self.stats["misses"] += 1
                 return None
             self.policy.on_hit(key)
+            return meta
+
+    def _allocate(self, meta: wf.RemoteMetadata) -> Optional[MemoryObj]:
         dtype = meta.dtype if meta.dtype is not None else torch.uint8
         obj = self.allocator_backend.allocate(torch.Size(meta.shape), dtype, meta.fmt)
         if obj is None:
-            self.stats["misses"] += 1
-            return None
+            self.stats["no_memory"] += 1
+            self._warn_once("no_memory", "no memory to read disk chunks into (counted in "
+                            "no_memory)")
+        return obj
+
+    def _read(self, key: CacheEngineKey, meta: wf.RemoteMetadata,
+              obj: MemoryObj) -> Optional[MemoryObj]:
+        """Fill ``obj`` (ref owned by the caller of this) from the file; ``obj`` or None."""
         try:
             problem = disk_files.read_into(self._file(key), obj, self.capacity_bytes,
-                                           self.layout)
+                                           self.layout, expect=meta)
         except FileNotFoundError:
             problem = "vanished"
         except OSError as e:
@@ -162,24 +207,44 @@ class LocalDiskBackend(StorageBackendInterface):
         return None
 
     def batched_get_non_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Future]:
-        """One future per key, read by the reader pool (each result as from get_blocking)."""
-        return [self._readers.submit(self.get_blocking, k) for k in keys]
+        """Futures of the chunks, read by the reader pool (each result as from get_blocking).
+
+        The memory of each read is reserved now, in key order: when it runs out, futures are
+        returned only for the chunks before (fewer futures than keys)."""
+        futures: list[Future] = []
+        for key in keys:
+            found = self._lookup(key)
+            if found is None or isinstance(found, MemoryObj):
+                done: Future = Future()
+                done.set_result(found)
+                futures.append(done)
+                continue
+            obj = self._allocate(found)
+            if obj is None:
+                break
+            futures.append(self._readers.submit(self._read, key, found, obj))
+        return futures
 
     def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
         """Reads the chunks in parallel on the reader pool."""
         if len(keys) <= 1:
             return [self.get_blocking(k) for k in keys]
-        return [f.result() for f in self.batched_get_non_blocking(keys)]
+        out = [f.result() for f in self.batched_get_non_blocking(keys)]
+        return out + [None] * (len(keys) - len(out))
 
     # ---- writes -------------------------------------------------------------------------
     def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         """Queue a write of ``obj`` (skipped when already stored, full, or backlogged)."""
         if self._closed:
+            self.stats["dropped_closed"] += 1
+            self._warn_once("closed", "disk tier is closed; chunk %s not written (further "
+                            "ones only counted)", key)
             return
         try:
             meta = wf.RemoteMetadata.for_tensor(obj.tensor, obj.fmt)
             self._file(key)
         except ValueError as e:
+            self.stats["dropped_unwritable"] += 1
             self._warn_once("bad", "chunk %s not written to disk: %s", key, e)
             return
         size = wf.FILE_HEADER_SIZE + meta.length
@@ -194,17 +259,38 @@ class LocalDiskBackend(StorageBackendInterface):
                 self._warn_once("backlog", "disk writes backlogged (%d pending); dropping "
                                 "new chunks from the disk tier", len(self._pending))
                 return
+            self.chain.inserted(key)  # linked first: its parent is no victim of its room
             if not self._make_room(size):
+                self.chain.remove(key)
                 self.stats["dropped_capacity"] += 1
                 self._warn_once("capacity", "disk tier cannot make room for %d bytes", size)
                 return
             obj.ref_count_up()
             self._pending[key] = obj
             self.used_bytes += size
+            self._writing += 1
         self._writers.submit(self._write, key, obj, meta, size)
 
+    def link_prefix(self, keys: Sequence[CacheEngineKey],
+                    parent: Optional[CacheEngineKey] = None) -> None:
+        with self._lock:
+            self.chain.link(keys, parent,
+                            lambda k: k in self._index or k in self._pending)
+
     def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata, size: int):
-        tmp = os.path.join(self.path, f"{disk_files.TMP_PREFIX}{uuid.uuid4().hex}")
+        """Writer job: the file (temporary name, then rename) or its cleanup; counts down
+        ``_writing`` only when nothing of it is left on disk (:meth:`flush` waits for that)."""
+        try:
+            self._write_file(key, obj, meta, size)
+        finally:
+            obj.ref_count_down()
+            with self._lock:
+                self._writing -= 1
+                self._idle.notify_all()
+
+    def _write_file(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata,
+                    size: int) -> None:
+        tmp = os.path.join(self.path, disk_files.tmp_name())
         try:
             disk_files.write_file(tmp, meta, obj.byte_array, key.to_string(), self.layout)
             with self._lock:
@@ -214,14 +300,11 @@ class LocalDiskBackend(StorageBackendInterface):
                     self._index[key] = meta
                     self.policy.on_put(key)
                     self.stats["writes"] += 1
-                    self._idle.notify_all()
                     return
             os.unlink(tmp)
         except OSError as e:
+            disk_files.unlink(tmp)  # before anyone can see the write as finished
             self._write_failed(key, obj, size, e)
-            disk_files.unlink(tmp)
-        finally:
-            obj.ref_count_down()
 
     def _write_failed(self, key: CacheEngineKey, obj: MemoryObj, size: int, e: OSError) -> None:
         with self._lock:
@@ -229,7 +312,7 @@ class LocalDiskBackend(StorageBackendInterface):
             if self._pending.get(key) is obj:
                 del self._pending[key]
                 self.used_bytes -= size
-                self._idle.notify_all()
+                self.chain.remove(key)
         if not self._full_gate.trip(e):
             self._warn_once(f"errno{e.errno}", "disk write of %s failed: %s", key, e)
 
@@ -238,7 +321,7 @@ class LocalDiskBackend(StorageBackendInterface):
             return False
         if self.used_bytes + size <= self.capacity_bytes:
             return True
-        for key in self.policy.victims(list(self._index)):
+        for key in self.chain.victims(list(self.policy.victims(list(self._index)))):
             if self._pins.get(key):
                 continue
             self._remove_locked(key)
@@ -259,10 +342,10 @@ class LocalDiskBackend(StorageBackendInterface):
             return len(keys)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every queued write has finished (or failed); False on ``timeout``
-        (seconds; None = no limit)."""
+        """Wait until every queued write has finished (or failed), its cleanup included (no
+        temporary file of it is left); False on ``timeout`` (seconds; None = no limit)."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pending, timeout)
+            return self._idle.wait_for(lambda: not self._writing, timeout)
 
     def close(self) -> None:
         """Finish queued writes (so they survive a restart), then stop the thread pools."""
@@ -276,9 +359,9 @@ class LocalDiskBackend(StorageBackendInterface):
         meta = self._index.pop(key, None)
         if obj is None and meta is None:
             return False
+        self.chain.remove(key)
         if obj is not None:  # the writer sees it is gone and drops its file
             self.used_bytes -= wf.FILE_HEADER_SIZE + obj.nbytes
-            self._idle.notify_all()
         if meta is not None:
             self.used_bytes -= wf.FILE_HEADER_SIZE + meta.length
             self.policy.on_remove(key)
@@ -288,7 +371,8 @@ class LocalDiskBackend(StorageBackendInterface):
     def _discard(self, key: CacheEngineKey, problem: str) -> None:
         if problem != "vanished":  # (removed by another thread while we read: no news)
             self.stats["corrupt"] += 1
-            logger.warning("disk chunk %s is %s; deleted (a miss)", key, problem)
+            self._warn_once("corrupt", "disk chunk %s is %s; deleted (a miss; further ones "
+                            "only counted in corrupt)", key, problem)
         with self._lock:
             self._remove_locked(key)
 

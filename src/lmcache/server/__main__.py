@@ -47,11 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("port", nargs="?", type=int, default=65432)
     parser.add_argument("--max-size-gb", type=float, default=4.0,
                         help="total GiB of values kept in memory (LRU eviction), default 4")
-    parser.add_argument("--max-value-mb", type=float, default=512.0,
-                        help="largest single value in MiB, default 512")
-    parser.add_argument("--max-inflight-mb", type=float, default=1024.0,
+    parser.add_argument("--max-value-mb", type=float, default=256.0,
+                        help="largest single value in MiB, default 256")
+    parser.add_argument("--max-inflight-mb", type=float, default=512.0,
                         help="MiB of PUT values being received at once (others wait, then are "
-                             "refused as busy), default 1024")
+                             "refused as busy), default 512")
     parser.add_argument("--max-connections", type=int, default=256,
                         help="open client connections (at the limit the longest-idle one is "
                              "closed, else the new one is refused), default 256")

@@ -4,7 +4,8 @@ It speaks LMCache 0.5.6's cache-server protocol (so LMCache's own ``lm://`` conn
 against it) plus lmcache's extensions (:mod:`lmcache.server.protocol`). One thread serves each
 connection with blocking sockets: values are received straight into their final buffer and
 sent straight from the stored buffer, so a slow reader costs no copy of a value (the kernel's
-socket buffer is the only one), only its thread until the write times out.
+socket buffer is the only one), only its thread until the write times out. A value's buffer is
+allocated untouched (numpy.empty), so memory grows with the bytes that really arrive.
 
 Resources are bounded: stored bytes (LRU eviction), bytes of PUT values being received at once
 (the in-flight budget: a PUT waits for room, then is drained and refused as BUSY), the size of
@@ -23,6 +24,8 @@ import socket
 import threading
 import time
 from typing import Optional
+
+import numpy
 
 from lmcache.server.protocol import (
     EXT_MAGIC,
@@ -74,8 +77,8 @@ class LMCacheServer:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 65432,
-                 max_size_bytes: int = 4 << 30, max_value_bytes: int = 512 << 20,
-                 max_inflight_bytes: int = 1 << 30, max_connections: int = 256,
+                 max_size_bytes: int = 4 << 30, max_value_bytes: int = 256 << 20,
+                 max_inflight_bytes: int = 512 << 20, max_connections: int = 256,
                  idle_timeout_s: float = 600.0, read_timeout_s: float = 10.0,
                  token: Optional[str] = None) -> None:
         if not 0 < max_value_bytes <= min(max_inflight_bytes, MAX_VALUE_BYTES):
@@ -277,7 +280,7 @@ class LMCacheServer:
         try:
             extra = bytes(recv_exact(conn, n_extra, deadline=deadline,
                                      step_timeout=self.read_timeout_s))
-            data = bytearray(req.length)
+            data = numpy.empty(req.length, numpy.uint8)  # pages are touched as bytes arrive
             recv_into(conn, memoryview(data), deadline=deadline,
                       step_timeout=self.read_timeout_s)
         finally:

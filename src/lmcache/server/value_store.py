@@ -8,6 +8,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -18,19 +20,19 @@ class Entry:
         dtype: wire dtype code as sent by the writer.
         shape: 4 shape slots as sent by the writer.
         extra: lmcache's extra bytes (its checksum); empty for an LMCache writer.
-        data: the value bytes (never mutated after the entry is built).
+        data: the value bytes, a 1-D uint8 array (never mutated after the entry is built).
     """
 
     fmt: int
     dtype: int
     shape: tuple[int, int, int, int]
     extra: bytes
-    data: bytearray
+    data: numpy.ndarray
 
     @property
     def nbytes(self) -> int:
         """Bytes this entry counts against the store's size."""
-        return len(self.data) + len(self.extra)
+        return int(self.data.nbytes) + len(self.extra)
 
 
 class ValueStore:

@@ -108,7 +108,8 @@ def test_stalled_big_puts_stay_within_the_inflight_budget(servers):
     """12 clients each declare a 60 MiB PUT and stall: the server holds at most the 64 MiB
     budget (once grew by 12 x 60 MiB); a PUT that finds no budget is refused as BUSY, and the
     stalled clients are dropped at the read timeout, after which PUTs succeed again."""
-    server = servers("--max-inflight-mb", "64", "--max-value-mb", "60", "--read-timeout-s", "3")
+    # read timeout 6 s > the 1 s sleep + the 2 s a PUT waits for budget: no race below
+    server = servers("--max-inflight-mb", "64", "--max-value-mb", "60", "--read-timeout-s", "6")
     conn = LMConnector(server.url, blocking_timeout_secs=20, retry_interval_secs=0)
     meta, payload = blob(256 * 1024)
     assert conn.put("warm@1@0@1@half", meta, payload)
@@ -127,7 +128,7 @@ def test_stalled_big_puts_stay_within_the_inflight_budget(servers):
     assert conn.put("small@1@0@3@half", meta, payload)  # fits beside the stall
     assert not conn.put("late@1@0@2@half", meta8, payload8)  # BUSY: budget held by a stall
     assert conn.stats["failures"] == 1 and conn.is_available  # refused, not an outage
-    assert all(closed_by_server(s) for s in stalled)  # read timeout: 3 s without bytes
+    assert all(closed_by_server(s) for s in stalled)  # read timeout: 6 s without bytes
     assert conn.put("late@1@0@2@half", meta8, payload8)
     assert bytes(conn.get("late@1@0@2@half")[1]) == payload8
     assert server.rss() - base < (64 + 16) * MiB

@@ -4,6 +4,13 @@ String form (LMCache-compatible, see shared/DESIGN.md §4.3)::
 
     model_name@world_size@worker_id@<chunk_hash hex>@<dtype name>[@layer_id][@tag%value...]
 
+* Tags are written in the order the request gave them (LMCache's insertion order);
+  ``CacheEngineKey(..., request_configs={"lmcache.tag.user": "alice"})`` (LMCache's request
+  configs) writes ``...@user%alice``. A parser accepts tags in any order (and keeps it).
+* Parsers accept only the canonical form that ``to_string`` writes: decimal ints without sign,
+  spaces or leading zeros, lowercase hex without ``0x``, known dtype names, nothing trailing;
+  anything else is a ValueError that quotes the input.
+
 * ``chunk_hash`` is lowercase hex without ``0x``; a negative hash (LMCache's ``builtin``
   algorithm) is ``-`` followed by the hex of its magnitude.
 * In the model name and in tag values ``%`` is written ``%25`` and ``@`` is written ``%40``,
@@ -35,11 +42,14 @@ _NAME_TO_DTYPE: dict[str, torch.dtype] = {
     "bool": torch.bool,
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
+    "fp8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "fp8_e5m2fnuz": torch.float8_e5m2fnuz,
 }
 _DTYPE_TO_NAME: dict[torch.dtype, str] = {v: k for k, v in _NAME_TO_DTYPE.items()}
 
-_HASH_RE = re.compile(r"-?[0-9a-f]+")
-_INT_RE = re.compile(r"[0-9]+")
+# Canonical forms only (what to_string writes): no sign, no leading zeros, no spaces, lowercase.
+_HASH_RE = re.compile(r"0|-?[1-9a-f][0-9a-f]*")
+_INT_RE = re.compile(r"0|[1-9][0-9]*")
 _ESCAPE_RE = re.compile(r"%(25|40)?")
 
 
@@ -89,12 +99,22 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+TAG_PREFIX = "lmcache.tag."
+
+
 def _normalize_tags(
-    request_configs: Union[Iterable[tuple[str, str]], Mapping[str, str], None],
+    request_configs: Union[Iterable[tuple[str, str]], Mapping[str, object], None],
 ) -> tuple[tuple[str, str], ...]:
+    """Tags in the given order: from a Mapping (LMCache's request_configs) its
+    ``lmcache.tag.<name>`` entries (value as ``str``), from an iterable its (name, value) pairs."""
     if request_configs is None:
         return ()
-    items = request_configs.items() if isinstance(request_configs, Mapping) else request_configs
+    if isinstance(request_configs, Mapping):
+        items = [(k[len(TAG_PREFIX):], v if isinstance(v, str) else str(v))
+                 for k, v in request_configs.items()
+                 if isinstance(k, str) and k.startswith(TAG_PREFIX)]
+    else:
+        items = request_configs
     tags: dict[str, str] = {}
     for item in items:
         if not isinstance(item, tuple) or len(item) != 2:
@@ -107,7 +127,7 @@ def _normalize_tags(
         if name in tags:
             raise ValueError(f"tag {name!r} given twice in request_configs")
         tags[name] = value
-    return tuple(sorted(tags.items()))
+    return tuple(tags.items())
 
 
 @dataclass(frozen=True)
@@ -120,7 +140,8 @@ class CacheEngineKey:
         worker_id: this worker's rank, 0 <= worker_id < world_size.
         chunk_hash: the chunk's prefix hash (int; negative only for the ``builtin`` algorithm).
         dtype: KV dtype; must have a name in :func:`dtype_to_name`.
-        request_configs: tags ``((name, value), ...)``; stored sorted by name. A dict is accepted.
+        request_configs: tags ``((name, value), ...)`` in order, or LMCache's request_configs
+            dict, whose ``lmcache.tag.<name>`` entries become the tags in insertion order.
 
     Raises:
         TypeError / ValueError on bad fields (message names the field and the value).
@@ -168,49 +189,23 @@ class CacheEngineKey:
 
     @staticmethod
     def from_string(s: str) -> "CacheEngineKey":
-        """Parse :meth:`to_string` output exactly.
+        """Parse a key string in the canonical form :meth:`to_string` writes (tags in any order).
 
         Returns a LayerCacheEngineKey when the string has a layer part.
 
         Raises:
-            ValueError: the string is not a valid key string.
+            TypeError: ``s`` is not a str.
+            ValueError: not a canonical key string (the message quotes it and says why).
         """
         if not isinstance(s, str):
             raise TypeError(f"key string must be str, got {type(s).__name__}")
-        parts = s.split("@")
-        if len(parts) < 5:
-            raise ValueError(f"key string {s!r} has {len(parts)} '@' parts, expected >= 5")
-        model, ws, wid, hex_hash, dtype_name = parts[:5]
-        if not _INT_RE.fullmatch(ws) or not _INT_RE.fullmatch(wid):
-            raise ValueError(f"key string {s!r}: world_size/worker_id {ws!r}/{wid!r} not ints")
-        if not _HASH_RE.fullmatch(hex_hash):
-            raise ValueError(f"key string {s!r}: chunk hash {hex_hash!r} is not lowercase hex")
-        rest = parts[5:]
-        layer_id: Optional[int] = None
-        if rest and "%" not in rest[0]:
-            if not _INT_RE.fullmatch(rest[0]):
-                raise ValueError(f"key string {s!r}: layer id {rest[0]!r} is not an int")
-            layer_id = int(rest[0])
-            rest = rest[1:]
-        tags = []
-        for part in rest:
-            name, sep, value = part.partition("%")
-            if not sep:
-                raise ValueError(f"key string {s!r}: tag part {part!r} lacks '%'")
-            tags.append((name, _unescape(value, "tag value", s)))
-        fields = dict(
-            model_name=_unescape(model, "model name", s),
-            world_size=int(ws),
-            worker_id=int(wid),
-            chunk_hash=int(hex_hash, 16),
-            dtype=name_to_dtype(dtype_name),
-            request_configs=tuple(tags),
-        )
-        if layer_id is not None:
-            return LayerCacheEngineKey(**fields, layer_id=layer_id)
-        key = CacheEngineKey(**fields)
-        if key.to_string() != s:  # e.g. tags out of order: never accept a non-canonical form
-            raise ValueError(f"key string {s!r} is not canonical (expected {key.to_string()!r})")
+        try:
+            key = _parse(s)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"invalid key string {s!r}: {e}") from None
+        if key.to_string() != s:
+            raise ValueError(f"invalid key string {s!r}: not canonical (expected "
+                             f"{key.to_string()!r})")
         return key
 
     # ---- derived keys -------------------------------------------------------------------
@@ -254,12 +249,11 @@ class LayerCacheEngineKey(CacheEngineKey):
 
     @staticmethod
     def from_string(s: str) -> "LayerCacheEngineKey":
-        """Parse a layer key string; ValueError when the layer part is missing."""
+        """Parse a canonical layer key string; ValueError (quoting it) when the layer part is
+        missing or the string is not canonical."""
         key = CacheEngineKey.from_string(s)
         if not isinstance(key, LayerCacheEngineKey):
-            raise ValueError(f"key string {s!r} has no layer id")
-        if key.to_string() != s:
-            raise ValueError(f"key string {s!r} is not canonical (expected {key.to_string()!r})")
+            raise ValueError(f"invalid layer key string {s!r}: it has no layer id")
         return key
 
     def split_layers(self, num_layers: int) -> list["LayerCacheEngineKey"]:
@@ -269,3 +263,39 @@ class LayerCacheEngineKey(CacheEngineKey):
         """The whole-chunk key this layer key was split from."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(CacheEngineKey)}
         return CacheEngineKey(**fields)
+
+
+def _parse(s: str) -> CacheEngineKey:
+    parts = s.split("@")
+    if len(parts) < 5:
+        raise ValueError(f"{len(parts)} '@'-separated parts, expected at least 5")
+    model, ws, wid, hex_hash, dtype_name = parts[:5]
+    for what, text in (("world_size", ws), ("worker_id", wid)):
+        if not _INT_RE.fullmatch(text):
+            raise ValueError(f"{what} {text!r} is not a canonical decimal int")
+    if not _HASH_RE.fullmatch(hex_hash):
+        raise ValueError(f"chunk hash {hex_hash!r} is not canonical lowercase hex")
+    rest = parts[5:]
+    layer_id: Optional[int] = None
+    if rest and "%" not in rest[0]:
+        if not _INT_RE.fullmatch(rest[0]):
+            raise ValueError(f"layer id {rest[0]!r} is not a canonical decimal int")
+        layer_id = int(rest[0])
+        rest = rest[1:]
+    tags = []
+    for part in rest:
+        name, sep, value = part.partition("%")
+        if not sep:
+            raise ValueError(f"tag part {part!r} lacks '%'")
+        tags.append((name, _unescape(value, "tag value", s)))
+    fields = dict(
+        model_name=_unescape(model, "model name", s),
+        world_size=int(ws),
+        worker_id=int(wid),
+        chunk_hash=int(hex_hash, 16),
+        dtype=name_to_dtype(dtype_name),
+        request_configs=tuple(tags),
+    )
+    if layer_id is not None:
+        return LayerCacheEngineKey(**fields, layer_id=layer_id)
+    return CacheEngineKey(**fields)

@@ -133,9 +133,72 @@ def test_constructor_errors():
         db.process_tokens(torch.zeros(16), make_key=False)
 
 
-def test_seed_changes_root_and_builtin_ignores_seed():
-    a = ChunkedTokenDatabase(None, chunk_size=16, hash_seed="1")
-    b = ChunkedTokenDatabase(None, chunk_size=16, hash_seed="2")
-    assert a.none_hash != b.none_hash
-    assert ChunkedTokenDatabase(None, chunk_size=16, hash_algorithm="builtin",
-                                hash_seed="1").none_hash == 0
+def test_every_reference_case_is_checked():
+    """The vectors cover both seeds of sha256_cbor (PYTHONHASHSEED '0' and unset: root
+    11230124004819357437 = F(H('vllm-none-hash'))) and both of builtin (unset: root 0)."""
+    roots = {(c["hash"], c["PYTHONHASHSEED"]): c["none_hash"] for c in CASES}
+    assert roots[("sha256_cbor", None)] == 11230124004819357437 == sha256_cbor("vllm-none-hash")
+    assert roots[("builtin", None)] == 0
+    assert set(roots) == {("sha256_cbor", "0"), ("sha256_cbor", None), ("builtin", "0"),
+                          ("builtin", None)}
+
+
+def test_seed_changes_root_for_every_algorithm():
+    for algo in ("sha256_cbor", "sha256", "xxhash_cbor", "xxhash", "builtin"):
+        a = ChunkedTokenDatabase(None, chunk_size=16, hash_algorithm=algo, hash_seed="1")
+        b = ChunkedTokenDatabase(None, chunk_size=16, hash_algorithm=algo, hash_seed="2")
+        assert a.none_hash != b.none_hash, algo
+        chunks_a = list(a.process_tokens(range(16), make_key=False))
+        chunks_b = list(b.process_tokens(range(16), make_key=False))
+        assert chunks_a != chunks_b, algo
+
+
+def test_cache_salt_and_lora_enter_the_chain_as_vllm_extra_keys():
+    """vLLM's generate_block_hash_extra_keys: ('lora', name, path) on every block,
+    ('cache_salt', salt) on the first; plain requests keep LMCache's ()."""
+    fn = make_hash_fn("sha256_cbor")
+    db = ChunkedTokenDatabase(_md(16), chunk_size=16, hash_seed=None)
+    toks = list(range(32))
+    root = sha256_cbor("vllm-none-hash")
+    plain = list(db.process_tokens(toks, make_key=False))
+    salted = list(db.process_tokens(toks, make_key=False, request_configs={"vllm.cache_salt": "s1"}))
+    other = list(db.process_tokens(toks, make_key=False, request_configs={"vllm.cache_salt": "s2"}))
+    lora = {"vllm.lora_name": "ad", "vllm.lora_path": "/p"}
+    both = list(db.process_tokens(toks, make_key=False, request_configs={**lora, "vllm.cache_salt": "s1"}))
+    h1 = fn((root, tuple(range(16)), ()))
+    assert plain == [(0, 16, h1), (16, 32, fn((h1, tuple(range(16, 32)), ())))]
+    s1 = fn((root, tuple(range(16)), (("cache_salt", "s1"),)))
+    assert salted == [(0, 16, s1), (16, 32, fn((s1, tuple(range(16, 32)), ())))]
+    lo = ("lora", "ad", "/p")
+    b1 = fn((root, tuple(range(16)), (lo, ("cache_salt", "s1"))))
+    assert both == [(0, 16, b1), (16, 32, fn((b1, tuple(range(16, 32)), (lo,))))]
+    hashes = [{h for _, _, h in x} for x in (plain, salted, other, both)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not hashes[i] & hashes[j]
+    # an empty salt is no salt (vLLM: `if request.cache_salt`); tags never change hashes
+    assert list(db.process_tokens(toks, make_key=False, request_configs={"vllm.cache_salt": ""})) == plain
+    assert list(db.process_tokens(toks, make_key=False, request_configs={"lmcache.tag.u": "x"})) == plain
+    with pytest.raises(ValueError, match="vllm.lora_path"):
+        db.process_tokens(toks, request_configs={"vllm.lora_path": "/p"})
+
+
+def test_mla_keys_are_the_first_ranks_on_every_rank():
+    """LMCache's save_only_first_rank (default on for MLA): world_size 1 in the key, so TP=2
+    ranks and a TP=1 instance name each chunk alike."""
+    def md(ws, wid, mla=True):
+        return LMCacheMetadata("ds", ws, wid, torch.bfloat16, (2, 1 if mla else 2, 16, 1, 576), mla)
+
+    toks = list(range(32))
+    keys = {}
+    for ws, wid in ((2, 0), (2, 1), (1, 0)):
+        db = ChunkedTokenDatabase(md(ws, wid), chunk_size=16)
+        keys[(ws, wid)] = [k.to_string() for _, _, k in db.process_tokens(toks)]
+    assert keys[(2, 0)] == keys[(2, 1)] == keys[(1, 0)]
+    assert all(k.startswith("ds@1@0@") for k in keys[(1, 0)])
+    off = ChunkedTokenDatabase(md(2, 1), chunk_size=16, save_only_first_rank=False)
+    assert all(k.startswith("ds@2@1@") for _, _, k in
+               ((s, e, k.to_string()) for s, e, k in off.process_tokens(toks)))
+    plain = ChunkedTokenDatabase(md(2, 1, mla=False), chunk_size=16, save_only_first_rank=True)
+    assert not plain.save_only_first_rank  # only MLA, as in LMCache
+    assert all(k.to_string().startswith("ds@2@1@") for _, _, k in plain.process_tokens(toks))

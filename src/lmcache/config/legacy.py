@@ -241,13 +241,13 @@ def _check_unsupported(key: str, value: Any, source: str) -> None:
     """A feature switch must be false, any other unsupported key at LMCache's default."""
     try:
         if key in FEATURES:
-            if v.boolean(value):
+            if v.lmcache_boolean(value):
                 raise ValueError(
                     f"{FEATURES[key]} is not available in lmcache yet; remove the key or set "
                     "it to false")
             return
         default, feature = UNSUPPORTED[key]
-        parsed = v.like(default, value)
+        parsed = v.lmcache_boolean(value) if isinstance(default, bool) else v.like(default, value)
         if parsed != default:
             what = (f"it configures {feature}, which is not supported by lmcache yet"
                     if feature else "this LMCache setting is not supported by lmcache")

@@ -16,15 +16,15 @@ from lmcache.token_database.hashing import HASH_ALGORITHMS as _HASH_ALGORITHMS
 # Keys lmcache translates: name → (parser, LMCache default).
 SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "chunk_size": (v.positive_int, 256),
-    "local_cpu": (v.boolean, True),
+    "local_cpu": (v.lmcache_boolean, True),
     "max_local_cpu_size": (v.positive_float, 5.0),
     "local_disk": (v.local_disk_path, None),
     "max_local_disk_size": (v.non_negative_float, 0.0),
     "remote_url": (v.optional_str, None),
     "remote_serde": (v.optional_str, "naive"),   # null: the default serde
-    "use_layerwise": (v.boolean, False),
-    "save_unfull_chunk": (v.boolean, False),
-    "save_decode_cache": (v.boolean, False),
+    "use_layerwise": (v.lmcache_boolean, False),
+    "save_unfull_chunk": (v.lmcache_boolean, False),
+    "save_decode_cache": (v.lmcache_boolean, False),
     "cache_policy": (v.string, "LRU"),
     "blocking_timeout_secs": (v.positive_int, 10),
     "lookup_timeout_ms": (v.positive_int, 3000),
@@ -32,7 +32,7 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "extra_config": (v.optional_dict, None),
     # lmcache always prefetches the chunks of slower tiers in the background from lookup time
     # on, which is what LMCache's asynchronous loading does; the key is accepted either way.
-    "enable_async_loading": (v.boolean, False),
+    "enable_async_loading": (v.lmcache_boolean, False),
 }
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.

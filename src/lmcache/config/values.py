@@ -49,6 +49,19 @@ def boolean(value: Any) -> bool:
     raise ValueError("expected a boolean (true/false, 1/0)")
 
 
+_LMCACHE_FALSE_WORDS = {"yes", "y", "on", "t"}
+
+
+def lmcache_boolean(value: Any) -> bool:
+    """:func:`boolean` for LMCache's own values, where a string means what LMCache 0.5.6 reads
+    (``_to_bool``: only "true" and "1", any case, are true): "yes", "y", "on" and "t", which
+    LMCache reads as false, are refused rather than read the other way."""
+    if isinstance(value, str) and value.strip().lower() in _LMCACHE_FALSE_WORDS:
+        raise ValueError(f"LMCache 0.5.6 reads {value!r} as false (only true/1 are true); "
+                         "write true or false")
+    return boolean(value)
+
+
 def integer(value: Any) -> int:
     """An int, or a string of one (no bools, no fractions)."""
     if isinstance(value, bool):

@@ -75,7 +75,7 @@ def test_precedence_extra_config_over_env_over_yaml(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("true", True), ("1", True), ("True", True), ("yes", True),
+    ("true", True), ("1", True), ("True", True), ("TRUE", True), ("no", False),
     ("False", False), ("0", False), ("false", False), ("off", False),
 ])
 def test_env_strings_parse_as_booleans(text, expected):

@@ -68,6 +68,17 @@ def test_quoted_env_strings_and_booleans():
     assert overrides_from_legacy(None, {}, {"lmcache.chunk_size": "512"}) == ["++chunk_size=512"]
 
 
+@pytest.mark.parametrize("word", ["yes", "on", "Y", "t"])
+def test_env_booleans_lmcache_reads_as_false_are_refused_not_flipped(word):
+    # LMCache 0.5.6's _to_bool: only "true"/"1" are true; "yes" would be false there
+    with pytest.raises(ValueError) as err:
+        overrides_from_legacy(None, {"LMCACHE_SAVE_UNFULL_CHUNK": word}, {})
+    assert str(err.value) == (
+        f"LMCache config key save_unfull_chunk={word!r} (from environment variable "
+        f"LMCACHE_SAVE_UNFULL_CHUNK): LMCache 0.5.6 reads {word!r} as false (only true/1 are "
+        "true); write true or false")
+
+
 def test_enable_async_loading_is_accepted(caplog):
     with caplog.at_level(logging.INFO, logger="lmcache.config.legacy"):
         assert overrides_from_legacy(None, {"LMCACHE_ENABLE_ASYNC_LOADING": "True"}, {}) == []

@@ -50,29 +50,31 @@ def encode_fp8(x: torch.Tensor, head_size: int) -> bytes:
             + codes.view(torch.uint8).cpu().numpy().tobytes())
 
 
-def decode_body(body: memoryview, kk: int, layers: int, tokens: int, dim: int, device: str,
+def decode_body(body, kk: int, layers: int, tokens: int, dim: int, device: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """Canonical KV ``[K, L, T, D]`` on ``device`` (float32, or ``dtype`` when fp8
-    pass-through) from an fp8 body.
+    pass-through) from an fp8 body (a buffer, or a uint8 tensor, e.g. already on the GPU).
 
     Raises:
         ValueError: unknown mode, bad head size, or a body of the wrong length.
     """
-    mode, head_size = BODY.unpack_from(body)
-    data = body[BODY.size:]
+    if isinstance(body, torch.Tensor):
+        mode, head_size = BODY.unpack_from(bytes(body[:BODY.size].cpu().numpy()))
+        raw = body[BODY.size:].to(device)
+    else:
+        mode, head_size = BODY.unpack_from(body)
+        raw = torch.frombuffer(bytearray(body[BODY.size:]), dtype=torch.uint8).to(device)
     n = kk * layers * tokens * dim
     if mode == 1:
-        if dtype not in FP8 or data.nbytes != n:
-            raise ValueError(f"fp8 pass-through body of {data.nbytes} bytes for {n} {dtype}")
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+        if dtype not in FP8 or raw.numel() != n:
+            raise ValueError(f"fp8 pass-through body of {raw.numel()} bytes for {n} {dtype}")
         return raw.view(dtype).view(kk, layers, tokens, dim)
     if mode != 0 or head_size < 1 or dim % head_size:
         raise ValueError(f"fp8 body with mode={mode}, head_size={head_size}, D={dim}")
     heads = dim // head_size
     nscale = kk * layers * heads
-    if data.nbytes != 4 * nscale + n:
-        raise ValueError(f"fp8 body is {data.nbytes} bytes, expected {4 * nscale + n}")
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    if raw.numel() != 4 * nscale + n:
+        raise ValueError(f"fp8 body is {raw.numel()} bytes, expected {4 * nscale + n}")
     scale = raw[:4 * nscale].view(torch.float32).view(kk, layers, 1, heads, 1)
     codes = raw[4 * nscale:].view(torch.float8_e4m3fn).view(kk, layers, tokens, heads, head_size)
     return (codes.float() * scale).view(kk, layers, tokens, dim)

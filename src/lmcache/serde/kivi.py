@@ -95,15 +95,18 @@ def encode_kivi(x: torch.Tensor, group_size: int = 32, bits: int = 2) -> bytes:
 
 def decode_body(body: memoryview, kk: int, layers: int, tokens: int, dim: int, device: str,
                 dtype: torch.dtype) -> torch.Tensor:
-    """Canonical KV ``[K, L, T, D]`` (float32, on ``device``) from a KIVI body.
+    """Canonical KV ``[K, L, T, D]`` (float32, on ``device``) from a KIVI body (a buffer, or
+    a uint8 tensor, e.g. already on the GPU).
 
     Raises:
         ValueError: bad group size / bits, or a body of the wrong length.
     """
-    group, bits, = BODY.unpack_from(body)
+    head = bytes(body[:BODY.size].cpu().numpy()) if isinstance(body, torch.Tensor) else body
+    group, bits, = BODY.unpack_from(head)
     if bits not in (1, 2, 4, 8) or group < 1:
         raise ValueError(f"KIVI body with bits={bits}, group_size={group}")
-    raw = torch.frombuffer(bytearray(body[BODY.size:]), dtype=torch.uint8).to(device)
+    raw = (body[BODY.size:].to(device) if isinstance(body, torch.Tensor)  # device-resident
+           else torch.frombuffer(bytearray(body[BODY.size:]), dtype=torch.uint8).to(device))
     out = torch.empty((kk, layers, tokens, dim), dtype=torch.float32, device=device)
     pos = 0
     for k in range(kk):

@@ -5,6 +5,7 @@ with '+', and the effective config logged once with the source of every non-defa
 from __future__ import annotations
 
 import logging
+import uuid
 
 import pytest
 import torch
@@ -118,11 +119,12 @@ def test_effective_config_names_the_source_of_every_non_default(tmp_path, monkey
 
 def test_effective_config_is_logged_once_per_process(caplog):
     cfg = compose_config(["chunk_size=48"])
+    label = f"test source {uuid.uuid4().hex}"  # a config this process has not logged yet
     with caplog.at_level(logging.INFO, logger="lmcache.config.effective"):
-        first = log_effective_config(cfg, ["chunk_size=48"], "test source 48")
-        again = log_effective_config(cfg, ["chunk_size=48"], "test source 48")
+        first = log_effective_config(cfg, ["chunk_size=48"], label)
+        again = log_effective_config(cfg, ["chunk_size=48"], label)
     assert first == ("lmcache effective config (values that are not defaults, with their "
-                     "source):\n  chunk_size: 48  (test source 48)")
+                     f"source):\n  chunk_size: 48  ({label})")
     assert again is None
-    assert caplog.text.count("chunk_size: 48  (test source 48)") == 1
+    assert caplog.text.count(f"chunk_size: 48  ({label})") == 1
     assert effective_config_lines(compose_config([]), []) == []

@@ -42,9 +42,11 @@ from lmcache.server.protocol import (
     pack_reply,
     recv_exact,
     recv_into,
+    send_all,
     token_of_hello,
     unpack_request,
 )
+from lmcache.server.connection_table import ConnectionTable, shutdown
 from lmcache.server.server_metrics import ServerMetrics
 from lmcache.server.value_store import Entry, ValueStore
 
@@ -52,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 MIN_RATE_BYTES_PER_S = 1 << 20  # a value moves at least this fast, or its connection is dropped
 BUDGET_WAIT_S = 2.0  # longest wait of a PUT for in-flight budget
-SEND_CHUNK = 4 << 20
 FD_RESERVE = 16  # descriptors kept for the listener, metrics, logs
 
 
@@ -99,15 +100,15 @@ class LMCacheServer:
         self.read_timeout_s = float(read_timeout_s)
         self._token = check_token(token)
         self.store = ValueStore(max_size_bytes, max_inflight_bytes)
-        self._conns: dict[socket.socket, Optional[float]] = {}  # -> idle since, None if busy
-        self._lock = threading.Lock()
         self._listener: Optional[socket.socket] = None
         self._stopping = threading.Event()
-        self._last_refusal_log = 0.0
         self.metrics = ServerMetrics(
             connections=lambda: len(self._conns), stored_bytes=lambda: self.store.used_bytes,
             stored_keys=lambda: len(self.store), inflight_bytes=lambda: self.store.inflight_bytes,
             evictions=lambda: self.store.evictions)
+        self._conns = ConnectionTable(
+            self.max_connections, on_refused=self.metrics.refused_connections.inc,
+            on_evicted=self.metrics.dropped_connections.labels("evicted").inc)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -138,7 +139,7 @@ class LMCacheServer:
                 logger.warning("accept failed: %s", e)
                 time.sleep(0.05)
                 continue
-            if self._admit(conn):
+            if self._conns.admit(conn):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 threading.Thread(target=self._serve_connection, args=(conn, peer),
                                  daemon=True, name=f"lm-conn-{peer}").start()
@@ -147,48 +148,18 @@ class LMCacheServer:
         """Stop accepting and close every connection."""
         self._stopping.set()
         if self._listener is not None:
-            _shutdown(self._listener)
+            shutdown(self._listener)
             self._listener.close()
-        with self._lock:
-            for conn in list(self._conns):
-                _shutdown(conn)
+        self._conns.shutdown_all()
 
     # ---- connections --------------------------------------------------------------------
-    def _admit(self, conn: socket.socket) -> bool:
-        with self._lock:
-            if len(self._conns) >= self.max_connections:
-                idle = [(since, c) for c, since in self._conns.items() if since is not None]
-                if not idle:
-                    conn.close()
-                    self.metrics.refused_connections.inc()
-                    now = time.monotonic()
-                    if now - self._last_refusal_log > 10:
-                        self._last_refusal_log = now
-                        logger.warning("connection limit %d reached; refusing new connections",
-                                       self.max_connections)
-                    return False
-                victim = min(idle, key=lambda t: t[0])[1]
-                self._conns.pop(victim)
-                _shutdown(victim)  # its thread sees EOF and closes it
-                self.metrics.dropped_connections.labels("evicted").inc()
-            self._conns[conn] = time.monotonic()
-            return True
-
-    def _set_idle(self, conn: socket.socket, idle: bool) -> bool:
-        """Mark ``conn`` idle/busy; False when it was evicted meanwhile."""
-        with self._lock:
-            if conn not in self._conns:
-                return False
-            self._conns[conn] = time.monotonic() if idle else None
-            return True
-
     def _serve_connection(self, conn: socket.socket, peer: object) -> None:
         authed = self._token is None
         reason: Optional[str] = None
         header = bytearray(REQUEST.size)
         view = memoryview(header)
         try:
-            while self._set_idle(conn, True):
+            while self._conns.set_idle(conn, True):
                 wait = (self.idle_timeout_s or None) if authed else self.read_timeout_s
                 conn.settimeout(wait)
                 try:
@@ -196,7 +167,7 @@ class LMCacheServer:
                 except TimeoutError:
                     reason = "idle" if authed else "unauthorized"
                     return
-                if not self._set_idle(conn, False):
+                if not self._conns.set_idle(conn, False):
                     return
                 recv_into(conn, view[1:], step_timeout=self.read_timeout_s,
                           deadline=time.monotonic() + self.read_timeout_s)
@@ -223,8 +194,7 @@ class LMCacheServer:
         finally:
             if reason is not None:
                 self.metrics.dropped_connections.labels(reason).inc()
-            with self._lock:
-                self._conns.pop(conn, None)
+            self._conns.remove(conn)
             conn.close()
 
     def _token_ok(self, key: bytes) -> bool:
@@ -305,17 +275,10 @@ class LMCacheServer:
             self._send(conn, pack_reply(Code.TOO_LARGE if reason == "too_large" else Code.BUSY))
 
     def _send(self, conn: socket.socket, data: bytes | memoryview) -> None:
-        """Send all of ``data`` in pieces, each wait <= read_timeout_s, all by the deadline."""
-        view = memoryview(data).cast("B")
-        n = view.nbytes
-        deadline = time.monotonic() + self.read_timeout_s + n / MIN_RATE_BYTES_PER_S
-        sent = 0
-        while sent < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"write deadline passed after {sent} of {n} bytes")
-            conn.settimeout(min(self.read_timeout_s, left))
-            sent += conn.send(view[sent:sent + SEND_CHUNK])
+        """Send ``data``: each wait <= read_timeout_s, all by read_timeout_s + size / 1 MiB/s."""
+        n = memoryview(data).nbytes
+        send_all(conn, data, step_timeout=self.read_timeout_s,
+                 deadline=time.monotonic() + self.read_timeout_s + n / MIN_RATE_BYTES_PER_S)
 
 
 def _is_loopback(host: str) -> bool:
@@ -325,10 +288,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

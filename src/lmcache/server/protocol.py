@@ -228,3 +228,23 @@ def recv_exact(sock: socket.socket, n: int, **kw) -> bytearray:
     buf = bytearray(n)
     recv_into(sock, memoryview(buf), **kw)
     return buf
+
+
+def send_all(sock: socket.socket, data: Buffer, step_timeout: float, deadline: float,
+             piece: int = 4 << 20) -> None:
+    """Send all of ``data`` in pieces of ``piece`` bytes, straight from its buffer (no copy).
+
+    Each wait for the peer lasts at most ``step_timeout`` seconds and the whole send ends by
+    ``deadline`` (time.monotonic()).
+
+    Raises:
+        TimeoutError: a wait or the deadline ran out. OSError: the connection broke.
+    """
+    view = memoryview(data).cast("B")
+    sent, n = 0, view.nbytes
+    while sent < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"write deadline passed after {sent} of {n} bytes")
+        sock.settimeout(min(step_timeout, left))
+        sent += sock.send(view[sent:sent + piece])

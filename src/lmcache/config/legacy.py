@@ -26,14 +26,14 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
-
 from lmcache.config import values as v
 from lmcache.config.compose import list_options
+from lmcache.config.legacy_sources import (ENV_PREFIX, EXTRA_CONFIG_PREFIX, NON_CONFIG_ENV,
+                                           is_other_tools_variable, misspelled_prefix,
+                                           old_env_prefix, old_key_hint, read_yaml)
 from lmcache.config.lmcache_keys import (ALIASES, FEATURES, HASH_ALGORITHMS, IGNORED_OLD_KEYS,
                                          KNOWN_KEYS, SUPPORTED, UNSUPPORTED, UNSUPPORTED_DEFAULTS)
 from lmcache.config.remote_url import REMOTE_SCHEMES, redact, remote_connector_for
@@ -43,14 +43,6 @@ __all__ = ["ALIASES", "FEATURES", "HASH_ALGORITHMS", "IGNORED_OLD_KEYS", "KNOWN_
            "legacy_overrides", "overrides_from_legacy"]
 
 logger = logging.getLogger(__name__)
-
-EXTRA_CONFIG_PREFIX = "lmcache."
-ENV_PREFIX = "LMCACHE_"
-# LMCACHE_* variables that are not configuration keys (read elsewhere, or by LMCache tools).
-NON_CONFIG_ENV = frozenset({
-    "LMCACHE_CONFIG_FILE", "LMCACHE_LOG_LEVEL", "LMCACHE_LOGGING_LEVEL", "LMCACHE_TRACK_USAGE",
-    "LMCACHE_TINY_MODEL_DIR", "LMCACHE_IPC_DIR", "LMCACHE_TEST_CACHE",
-})
 
 def overrides_from_legacy(
     yaml_path: str | os.PathLike | None,
@@ -107,18 +99,18 @@ def legacy_overrides(
         source = (f"LMCACHE_CONFIG_FILE={str(yaml_path)!r}"
                   if str(yaml_path) == env.get("LMCACHE_CONFIG_FILE")
                   else f"LMCache config file {str(yaml_path)!r}")
-        for key, value in _read_yaml(yaml_path, source).items():
+        for key, value in read_yaml(yaml_path, source).items():
             _collect(raw, str(key), value, source)
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and name not in NON_CONFIG_ENV:
             key = name[len(ENV_PREFIX):].lower()
-            if key in IGNORED_OLD_KEYS or _is_other_tools_variable(ALIASES.get(key, key)):
+            if key in IGNORED_OLD_KEYS or is_other_tools_variable(ALIASES.get(key, key)):
                 logger.warning("ignoring environment variable %s: not an LMCache config key%s",
-                               name, _old_key_hint(key))
+                               name, old_key_hint(key))
                 continue
             source = f"environment variable {name}"
             _collect(raw, key, v.unquote(value) if isinstance(value, str) else value, source)
-        elif (meant := _old_env_prefix(name)) is not None:
+        elif (meant := old_env_prefix(name)) is not None:
             logger.warning("ignoring environment variable %s: lmcache, like LMCache, reads "
                            "LMCACHE_<KEY> variables%s", name,
                            f"; did you mean {meant}?" if meant else "")
@@ -126,7 +118,7 @@ def legacy_overrides(
         if isinstance(name, str) and name.startswith(EXTRA_CONFIG_PREFIX):
             source = f"kv_connector_extra_config[{name!r}]"
             _collect(raw, name[len(EXTRA_CONFIG_PREFIX):], value, source)
-        elif (meant := _misspelled_prefix(name)) is not None:
+        elif (meant := misspelled_prefix(name)) is not None:
             logger.warning("ignoring kv_connector_extra_config[%r]: lmcache reads only keys "
                            "prefixed %r; did you mean %r?", name, EXTRA_CONFIG_PREFIX, meant)
 
@@ -140,6 +132,11 @@ def legacy_overrides(
         if key in SUPPORTED:
             values[key] = _parse(key, value, source)
             sources[key] = source
+    if "pre_caching_hash_algorithm" not in values and any(
+            not s.startswith("kv_connector_extra_config") for _, s in raw.values()):
+        logger.info("LMCache config without pre_caching_hash_algorithm: lmcache hashes chunks with "
+                    "sha256_cbor (vLLM's default); LMCache's default differs (builtin), so set "
+                    "pre_caching_hash_algorithm on both to share one store")
     return _translate(values, sources)
 
 
@@ -155,70 +152,6 @@ def _collect(raw: dict[str, tuple[Any, str]], key: str, value: Any, source: str)
                        "reads it either (%s)", key, source, IGNORED_OLD_KEYS[key])
         return
     raw[_canonical(key, source)] = (value, source)
-
-
-def _old_key_hint(key: str) -> str:
-    return (f" (an old LMCache key that LMCache 0.5.6 ignores too: {IGNORED_OLD_KEYS[key]})"
-            if key in IGNORED_OLD_KEYS else "")
-
-
-_OLD_ENV_PREFIX = re.compile(r"LM_CACHE_(\w+)")
-
-
-def _old_env_prefix(name: str) -> str | None:
-    """For ``LM_CACHE_<X>`` (an old prefix, read by neither LMCache 0.5.6 nor lmcache): the
-    variable meant, ``LMCACHE_<X>`` when X is a config key, else ""; None for other names."""
-    match = _OLD_ENV_PREFIX.fullmatch(name) if isinstance(name, str) else None
-    if match is None:
-        return None
-    key = match.group(1).lower()
-    return f"{ENV_PREFIX}{match.group(1)}" if ALIASES.get(key, key) in KNOWN_KEYS else ""
-
-
-def _read_yaml(path: str | os.PathLike, named: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{named}: no such file")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{named} is a directory, expected an LMCache YAML file")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{named} is not valid YAML: {e}") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{named} must hold a mapping of keys to values, got "
-                         f"{type(data).__name__}")
-    return data
-
-
-_PREFIXED = re.compile(r"([A-Za-z]+)([._:\-])(.+)")
-
-
-def _misspelled_prefix(name: Any) -> str | None:
-    """``lmcache.<key>`` when an extra_config key looks meant for lmcache but its prefix is
-    misspelled (``lmcahce.chunk_size``, ``LMCache.chunk_size``) or has the wrong separator
-    and a known key (``lmcache_chunk_size``); None otherwise (``lmcache_rpc_port`` is a
-    real key of other software)."""
-    match = _PREFIXED.fullmatch(name) if isinstance(name, str) else None
-    if match is None:
-        return None
-    prefix, sep, rest = match.groups()
-    prefix = prefix.lower()
-    if prefix != "lmcache" and not difflib.get_close_matches(prefix, ["lmcache"], cutoff=0.7):
-        return None
-    key = ALIASES.get(rest.lower(), rest.lower())
-    if sep == "." or key in KNOWN_KEYS:
-        return EXTRA_CONFIG_PREFIX + (rest if sep == "." else rest.lower())
-    return None
-
-
-def _is_other_tools_variable(key: str) -> bool:
-    """The environment is shared: an LMCACHE_* name far from every config key belongs to
-    something else (e.g. LMCACHE_IPC_DIR); a near miss (LMCACHE_CHUNKSIZE) is a typo."""
-    return key not in KNOWN_KEYS and not difflib.get_close_matches(
-        key, KNOWN_KEYS, n=1, cutoff=0.8)
 
 
 def _canonical(key: str, source: str) -> str:

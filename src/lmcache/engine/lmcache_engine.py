@@ -286,6 +286,7 @@ class LMCacheEngine:
         self.stats.observe("process_tokens_seconds", time.perf_counter() - t0)
         keys = [key for _, _, key in chunks]
         self._check_locations(None, retrieve_locations)
+        self._release_expired()
         token = self._lookup_begins(lookup_id) if pin else None
         try:
             if self._layerwise is not None:  # a chunk counts only with every layer held
@@ -314,22 +315,29 @@ class LMCacheEngine:
         A lookup of these ids still running releases its pins itself when it ends.
         """
         ids = lookup_id if isinstance(lookup_id, (list, tuple)) else [lookup_id]
-        keys: list[CacheEngineKey] = []
+        pins: list[tuple[object, list[CacheEngineKey]]] = []
         with self._lock:
             for one in ids:
-                keys.extend(self._lookup_pins.pop(one, ()))
+                pins.append((one, self._lookup_pins.pop(one, [])))
                 self._pin_expiry.pop(one, None)
                 self._inflight.pop(one, None)  # a running lookup of it is abandoned
             self.stats.set_gauge("pinned_lookups", len(self._lookup_pins))
-        if keys:
-            self.storage_manager.unpin(keys)
+        for one, keys in pins:
+            if keys:
+                self._unpin(keys, one)
         for one in ids:  # prefetched chunks no retrieve took
             self.storage_manager.discard_prefetch(one)
         self._release_expired()
 
+    def _unpin(self, keys: list, lookup_id: object) -> None:
+        """Release one lookup's pins (in the tiers that took them, when the manager knows)."""
+        if self._layerwise is None:
+            self.storage_manager.unpin(keys, lookup_id=lookup_id)
+        else:
+            self.storage_manager.unpin(keys)
+
     def _lookup_begins(self, lookup_id: object) -> object:
         """Register a running pinning lookup; returns its token."""
-        self._release_expired()
         token = object()
         with self._lock:
             self._inflight.setdefault(lookup_id, set()).add(token)
@@ -353,7 +361,7 @@ class LMCacheEngine:
                 return True
         if pinned:
             self.counters["abandoned_lookups"] += 1
-            self.storage_manager.unpin(pinned)
+            self._unpin(pinned, lookup_id)
             self.storage_manager.discard_prefetch(lookup_id)
             self._warn_once("abandoned", "lookup %r finished after its request's unpin; its "
                             "pins and prefetch were released (counted in abandoned_lookups)",

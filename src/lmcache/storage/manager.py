@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Optional, Union
 
 import torch
@@ -15,12 +15,13 @@ from lmcache.memory.memory_obj import MemoryObj
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.event_manager import EventManager
+from lmcache.storage.pin_ledger import PinLedger
 from lmcache.storage.prefetcher import Prefetcher
+from lmcache.storage.tier_reader import Accept, TierReader
 
 logger = logging.getLogger(__name__)
 
 Locations = Union[str, Sequence[str], None]
-Accept = Callable[[int, MemoryObj], bool]
 DEFAULT_BLOCKING_TIMEOUT_SECS = 10.0  # LMCache's blocking_timeout_secs default
 
 
@@ -109,15 +110,18 @@ class StorageManager:
         self.blocking_timeout_secs = float(blocking_timeout_secs)
         self.prefetcher = prefetcher if prefetcher is not None else Prefetcher(event_manager)
         self.event_manager = self.prefetcher.event_manager
-        self._counters = dict.fromkeys(("repaired_entries", "rejected_objects",
-                                        "write_back_errors"), 0)
-        self.num_tier_errors = 0
-        self._logged: set[object] = set()
+        self.reader = TierReader(self.backends, allocator_backend, self._write_back)
+        self.pins = PinLedger()
 
     @property
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters (class docstring)."""
-        return {**self.prefetcher.stats, **self._counters}
+        return {**self.prefetcher.stats, **self.reader.counters}
+
+    @property
+    def num_tier_errors(self) -> int:
+        """Tier calls that raised (each logged once per tier)."""
+        return self.reader.num_tier_errors
 
     # ---- tier selection -----------------------------------------------------------------
     @property
@@ -194,7 +198,8 @@ class StorageManager:
 
     # ---- lookup -------------------------------------------------------------------------------
     def _prefix_owners(self, keys: Sequence[CacheEngineKey], pin: bool,
-                       tiers: Sequence[StorageBackendInterface]) -> list[StorageBackendInterface]:
+                       tiers: Sequence[StorageBackendInterface],
+                       lookup_id: Optional[Hashable] = None) -> list[StorageBackendInterface]:
         """The tier answering for each chunk of the contiguous hit prefix."""
         owners: list[StorageBackendInterface] = []
         n = len(keys)
@@ -208,6 +213,8 @@ class StorageManager:
                     continue
                 if hit > 0:
                     owners.extend([backend] * min(hit, n - pos))
+                    if pin:
+                        self.pins.record(keys[pos:pos + hit], backend, lookup_id)
                     break
             else:
                 break
@@ -227,13 +234,13 @@ class StorageManager:
         tiers = self._tiers(retrieve_locations)
         if lookup_id is not None:
             hash(lookup_id)  # TypeError now, not after pinning
-        owners = self._prefix_owners(keys, pin, tiers)
+        owners = self._prefix_owners(keys, pin, tiers, lookup_id)
         if lookup_id is not None:
             count = self.prefetcher.start(lookup_id, keys, owners, self.allocator_backend,
-                                          self._put_back, self._tier_error)
+                                          self.reader.put_back, self._tier_error)
             if pin:
                 for key, owner in zip(keys[count:], owners[count:]):
-                    self._unpin_in(owner, key)
+                    self._unpin_key(key, lookup_id)
             owners = owners[:count]
         return len(owners)
 
@@ -246,12 +253,22 @@ class StorageManager:
             mapping.setdefault(owner.name, []).append(idx)
         return mapping
 
-    def unpin(self, keys: Sequence[CacheEngineKey]) -> None:
-        """Remove one pin per key, from the first tier in which the key holds a pin."""
+    def unpin(self, keys: Sequence[CacheEngineKey],
+               lookup_id: Optional[Hashable] = None) -> None:
+        """Remove one pin per key from the tier that took it: pins are paired per lookup_id
+        (and per key without one), so a chunk pinned in the disk tier for one request is
+        unpinned there even when a CPU copy of it is pinned for another."""
         for key in keys:
-            for backend in self.backends:
-                if self._unpin_in(backend, key):
-                    break
+            self._unpin_key(key, lookup_id)
+
+    def _unpin_key(self, key: CacheEngineKey, lookup_id: Optional[Hashable] = None) -> None:
+        backend = self.pins.pop(key, lookup_id)
+        if backend is not None:
+            self._unpin_in(backend, key)
+            return
+        for backend in self.backends:  # a pin taken past this manager: first tier holding one
+            if self._unpin_in(backend, key):
+                break
 
     def _unpin_in(self, backend: StorageBackendInterface, key: CacheEngineKey) -> bool:
         try:
@@ -294,16 +311,18 @@ class StorageManager:
                 if keys[pos] in prefetched:
                     prefetched.discard(keys[pos])
                     obj = self.prefetcher.take(lookup_id, keys[pos], deadline)
-                    if obj is None or not self._accepted(accept, pos, keys[pos], obj, None):
+                    if obj is None or not self.reader.accepted(accept, pos, keys[pos], obj,
+                                                               None):
                         break
-                    self._put_back(keys[pos], obj, parent)  # (again, if the first was refused)
+                    self.reader.put_back(keys[pos], obj, parent)  # (again, if the first was refused)
                     out[pos] = obj
                     pos += 1
                     continue
                 end = pos
                 while end < n and keys[end] not in prefetched:
                     end += 1
-                got = self._get_run(keys[pos:end], tiers, accept, pos, parent)
+                owners = self._prefix_owners(keys[pos:end], False, tiers)
+                got = self.reader.get_run(keys[pos:end], owners, tiers, accept, pos, parent)
                 out[pos:pos + len(got)] = got
                 if len(got) < end - pos:
                     break
@@ -312,126 +331,6 @@ class StorageManager:
             for key in prefetched:  # not reached: released when they arrive
                 self.prefetcher.drop(lookup_id, key)
         return out
-
-    def _get_run(self, keys: Sequence[CacheEngineKey], tiers: Sequence[StorageBackendInterface],
-                 accept: Optional[Accept], base: int,
-                 parent: Optional[CacheEngineKey]) -> list[MemoryObj]:
-        """The contiguous hit prefix of ``keys`` (``keys[0]`` is chunk ``base`` of the request,
-        ``parent`` the chunk before it): one batched_get_blocking per run of chunks held by the
-        same tier; a chunk its tier fails to deliver is repaired there and tried in the others."""
-        owners = self._prefix_owners(keys, False, tiers)
-        out: list[MemoryObj] = []
-        i = 0
-        while i < len(owners):
-            backend, j = owners[i], i
-            while j < len(owners) and owners[j] is backend:
-                j += 1
-            failures = self._allocation_failures()
-            got = self._tier_get(backend, keys[i:j])
-            batch_failed = got is None  # then each chunk alone: which one fails?
-            objs = [None] * (j - i) if got is None else got
-            for idx, obj in enumerate(objs):
-                key = keys[i + idx]
-                source = backend
-                if obj is None and batch_failed:
-                    obj, source = self._get_one(key, [backend])
-                if obj is None:
-                    self._repair(backend, key, failures)
-                    others = [t for t in tiers if t is not backend]
-                    obj, source = self._get_one(key, others)
-                if obj is not None and not self._accepted(accept, base + i + idx, key, obj,
-                                                          source):
-                    obj = None
-                if obj is None:
-                    for rest in objs[idx + 1:]:
-                        if rest is not None:
-                            rest.ref_count_down()
-                    return out
-                if source is not self.allocator_backend:
-                    self._put_back(key, obj, parent)
-                parent = key
-                out.append(obj)
-            i = j
-        return out
-
-    def _tier_get(self, backend: StorageBackendInterface,
-                  keys: Sequence[CacheEngineKey]) -> Optional[list[Optional[MemoryObj]]]:
-        """The tier's objects for ``keys`` (None for each miss); None when the call raised."""
-        try:
-            objs = list(backend.batched_get_blocking(keys))
-        except Exception as e:  # noqa: BLE001
-            self._tier_error(backend, "batched_get_blocking", e)
-            return None
-        for extra in objs[len(keys):]:  # a tier that returned too many: keep nothing extra
-            if extra is not None:
-                extra.ref_count_down()
-        return objs[:len(keys)] + [None] * (len(keys) - len(objs))
-
-    def _get_one(self, key: CacheEngineKey, tiers: Sequence[StorageBackendInterface]
-                 ) -> tuple[Optional[MemoryObj], Optional[StorageBackendInterface]]:
-        for backend in tiers:
-            try:
-                obj = backend.get_blocking(key)
-            except Exception as e:  # noqa: BLE001
-                self._tier_error(backend, "get_blocking", e)
-                continue
-            if obj is not None:
-                return obj, backend
-        return None, None
-
-    def _accepted(self, accept: Optional[Accept], index: int, key: CacheEngineKey,
-                  obj: MemoryObj, source: Optional[StorageBackendInterface]) -> bool:
-        """``accept(index, obj)``; a refused object is released and its entry repaired."""
-        if accept is None:
-            return True
-        try:
-            ok = bool(accept(index, obj))
-        except Exception as e:  # noqa: BLE001 - a check that fails refuses
-            logger.warning("accept check of %s failed: %r; treated as a miss", key, e)
-            ok = False
-        if ok:
-            return True
-        obj.ref_count_down()
-        self._counters["rejected_objects"] += 1
-        for backend in ([source] if source is not None else self.backends):
-            self._repair(backend, key, None)
-        return False
-
-    def _allocation_failures(self) -> int:
-        return getattr(self.allocator_backend, "num_failed_allocations", 0)
-
-    def _repair(self, backend: StorageBackendInterface, key: CacheEngineKey,
-                failures: Optional[int]) -> None:
-        """Remove an entry ``backend`` indexed but could not serve, so that it is no longer
-        promised and the next store writes it again. Skipped when allocations failed since
-        ``failures`` was read (the tier may have missed for want of memory only)."""
-        if failures is not None and self._allocation_failures() != failures:
-            return
-        try:
-            removed = backend.remove(key)
-        except Exception as e:  # noqa: BLE001
-            self._tier_error(backend, "remove (repair)", e)
-            return
-        if removed:
-            self._counters["repaired_entries"] += 1
-            if ("repair", id(backend)) not in self._logged:
-                self._logged.add(("repair", id(backend)))  # type: ignore[arg-type]
-                logger.warning("storage tier %s indexed %s but could not serve it; entry "
-                               "removed (logged once per tier; counted in repaired_entries)",
-                               backend.name, key)
-
-    def _put_back(self, key: CacheEngineKey, obj: MemoryObj,
-                  parent: Optional[CacheEngineKey] = None) -> None:
-        """Write-back of a chunk served by a slower tier into the allocator_backend."""
-        if not self._write_back:
-            return
-        try:
-            if parent is not None:
-                self.allocator_backend.link_prefix([key], parent)
-            self.allocator_backend.put(key, obj)
-        except Exception as e:  # noqa: BLE001 - write-back is an optimisation
-            self._counters["write_back_errors"] += 1
-            self._tier_error(self.allocator_backend, "write-back put", e)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:
@@ -457,8 +356,4 @@ class StorageManager:
                 self._tier_error(backend, "close", e)
 
     def _tier_error(self, backend: StorageBackendInterface, op: str, err: Exception) -> None:
-        self.num_tier_errors += 1
-        if id(backend) not in self._logged:
-            self._logged.add(id(backend))
-            logger.error("storage tier %s failed in %s: %r (logged once per tier)",
-                         getattr(backend, "name", backend), op, err)
+        self.reader.tier_error(backend, op, err)

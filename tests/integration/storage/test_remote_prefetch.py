@@ -52,7 +52,9 @@ def test_prefetched_remote_chunks_survive_the_server_being_killed(cpu, make_remo
         assert sm.contains_prefix(keys, pin=True, lookup_id="req-8") == 3
         assert sm.num_prefetches == 0  # nothing left to prefetch from a slower tier
         sm.unpin(keys[:3])
-        assert sm.stats == {"prefetch_chunks": 3, "prefetch_hits": 3, "prefetch_misses": 0}
+        assert sm.stats == {"prefetch_chunks": 3, "prefetch_hits": 3, "prefetch_misses": 0,
+                            "prefetch_no_memory": 0, "repaired_entries": 0,
+                            "rejected_objects": 0, "write_back_errors": 0}
     finally:
         if server is not None:
             server.terminate()

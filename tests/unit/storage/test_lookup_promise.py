@@ -126,3 +126,19 @@ def test_disk_prefetch_reserves_at_lookup_not_at_read(rig):
         sm.unpin(ks)
         for obj in held:
             obj.ref_count_down()
+
+
+def test_unpin_releases_the_pin_in_the_tier_that_took_it(rig):
+    """A chunk pinned in the disk tier stays pinned there until its own unpin, even when a
+    CPU copy of it (written back meanwhile) is pinned by another request."""
+    sm, cpu, disk = rig
+    ks = keys(2)
+    put(sm, ks, DISK)
+    assert disk.flush(timeout=60)
+    assert sm.contains_prefix(ks, pin=True) == 2          # request A: pins on disk
+    assert retrieve(sm, ks) == 2                           # written back into the CPU tier
+    assert sm.contains_prefix(ks, pin=True) == 2          # request B: pins the CPU copies
+    sm.unpin(ks)                                           # A ends
+    assert disk._pins == {} and [cpu.hot_cache[k].get_pin_count() for k in ks] == [1, 1]
+    sm.unpin(ks)                                           # B ends
+    assert [cpu.hot_cache[k].get_pin_count() for k in ks] == [0, 0]

@@ -2,13 +2,14 @@
 
     .venv/bin/python scripts/interop/lm_interop.py [--interop-python .venv-interop/bin/python]
 
-Four checks, each with full and partial chunks of bf16 and fp16:
+Four checks, each with full and partial chunks of bf16 and fp16, KV_2LTD and layerwise KV_T2D:
 
 1. LMCache's client (``LMCServerConnector``) writes to lmcache's server (``python -m
    lmcache.server``); lmcache's ``LMConnector`` reads every value back byte-identical, with
    LMCache's shape/dtype/format (28-byte metadata: LMCache writes no checksum).
 2. lmcache's connector writes to lmcache's server; LMCache's client reads them byte-identical;
-   lmcache reads them back with its checksum (kept by its server beside the entry).
+   lmcache reads them back with its trailer and checksum over key, header and payload (kept
+   by its server beside the entry, never sent to LMCache's client).
 3. LMCache's client writes to LMCache's server (``python -m lmcache.v1.server``); lmcache's
    connector reads them.
 4. lmcache's connector writes to LMCache's server; LMCache's client reads them.
@@ -42,12 +43,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _spec(tag: int) -> list[dict]:
-    """Full (16-token) and partial (5-token) [2, L=2, T, D=32] chunks, bf16 and fp16."""
+    """Full (16-token) and partial (5-token) KV_2LTD [2, L=2, T, D=32] chunks, bf16 and fp16,
+    and layerwise KV_T2D [T, 2, D] ones (3 dims: the header pads the 4th slot with 0)."""
     out = []
-    for i, (dtype, tokens) in enumerate([("bfloat16", 16), ("bfloat16", 5),
-                                         ("float16", 16), ("float16", 5)]):
+    for i, (dtype, tokens, fmt) in enumerate([
+            ("bfloat16", 16, MemoryFormat.KV_2LTD), ("bfloat16", 5, MemoryFormat.KV_2LTD),
+            ("float16", 16, MemoryFormat.KV_2LTD), ("float16", 5, MemoryFormat.KV_2LTD),
+            ("bfloat16", 16, MemoryFormat.KV_T2D), ("float16", 5, MemoryFormat.KV_T2D)]):
+        shape = [2, 2, tokens, 32] if fmt == MemoryFormat.KV_2LTD else [tokens, 2, 32]
         out.append({"key": f"m@1@0@{tag:x}{i:04x}@{'half' if dtype == 'float16' else dtype}",
-                    "shape": [2, 2, tokens, 32], "dtype": dtype})
+                    "shape": shape, "dtype": dtype, "fmt": int(fmt)})
     return out
 
 
@@ -91,9 +96,9 @@ def _lmcache_side(python: str, op: str, port: int, spec: list[dict]) -> dict:
 def _our_put(conn: LMConnector, spec: list[dict]) -> None:
     for item in spec:
         payload = _expected(item["key"], _nbytes(item))
-        meta = wf.RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, DTYPES[item["dtype"]],
-                                 tuple(item["shape"]))
-        assert conn.put(item["key"], wf.encode_metadata(meta, payload), payload)
+        meta = wf.RemoteMetadata(len(payload), MemoryFormat(item["fmt"]),
+                                 DTYPES[item["dtype"]], tuple(item["shape"]))
+        assert conn.put(item["key"], wf.encode_metadata(meta, payload, item["key"]), payload)
     # answered requests after the (possibly unanswered) PUTs: the server has them all
     assert conn.batched_exists([item["key"] for item in spec]) == [True] * len(spec)
 
@@ -107,11 +112,11 @@ def _our_get(conn: LMConnector, spec: list[dict], checksum: bool) -> dict:
             continue
         metadata, payload = got
         try:
-            meta = wf.verify_payload(metadata, payload)
+            meta = wf.verify_payload(metadata, payload, key=item["key"])
         except ValueError as e:
             out[item["key"]] = f"metadata rejected: {e}"
             continue
-        want = (tuple(item["shape"]), DTYPES[item["dtype"]], MemoryFormat.KV_2LTD)
+        want = (tuple(item["shape"]), DTYPES[item["dtype"]], MemoryFormat(item["fmt"]))
         has_checksum = len(metadata) > wf.LEGACY_METADATA_SIZE
         if (meta.shape, meta.dtype, meta.fmt) != want:
             out[item["key"]] = f"metadata {(meta.shape, meta.dtype, meta.fmt)} != {want}"

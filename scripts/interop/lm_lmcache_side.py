@@ -3,7 +3,7 @@
     python lm_lmcache_side.py put|get PORT SPEC_JSON
 
 Uses LMCache's own ``LMCServerConnector`` (``lmcache.v1.storage_backend.connector.lm_connector``)
-with a real ``LocalCPUBackend``. SPEC_JSON is a list of ``{"key", "shape", "dtype"}``; every
+with a real ``LocalCPUBackend``. SPEC_JSON is a list of ``{"key", "shape", "dtype", "fmt"}``; every
 value is ``shake_256(key)`` bytes, so both sides know it without sharing memory. ``put`` stores
 each; ``get`` prints one JSON object: key -> "ok" | "miss" | a description of the difference.
 """
@@ -52,7 +52,7 @@ def main() -> int:
         shape, dtype = torch.Size(item["shape"]), DTYPES[item["dtype"]]
         nbytes = shape.numel() * dtype.itemsize
         if op == "put":
-            obj = cpu.allocate(shape, dtype, MemoryFormat.KV_2LTD)
+            obj = cpu.allocate(shape, dtype, MemoryFormat(item["fmt"]))
             raw = torch.frombuffer(bytearray(expected(item["key"], nbytes)), dtype=torch.uint8)
             obj.tensor.view(torch.uint8).view(-1)[:] = raw
             run(conn.put(key, obj))
@@ -69,7 +69,7 @@ def main() -> int:
             got = bytes(obj.tensor.contiguous().view(torch.uint8).view(-1).tolist())
             meta = (list(obj.get_shape()), str(obj.get_dtype()).replace("torch.", ""),
                     obj.get_memory_format().value)
-            want = (list(shape), item["dtype"], MemoryFormat.KV_2LTD.value)
+            want = (list(shape), item["dtype"], item["fmt"])
             obj.ref_count_down()
             if meta != want:
                 out[item["key"]] = f"metadata {meta} != {want}"

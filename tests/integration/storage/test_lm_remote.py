@@ -188,5 +188,5 @@ def test_retry_on_a_reused_socket_that_breaks_mid_request(lm_server):
     conn._pool.put_nowait(pooled)
     threading.Timer(0.3, lm_server.resume).start()
     assert bytes(conn.get("k@1@0@1@half")[1]) == b"abcd"
-    assert conn.stats["reconnect_retries"] == 1 and conn.stats["outages"] == 0
+    assert conn.stats["reconnects"] == 1 and conn.stats["outages"] == 0
     conn.close()

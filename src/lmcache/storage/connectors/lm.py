@@ -43,7 +43,6 @@ class _Conn:
     def __init__(self, sock: socket.socket, extended: bool) -> None:
         self.sock = sock
         self.extended = extended  # lmcache's server (extensions) vs LMCache's plain server
-        self.reused = False
 
 
 class LMConnector(RemoteConnector):
@@ -59,8 +58,9 @@ class LMConnector(RemoteConnector):
     acknowledged (the protocol has no reply to PUT) and remove() is not available (False).
 
     Each new socket first sends lmcache's HELLO (carrying ``token``); a pooled socket that the
-    server closed while idle is noticed before use, and a request that fails on a reused socket
-    is retried once on a fresh one (a server restart costs one retry, not an outage).
+    server closed while idle is noticed before use (and dropped), and a request that still fails
+    on a broken connection is retried once on a fresh one by RemoteConnector (a server restart
+    costs at most one retry, not an outage).
 
     Args:
         url: ``lm://host:port``.
@@ -100,7 +100,7 @@ class LMConnector(RemoteConnector):
         self._hello = hello_key(check_token(token))
         self.address = (parts.hostname, port)
         self._pool: queue.LifoQueue[_Conn] = queue.LifoQueue(maxsize=max_connections)
-        self.stats.update(reconnect_retries=0, plain_server=0)
+        self.stats.update(plain_server=0)
 
     # ---- connections --------------------------------------------------------------------
     def _open(self) -> _Conn:
@@ -129,7 +129,6 @@ class LMConnector(RemoteConnector):
                 return self._open()
             readable, _, _ = select.select([conn.sock], [], [], 0)
             if not readable:  # an idle socket with something to read was closed or is broken
-                conn.reused = True
                 return conn
             conn.sock.close()
 
@@ -143,17 +142,9 @@ class LMConnector(RemoteConnector):
             conn.sock.close()
 
     def _call(self, fn: Callable[[_Conn], T]) -> T:
-        """``fn(conn)`` on a pooled or new connection; once more on a new one when a reused
-        connection turns out closed (not on timeouts: a hung server is not asked twice)."""
-        conn = self._checkout()
-        try:
-            return self._run(conn, fn)
-        except (ConnectionError, ProtocolError) as e:
-            if not conn.reused or isinstance(e, TokenRefused):
-                raise
-            self._close()  # the rest of the pool is as stale as this socket
-            self.stats["reconnect_retries"] += 1
-            return self._run(self._open(), fn)
+        """``fn(conn)`` on a pooled (checked) or new connection. A connection error is raised;
+        RemoteConnector then drops the pool and retries once on a fresh connection."""
+        return self._run(self._checkout(), fn)
 
     def _run(self, conn: _Conn, fn: Callable[[_Conn], T]) -> T:
         try:

@@ -16,7 +16,8 @@ Four checks, each with full and partial chunks of bf16 and fp16, KV_2LTD and lay
 
 The two packages are both named ``lmcache``, so LMCache's side runs in the interop venv as a
 subprocess (``lm_lmcache_side.py``). :func:`run_lm_checks` returns one (name, passed, detail)
-per check for the interop suite; ``main`` prints them as a table (exit 1 if any failed).
+per check; ``main`` prints them as a table (exit 1 if any failed). Imported by the interop
+suite (``run.py``: ``import lm_interop``), :func:`check_lm` registers them as group "remote".
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -85,8 +87,9 @@ def _start(cmd: list[str], port: int) -> subprocess.Popen:
 
 
 def _lmcache_side(python: str, op: str, port: int, spec: list[dict]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([python, str(HERE / "lm_lmcache_side.py"), op, str(port),
-                          json.dumps(spec)], capture_output=True, text=True, timeout=300)
+                          json.dumps(spec)], capture_output=True, text=True, timeout=300, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -173,6 +176,19 @@ def run_lm_checks(interop_python: str) -> list[tuple[str, bool, str]]:
             proc.kill()
             proc.wait(timeout=10)
     return results
+
+
+try:  # registered in the interop suite when it imports this module
+    from interop_base import Row, check
+except ImportError:  # run on its own
+    check = None
+
+if check is not None:
+    @check("remote")
+    def check_lm(ctx) -> list:
+        """lm:// both ways (see the module docstring), as rows of the interop report."""
+        return [Row(name, "PASS" if ok else "FAIL", detail)
+                for name, ok, detail in run_lm_checks(ctx.interop_python)]
 
 
 def main() -> int:

@@ -37,14 +37,16 @@ def _read_token(path: Optional[str], parser: argparse.ArgumentParser) -> Optiona
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), serve until SIGINT/SIGTERM; returns 0.
 
-    Positional HOST (default 127.0.0.1) and PORT (default 65432) follow LMCache's
-    ``lmcache.v1.server HOST PORT`` form. Exit status 2 on a bad flag.
+    Positional HOST (default 127.0.0.1), PORT (default 65432) and STORAGE (only ``cpu``) follow
+    LMCache's ``lmcache.v1.server HOST PORT [cpu]`` form. Exit status 2 on a bad flag.
     """
     parser = argparse.ArgumentParser(
         prog="lmcache-server",
         description="lmcache's lm:// cache server (speaks LMCache 0.5.6's server protocol).")
     parser.add_argument("host", nargs="?", default="127.0.0.1")
     parser.add_argument("port", nargs="?", type=int, default=65432)
+    parser.add_argument("storage", nargs="?", default="cpu", choices=["cpu"],
+                        help="LMCache's third argument (where values live); only cpu")
     parser.add_argument("--max-size-gb", type=float, default=4.0,
                         help="total GiB of values kept in memory (LRU eviction), default 4")
     parser.add_argument("--max-value-mb", type=float, default=256.0,

@@ -249,6 +249,7 @@ def test_bind_warnings_and_bad_flags(servers, tmp_path, capsys):
         (("--max-value-mb", "100", "--max-inflight-mb", "50"), "must be <= --max-inflight-mb"),
         (("--max-connections", "0"), "--max-connections must be >= 1"),
         (("--metrics-port", "70000"), "metrics-port must be in 0..65535"),
+        (("disk",), "invalid choice: 'disk'"),
     ]:
         with pytest.raises(SystemExit) as exited:
             server_main(["127.0.0.1", "0", *flags])

@@ -275,3 +275,24 @@ def test_metrics_endpoint(servers):
     assert values["lmcache_server_connections"] == 1
     assert values["lmcache_server_inflight_bytes"] == 0
     conn.close()
+
+
+def test_token_from_the_config(servers, tmp_path):
+    """``remote_connector=lm`` with ``remote_connector.token_file`` (or ``.token``) reaches the
+    connector that the container builds."""
+    from lmcache.config.compose import compose_config
+    from lmcache.containers import build
+
+    token_file = tmp_path / "token"
+    token_file.write_text("from-config\n")
+    server = servers("--token-file", str(token_file))
+    meta, payload = blob(4096)
+    for override in (f"remote_connector.token_file={token_file}",
+                     "remote_connector.token=from-config"):
+        cfg = compose_config(["storage/backends=[local_cpu,remote]", "remote_connector=lm",
+                              f"remote_url={server.url}", override])
+        conn = build(cfg.remote_connector)
+        assert isinstance(conn, LMConnector)
+        assert conn.put("k@1@0@1@half", meta, payload)
+        assert bytes(conn.get("k@1@0@1@half")[1]) == payload
+        conn.close()

@@ -61,6 +61,9 @@ def serdes(head_size: int, device: str = "cpu"):
         "cachegen-16": CacheGenSerde(key_bins=[16, 16], value_bins=[16, 16], device=device),
         "cachegen-16/8": CacheGenSerde(key_bins=[16, 8], value_bins=[16, 8], key_early_layers=1,
                                        value_early_layers=1, device=device),
+        "cachegen-16/8-g8": CacheGenSerde(key_bins=[16, 8], value_bins=[16, 8],
+                                          key_early_layers=1, value_early_layers=1,
+                                          channel_group=8, device=device),
         "kivi": KIVISerde(device=device),
         "kivi-g64": KIVISerde(group_size=64, device=device),
         "fp8": FP8Serde(head_size=head_size, device=device),
@@ -258,6 +261,21 @@ def gpu_speed(repeats):
     return table
 
 
+def _event_gbps(fn, nbytes, repeats):
+    """GB/s of ``nbytes`` per call of ``fn`` (CUDA events, median of 4 x repeats)."""
+    fn()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats * 4):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return round(nbytes / statistics.median(times) / 1e9, 1)
+
+
 def _gpu_row(name, serde, x, nbytes, repeats, sync):
     from lmcache.serde import fp8, kivi
 
@@ -278,6 +296,18 @@ def _gpu_row(name, serde, x, nbytes, repeats, sync):
         row = {"serde": name, "x_smaller": round(nbytes / len(wire), 2),
                "encode_GBps_host_to_host": round(nbytes / enc / 1e9, 2),
                "decode_GBps_host_bytes_to_gpu": round(nbytes / dec / 1e9, 2)}
+        if name.startswith("cachegen"):
+            from lmcache.serde import cachegen, cachegen_cuda
+
+            shape = (2, 32, CHUNK, 1024)
+            parts = cachegen.parse_body(memoryview(wire)[compressed.HEADER_SIZE:], *shape)
+            tab = cachegen_cuda.upload(parts, *shape, "cuda")
+
+            def resident():
+                q = cachegen_cuda.decode_uploaded(tab, *shape)
+                return cachegen.dequantize(q, parts, 32).to(torch.bfloat16)
+
+            row["decode_GBps_gpu_resident"] = _event_gbps(resident, nbytes, repeats)
         mod = {"kivi": kivi, "kivi-g64": kivi, "fp8": fp8}.get(name)
         if mod is not None:
             body = torch.frombuffer(bytearray(wire[compressed.HEADER_SIZE:]),
@@ -288,17 +318,7 @@ def _gpu_row(name, serde, x, nbytes, repeats, sync):
                                       torch.bfloat16).to(torch.bfloat16)
                 return out
 
-            resident()
-            sync()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(repeats * 4):
-                start.record()
-                resident()
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop) / 1e3)
-            row["decode_GBps_gpu_resident"] = round(nbytes / statistics.median(times) / 1e9, 1)
+            row["decode_GBps_gpu_resident"] = _event_gbps(resident, nbytes, repeats)
         return row
 
 

@@ -195,7 +195,8 @@ def test_cachegen_corrupt_table_is_an_error_not_wrong_kv(cpu):
     meta, payload = CacheGenSerde().serialize(obj)
     obj.ref_count_down()
     stream = bytearray(payload)
-    first_table = compressed.HEADER_SIZE + 4 + 6 + 2 * (3 * 32 + 3 * 64)
+    # header 32 | params 8 | bins 6 + 2 pad | scales 2 x (3 x 32 + 3 x 64) | directory
+    first_table = compressed.HEADER_SIZE + 8 + 8 + 2 * (3 * 32 + 3 * 64)
     mode, lo, n, nwords = struct.unpack_from("<BBBxI", stream, first_table)
     struct.pack_into("<BBBxI", stream, first_table, mode, lo, n, nwords + 1000)
     with pytest.raises(ValueError):

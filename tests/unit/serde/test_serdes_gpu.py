@@ -66,3 +66,25 @@ def test_gpu_resident_decode_equals_host_decode():
         dev = torch.frombuffer(bytearray(body), dtype=torch.uint8).cuda()
         resident = mod.decode_body(dev, 2, 4, 256, 128, "cuda", torch.bfloat16)
         assert resident.is_cuda and torch.equal(host, resident)
+
+
+@pytest.mark.parametrize("shape, group", [((2, 4, 256, 128), 16), ((2, 8, 256, 1024), 16),
+                                          ((2, 3, 100, 40), 16), ((1, 2, 64, 96), 64)])
+def test_cachegen_cuda_table_decoder_equals_constriction(shape, group):
+    from lmcache.serde import cachegen, cachegen_cuda
+
+    assert cachegen_cuda.available()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * torch.linspace(0.2, 3.0, shape[-1])
+    x[..., : shape[-1] // 2] = x[..., : shape[-1] // 2].cumsum(2) * 0.1  # delta and raw tables
+    x = x.to(torch.bfloat16)
+    obj = MemoryObj(x.contiguous().view(-1).view(torch.uint8).clone(), x.shape, x.dtype,
+                    MemoryFormat.KV_MLA_FMT if shape[0] == 1 else MemoryFormat.KV_2LTD)
+    _, payload = CacheGenSerde(channel_group=group).serialize(obj)
+    body = memoryview(bytes(payload))[compressed.HEADER_SIZE:]
+    parts = cachegen.parse_body(bytes(body), *shape)
+    assert set(parts["directory"]["mode"].tolist()) == {0, 1}
+    on_cpu = cachegen.decode_body(body, *shape, "cpu", torch.bfloat16)
+    on_gpu = cachegen.decode_body(body, *shape, "cuda", torch.bfloat16)
+    assert on_gpu.is_cuda
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-6, atol=0)

@@ -9,19 +9,26 @@ def tokens_of(report, rnd):
 
 
 def test_repeated_document_is_served_from_lmcache_with_identical_output(tiny_model, documents, run_vllm):
+    """Both connector names: ours by module path and vLLM's built-in ``LMCacheConnectorV1`` by name
+    alone (it imports lmcache.integration.vllm.vllm_v1_adapter); same hits, no-cache outputs."""
     prompts = [documents[0] + "\nQuestion: what is this license about?", documents[0] + "\nQuestion: who may copy it?"]
     rounds = [[prompts[0]], [prompts[1]], [prompts[0]]]
     base = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": False})
-    cached = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": True, "extra_config": EXTRA})
-    first, second, third = (cached["rounds"][i][0] for i in range(3))
-    assert first["num_cached_tokens"] == 0
-    # the document is a shared prefix: every whole chunk of it is a hit on the second question
-    assert second["num_cached_tokens"] >= (len(documents[0]) // 8 // CHUNK - 1) * CHUNK > 0
-    assert second["num_cached_tokens"] % CHUNK == 0
-    # the exact prompt again: all but the last token come from lmcache
-    assert third["num_cached_tokens"] == third["prompt_len"] - 1 or third["num_cached_tokens"] == \
-        third["prompt_len"] // CHUNK * CHUNK
-    assert [tokens_of(cached, i) for i in range(3)] == [tokens_of(base, i) for i in range(3)]
+    hits = {}
+    for connector in ("dynamic", "stock"):
+        cached = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": True, "extra_config": EXTRA,
+                           "connector": connector})
+        first, second, third = (cached["rounds"][i][0] for i in range(3))
+        assert first["num_cached_tokens"] == 0
+        # the document is a shared prefix: every whole chunk of it is a hit on the second question
+        assert second["num_cached_tokens"] >= (len(documents[0]) // 8 // CHUNK - 1) * CHUNK > 0
+        assert second["num_cached_tokens"] % CHUNK == 0
+        # the exact prompt again: all but the last token come from lmcache
+        assert third["num_cached_tokens"] == third["prompt_len"] - 1 or third["num_cached_tokens"] == \
+            third["prompt_len"] // CHUNK * CHUNK
+        assert [tokens_of(cached, i) for i in range(3)] == [tokens_of(base, i) for i in range(3)]
+        hits[connector] = [cached["rounds"][i][0]["num_cached_tokens"] for i in range(3)]
+    assert hits["stock"] == hits["dynamic"]
     assert base["rounds"][1][0]["num_cached_tokens"] == 0
 
 
@@ -77,7 +84,9 @@ def test_fresh_process_hits_what_the_first_stored(tiny_model, documents, run_vll
     base = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": False})
     first = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra})
     assert any((tmp_path / "disk").rglob("*")), "the first process left no chunk on disk"
-    second = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra})
+    # the second process runs vLLM's built-in connector name: both name chunks alike
+    second = run_vllm({"model": tiny_model, "rounds": [[prompt]], "lmcache": True, "extra_config": extra,
+                       "connector": "stock"})
     assert first["rounds"][0][0]["num_cached_tokens"] == 0
     hit = second["rounds"][0][0]["num_cached_tokens"]
     assert hit == second["rounds"][0][0]["prompt_len"] - 1 and hit % 128 != 0

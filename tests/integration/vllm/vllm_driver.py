@@ -5,7 +5,8 @@ Used by the integration tests as a child process (each vLLM engine in its own pr
     python vllm_driver.py SPEC.json OUT.json
 
 SPEC keys: model (path), rounds (list of lists of prompt strings), lmcache (bool),
-extra_config (dict of ``lmcache.*`` keys), max_tokens, multiprocess (bool: scheduler and worker
+extra_config (dict of ``lmcache.*`` keys), connector ("dynamic": LMCacheConnectorV1Dynamic by
+module path, the default; "stock": vLLM's built-in LMCacheConnectorV1 by name only), max_tokens, multiprocess (bool: scheduler and worker
 in different processes), corrupt_after_round (int or null: after that round, overwrite every KV
 chunk in the worker's CPU tier with noise — the negative control), clear_cpu_after_round.
 OUT: {"rounds": [[{"token_ids": [...], "text": str, "num_cached_tokens": int}, ...], ...]}.
@@ -20,7 +21,9 @@ def _lmcache_engine():
     """The worker's LMCacheEngine (in-process executor only)."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-    return get_kv_transfer_group()._impl.container.engine()
+    group = get_kv_transfer_group()
+    impl = getattr(group, "_impl", None) or group._lmcache_engine  # dynamic | stock connector
+    return impl.container.engine()
 
 
 def _corrupt_cpu_tier() -> int:
@@ -49,9 +52,13 @@ def main(spec_path: str, out_path: str) -> None:
                   distributed_executor_backend="mp" if spec.get("multiprocess") else "uni",
                   max_num_batched_tokens=int(spec.get("max_num_batched_tokens", 4096)))
     if spec.get("lmcache"):
+        if spec.get("connector", "dynamic") == "stock":
+            named = dict(kv_connector="LMCacheConnectorV1")  # vLLM's own class, no module path
+        else:
+            named = dict(kv_connector="LMCacheConnectorV1Dynamic",
+                         kv_connector_module_path="lmcache.integration.vllm.lmcache_connector_v1")
         kwargs["kv_transfer_config"] = KVTransferConfig(
-            kv_connector="LMCacheConnectorV1Dynamic",
-            kv_connector_module_path="lmcache.integration.vllm.lmcache_connector_v1",
+            **named,
             kv_role=spec.get("kv_role", "kv_both"), kv_load_failure_policy="recompute",
             kv_connector_extra_config=spec.get("extra_config", {}))
     llm = LLM(**kwargs)

@@ -12,19 +12,11 @@ from lmcache.distributed.lookup.protocol import lookup_address
 from lmcache.integration.vllm.engine_builder import (compose_from_vllm, layout_from_vllm, metadata_from_vllm,
                                                      probe_cpu_page_map)
 from lmcache.integration.vllm.planner import ConnectorPlanner
+from lmcache.integration.vllm.request_keys import check_supported, hash_tokens
+from lmcache.integration.vllm.request_keys import request_configs as _request_configs
 from lmcache.integration.vllm.specs import LMCacheConnectorMetadata
 
 logger = logging.getLogger(__name__)
-
-
-def _request_configs(request) -> dict | None:
-    """``lmcache.*`` entries of a request's kv_transfer_params (tags such as ``lmcache.tag.user``)."""
-    params = getattr(request, "kv_transfer_params", None) or {}
-    sp = getattr(request, "sampling_params", None)
-    extra = getattr(sp, "extra_args", None) or {}
-    params = {**(extra.get("kv_transfer_params") or {}), **params}
-    out = {k: str(v) for k, v in params.items() if isinstance(k, str) and k.startswith("lmcache.")}
-    return out or None
 
 
 def wants_layerwise(extra_config: dict | None) -> bool:
@@ -49,15 +41,20 @@ class LMCacheConnectorV1Impl:
     registers the KV caches (only then are kv dtype, shape and layout known) and serves lookups
     on ``ipc://…/lmcache-lookup-<engine_id>-<rank>.ipc``.
 
+    Chunk keys carry what vLLM's block hash depends on beyond token ids (cache_salt, LoRA adapter,
+    multimodal items: :mod:`lmcache.integration.vllm.request_keys`).
+
     Args:
         vllm_config: vLLM's VllmConfig (``kv_transfer_config`` must be set).
         is_scheduler: True for the scheduler-side instance.
         connector: the owning LMCacheConnectorV1Dynamic (source of the bound metadata).
     Raises:
-        ValueError: a bad lmcache configuration (unknown key, bad value) or kv_role.
+        ValueError: a bad lmcache configuration (unknown key, bad value) or kv_role; prompt
+            embeddings or pipeline parallelism (whose KV lmcache cannot name).
     """
 
     def __init__(self, vllm_config, is_scheduler: bool, connector):
+        check_supported(vllm_config)
         self._vllm_config = vllm_config
         self._connector = connector
         kvt = vllm_config.kv_transfer_config
@@ -71,6 +68,7 @@ class LMCacheConnectorV1Impl:
         self.worker = None
         self.layerwise_worker = None  # the worker, when the engine's gpu_connector is layerwise
         self.lookup_server = None
+        self.manager = None  # lmcache.lmcache_manager.LMCacheManager of this side
         if is_scheduler:
             from lmcache.config.checks import check_config
 
@@ -81,6 +79,9 @@ class LMCacheConnectorV1Impl:
             self.lookup_client = LookupClient([lookup_address(self.engine_id, r) for r in range(self.tp_size)],
                                               timeout_ms=timeout_ms)
             self._requests: dict[str, Any] = {}
+            from lmcache.lmcache_manager import LMCacheManager
+
+            self.manager = LMCacheManager("scheduler", self.cfg, lookup_client=self.lookup_client).start()
             self._pending_unpins: list[str] = []
 
     # ------------------------------------------------------------------ scheduler side
@@ -89,7 +90,7 @@ class LMCacheConnectorV1Impl:
         (lookup over ZMQ, pins held until the request's load); never asynchronous (False)."""
         if self.kv_role == "kv_producer":
             return 0, False
-        tokens = list(request.all_token_ids)
+        tokens = hash_tokens(request)
         hit = self.lookup_client.lookup(tokens, request.request_id, _request_configs(request))
         need = self.planner.on_lookup(request.request_id, len(tokens), num_computed_tokens, hit)
         return need, False
@@ -108,7 +109,7 @@ class LMCacheConnectorV1Impl:
             self._requests.pop(req_id, None)
         for new in scheduler_output.scheduled_new_reqs:
             request = self._requests.get(new.req_id)
-            tokens = list(request.all_token_ids) if request is not None else list(new.prompt_token_ids or [])
+            tokens = hash_tokens(request) if request is not None else list(new.prompt_token_ids or [])
             prompt_len = len(new.prompt_token_ids or tokens)
             plan, unpin = self.planner.plan_new(
                 new.req_id, tokens, prompt_len, new.block_ids[0], new.num_computed_tokens,
@@ -125,7 +126,7 @@ class LMCacheConnectorV1Impl:
                 continue
             new_blocks = cached.new_block_ids[i]
             plan = self.planner.plan_cached(
-                req_id, list(request.all_token_ids), None if new_blocks is None else new_blocks[0],
+                req_id, hash_tokens(request), None if new_blocks is None else new_blocks[0],
                 req_id in cached.resumed_req_ids, cached.num_computed_tokens[i],
                 scheduler_output.num_scheduled_tokens.get(req_id, 0))
             if plan is not None:
@@ -182,6 +183,11 @@ class LMCacheConnectorV1Impl:
         else:
             self.worker = ConnectorWorker(engine, tensors, layout.block_size)
         self.lookup_server = LookupServer(engine, lookup_address(self.engine_id, rank))
+        from lmcache.containers import shutdown as shutdown_graph
+        from lmcache.lmcache_manager import LMCacheManager
+
+        self.manager = LMCacheManager("worker", self.cfg, rank, engine, self.lookup_server,
+                                      shutdown_graph=lambda c=self.container: shutdown_graph(c)).start()
         # vLLM does not always shut workers down at interpreter exit; pending tier writes
         # (e.g. the disk tier's queue) must still be flushed.
         atexit.register(self.shutdown)
@@ -230,6 +236,10 @@ class LMCacheConnectorV1Impl:
 
     def shutdown(self) -> None:
         """Close the lookup server/client and the component graph (idempotent; flushes tier writes)."""
+        if getattr(self, "manager", None) is not None:  # it owns all of them once made
+            self.manager.close()
+            self.manager = None
+            self.lookup_server = self.container = self.lookup_client = None
         if self.lookup_server is not None:
             self.lookup_server.close()
             self.lookup_server = None

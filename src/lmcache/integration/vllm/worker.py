@@ -10,6 +10,10 @@ from lmcache.integration.vllm.specs import LMCacheConnectorMetadata, ReqMeta
 
 logger = logging.getLogger(__name__)
 
+# Tiers private to one worker process (its memory, its own disk directory); the others (remote)
+# are seen by every process, so MLA's passive ranks leave them to rank 0.
+_PROCESS_OWN_TIERS = ("LocalCPUBackend", "LocalDiskBackend")
+
 
 class ConnectorWorker:
     """Executes ReqMeta loads (before the forward pass) and saves (after it) on one worker.
@@ -18,12 +22,26 @@ class ConnectorWorker:
         engine: the worker's LMCacheEngine.
         kv_caches: vLLM's paged KV tensors, one per attention layer, in layer order.
         block_size: vLLM block size in tokens (slot // block_size = block id).
+
+    MLA with ``save_only_first_rank`` (the token database's, on by default for MLA as in
+    LMCache): every rank holds the same KV under the same keys, so only rank 0 writes the tiers
+    other processes see (remote); another rank stores only into its own tiers (CPU, local disk:
+    one ``store_location`` each) and reads what rank 0 wrote. A TP=2 instance thus writes each
+    chunk once to the remote store, and a TP=1 instance reuses it.
     """
 
     def __init__(self, engine, kv_caches: list[torch.Tensor], block_size: int):
         self.engine = engine
         self.kv_caches = kv_caches
         self.block_size = block_size
+        self.passive = bool(getattr(engine.token_database, "save_only_first_rank", False)) and \
+            engine.metadata.worker_id != 0
+        names = list(engine.storage_manager.tier_names)
+        own = [n for n in names if n in _PROCESS_OWN_TIERS]
+        # store_location per store call: None = every tier; passive ranks only their own tiers
+        self.store_locations: list[str | None] = [None]
+        if self.passive and own != names:
+            self.store_locations = list(own)
         self._invalid_block_ids: set[int] = set()
         self.loaded_tokens = 0
         self.failed_loads = 0
@@ -93,12 +111,14 @@ class ConnectorWorker:
             if args is None:
                 continue
             tokens, store_mask, slots = args
-            try:
-                self.engine.store(tokens, store_mask, kvcaches=self.kv_caches, slot_mapping=slots,
-                                  request_configs=req.request_configs)
-            except Exception:  # a failed store costs future hits, never the request
-                self.failed_saves += 1
-                logger.exception("store for request %s failed", req.req_id)
+            for location in self.store_locations:
+                where = {} if location is None else {"store_location": location}
+                try:
+                    self.engine.store(tokens, store_mask, kvcaches=self.kv_caches, slot_mapping=slots,
+                                      request_configs=req.request_configs, **where)
+                except Exception:  # a failed store costs future hits, never the request
+                    self.failed_saves += 1
+                    logger.exception("store for request %s failed", req.req_id)
 
     @staticmethod
     def save_args(req: ReqMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -10,6 +10,8 @@ COMMANDS = (
      "long-document QA through vLLM: TTFT without/with lmcache (make run; -m for sweeps)"),
     ("python -m lmcache.experiments.long_doc_qa --cfg job [overrides]",
      "print the composed experiment and lmcache config, run nothing"),
+    ("python -m lmcache.experiments.multi_round_qa [overrides]",
+     "users x rounds with a shared system prompt through a vLLM OpenAI server it starts"),
     ("lmcache-server [HOST] [PORT]  (python -m lmcache.server)",
      "lmcache's remote cache server (remote_url=lm://HOST:PORT)"),
     ("vllm serve MODEL --kv-transfer-config "

@@ -47,6 +47,9 @@ TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
     "save_decode_cache": v.strict(v.boolean, bool),
     "blocking_timeout_secs": v.strict(v.positive_float, float),
     "lookup_timeout_ms": v.strict(v.positive_int, int),
+    "internal_api_server_enabled": v.strict(v.boolean, bool),
+    "internal_api_server_host": v.strict(v.string, str),
+    "internal_api_server_port_start": v.strict(v.integer, int),
     "extra_config": v.strict(v.optional_dict, dict, None),  # set by the LMCache translation
 }
 """Top-level LMCache key → parser of its composed value (ints pass where a number is asked)."""

@@ -60,9 +60,12 @@ def check_known_keys(cfg: DictConfig, config_name: str) -> None:
     known |= {g.split("/")[0] for g in lmcache_groups()}
     unknown = sorted(str(k) for k in cfg if k not in known and k != "hydra")
     if unknown:
+        hint = (" (lmcache's keys and groups sit at the top level here: write local_disk=/x, "
+                "deployment=cpu_disk, not lmcache.local_disk=/x)" if "lmcache" in unknown else "")
         raise ExperimentConfigError(
             f"unknown top-level key(s) {unknown}: expected experiment keys "
-            f"{sorted(experiment_keys(config_name))} or lmcache keys {sorted(lmcache_keys())}")
+            f"{sorted(experiment_keys(config_name))} or lmcache keys {sorted(lmcache_keys())}"
+            + hint)
 
 
 def _quote(value: Any) -> str:
@@ -135,3 +138,37 @@ def lmcache_part(cfg: DictConfig) -> dict[str, Any]:
     names: Sequence[str] = [*lmcache_keys(), *{g.split("/")[0] for g in lmcache_groups()}]
     full = OmegaConf.to_container(cfg, resolve=True)
     return {k: full[k] for k in full if k in names}
+
+
+def kv_transfer_fields(kv: DictConfig, lmcache_overrides: list[str]) -> dict[str, Any]:
+    """``KVTransferConfig`` fields from an experiment's ``kv_transfer`` node (``kv_connector``,
+    ``kv_connector_module_path``, ``kv_role``, ``kv_load_failure_policy``) with
+    ``kv_connector_extra_config = {"lmcache.overrides": lmcache_overrides}``."""
+    return {"kv_connector": str(kv.kv_connector),
+            "kv_connector_module_path": str(kv.kv_connector_module_path),
+            "kv_role": str(kv.kv_role),
+            "kv_load_failure_policy": str(kv.kv_load_failure_policy),
+            "kv_connector_extra_config": {"lmcache.overrides": list(lmcache_overrides)}}
+
+
+def engine_kv_transfer(cfg: DictConfig, choices: Mapping[str, Any], task_overrides: Iterable[str],
+                       config_name: str, check_lmcache: bool = True) -> dict[str, Any]:
+    """Check an experiment's top-level keys and lmcache's part of its config, before any
+    engine starts, and return the KV-transfer fields that make the engine compose that same
+    lmcache config (:func:`connector_overrides`, :func:`check_same_config`); with
+    ``check_lmcache``, also lmcache's own value and tier checks
+    (:func:`lmcache.config.checks.check_config`).
+
+    Raises:
+        ExperimentConfigError / ValueError: naming the bad key.
+    """
+    from lmcache.config.checks import check_config
+    from lmcache.integration.vllm.engine_builder import compose_from_vllm
+
+    check_known_keys(cfg, config_name)
+    fields = kv_transfer_fields(cfg.kv_transfer, connector_overrides(cfg, choices, task_overrides))
+    engine_cfg = compose_from_vllm(fields["kv_connector_extra_config"])
+    check_same_config(cfg, engine_cfg)
+    if check_lmcache:
+        check_config(engine_cfg)
+    return fields

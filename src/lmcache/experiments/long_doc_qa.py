@@ -35,11 +35,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lmcache.experiments import interleave, report
+from lmcache.experiments import interleave, lmcache_config, report
 from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import build_requests, load_documents
-from lmcache.experiments.lmcache_config import (ExperimentConfigError, check_known_keys,
-                                                check_same_config, connector_overrides)
+from lmcache.experiments.lmcache_config import ExperimentConfigError
 from lmcache.experiments.runner import ENGINE_ENV, EngineProcess
 from lmcache.experiments.tiny_model import TinyModelSpec, ensure_tiny_model
 
@@ -69,12 +68,7 @@ def prepare_model(cfg: DictConfig) -> str:
 def kv_transfer_fields(cfg: DictConfig, lmcache_overrides: list[str]) -> dict[str, Any]:
     """``KVTransferConfig`` fields of the with_lmcache pass: ``kv_transfer.*`` and, in
     ``kv_connector_extra_config``, ``lmcache.overrides`` = ``lmcache_overrides``."""
-    kv = cfg.kv_transfer
-    return {"kv_connector": str(kv.kv_connector),
-            "kv_connector_module_path": str(kv.kv_connector_module_path),
-            "kv_role": str(kv.kv_role),
-            "kv_load_failure_policy": str(kv.kv_load_failure_policy),
-            "kv_connector_extra_config": {"lmcache.overrides": list(lmcache_overrides)}}
+    return lmcache_config.kv_transfer_fields(cfg.kv_transfer, lmcache_overrides)
 
 
 def check_config(cfg: DictConfig, choices, task_overrides) -> dict[str, Any]:
@@ -84,7 +78,6 @@ def check_config(cfg: DictConfig, choices, task_overrides) -> dict[str, Any]:
     Raises:
         ExperimentConfigError / ValueError: naming the bad key.
     """
-    check_known_keys(cfg, CONFIG_NAME)
     passes = [str(p) for p in cfg.passes]
     unknown = [p for p in passes if p not in PASSES]
     if not passes or unknown or len(set(passes)) != len(passes):
@@ -92,15 +85,8 @@ def check_config(cfg: DictConfig, choices, task_overrides) -> dict[str, Any]:
             f"passes={passes}: expected a non-empty list of distinct names from {list(PASSES)}")
     if int(cfg.repeats) < 1:
         raise ExperimentConfigError(f"repeats={cfg.repeats}: expected an integer >= 1")
-    fields = kv_transfer_fields(cfg, connector_overrides(cfg, choices, task_overrides))
-    from lmcache.config.checks import check_config as check_lmcache
-    from lmcache.integration.vllm.engine_builder import compose_from_vllm
-
-    engine_cfg = compose_from_vllm(fields["kv_connector_extra_config"])
-    check_same_config(cfg, engine_cfg)
-    if "with_lmcache" in passes:
-        check_lmcache(engine_cfg)
-    return fields
+    return lmcache_config.engine_kv_transfer(cfg, choices, task_overrides, CONFIG_NAME,
+                                             check_lmcache="with_lmcache" in passes)
 
 
 def build_jobs(cfg: DictConfig, model: str, kv_transfer: dict[str, Any],

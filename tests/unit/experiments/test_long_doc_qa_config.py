@@ -82,6 +82,9 @@ def test_unknown_top_level_key_is_refused(override, name):
     cfg, choices = compose_app([override])
     with pytest.raises(lmc.ExperimentConfigError, match=rf"unknown top-level key\(s\) \['{name}'\]"):
         app.check_config(cfg, choices, [override])
+    if name == "lmcache":
+        with pytest.raises(lmc.ExperimentConfigError, match="not lmcache.local_disk=/x"):
+            app.check_config(cfg, choices, [override])
 
 
 @pytest.mark.parametrize("overrides, match", [

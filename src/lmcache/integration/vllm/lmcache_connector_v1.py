@@ -64,6 +64,32 @@ class LMCacheConnectorV1Dynamic(KVConnectorBase_V1):
     def shutdown(self) -> None:
         self._impl.shutdown()
 
+    # metrics: lmcache's counters/timers on vLLM's /metrics (lmcache.observability.vllm_metrics)
+    def get_kv_connector_stats(self):
+        """Worker side: lmcache's stats since the last step (None on the scheduler side, before
+        the engine exists, or when nothing happened)."""
+        worker = getattr(self._impl, "worker", None)
+        engine = getattr(worker, "engine", None)
+        if engine is None:
+            return None
+        if getattr(self, "_stats_source", None) is None or self._stats_source.monitor is not engine.stats:
+            from lmcache.observability.vllm_metrics import ConnectorStatsSource
+
+            self._stats_source = ConnectorStatsSource(engine.stats)
+        return self._stats_source.collect()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None):
+        from lmcache.observability.vllm_metrics import LMCacheKVConnectorStats
+
+        return LMCacheKVConnectorStats.from_data(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from lmcache.observability.vllm_metrics import LMCachePromMetrics
+
+        return LMCachePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     # scheduler side
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._impl.get_num_new_matched_tokens(request, num_computed_tokens)

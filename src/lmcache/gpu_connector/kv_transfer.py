@@ -11,7 +11,10 @@ Semantics the kernels must match:
 - token t of the output is the KV of slot ``slots[t]`` (block ``slots[t] // N``, offset
   ``slots[t] % N``); output row order is the order of ``slots``;
 - ``gather_kv``: a slot < 0 (padding) yields zeros for that token;
-- ``scatter_kv``: a slot < 0 is skipped (its paged memory is not touched); slots must be unique.
+- ``scatter_kv``: a slot < 0 is skipped (its paged memory is not touched); slots must be unique;
+- KV moves as bit patterns (each tensor viewed as the integer dtype of its element size), so
+  every KV cache dtype (bf16/fp16/fp32, fp8 e4m3/e5m2, int8, uint8, ...) round-trips bit-exactly,
+  including dtypes torch has no indexing kernels for on the device (float8 on CPU).
 """
 
 from __future__ import annotations
@@ -81,6 +84,22 @@ def _flat_rows(slots: torch.Tensor, layout: KVCacheLayout, tensor: torch.Tensor)
     return ((k * num_blocks + b) * n + o) * h + head
 
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` reinterpreted (a view, no copy) as the integer dtype of its element size.
+
+    KV moves as bit patterns: every dtype a KV cache may have (bf16/fp16/fp32, fp8 e4m3/e5m2,
+    int8, uint8, ...) takes the same integer path, bit-exactly, even where torch has no
+    kernel for the dtype itself (e.g. ``masked_fill`` / ``index_put_`` on float8 on CPU).
+    """
+    bits = _BITS.get(tensor.element_size())
+    if bits is None or tensor.dtype == bits:
+        return tensor
+    return tensor.view(bits)
+
+
 def _as_slots(slots: torch.Tensor, device: torch.device) -> torch.Tensor:
     if not isinstance(slots, torch.Tensor) or slots.dim() != 1:
         raise ValueError(f"slots must be a 1-D integer tensor, got {slots!r}")
@@ -144,6 +163,9 @@ def gather_kv(
         )
     if slots.numel() == 0:
         return out
+    result, out = out, _bits(out)
+    layer_tensors = [_bits(t) for t in layer_tensors]
+    ref = layer_tensors[0]
     pad = slots < 0
     has_pad = bool(pad.any())
     safe = slots.clamp(min=0) if has_pad else slots
@@ -174,7 +196,7 @@ def gather_kv(
             out[:, layer].copy_(rows.view(shape[0], shape[2], shape[3]))
     if has_pad:
         out[:, :, pad.to(out.device)] = 0
-    return out
+    return result
 
 
 def scatter_kv(
@@ -203,7 +225,9 @@ def scatter_kv(
             f"scatter_kv kv has shape {tuple(kv.shape)} dtype {kv.dtype}, "
             f"expected {tuple(shape)} dtype {ref.dtype}"
         )
-    kv = kv.to(ref.device)  # blocking: the caller may free the source right after
+    kv = _bits(kv.to(ref.device))  # blocking: the caller may free the source right after
+    layer_tensors = [_bits(t) for t in layer_tensors]
+    ref = layer_tensors[0]
     keep = slots >= 0
     if not bool(keep.all()):
         kept = keep.nonzero().squeeze(1)

@@ -274,7 +274,8 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
 
     for key in ("chunk_size", "max_local_cpu_size", "max_local_disk_size", "save_unfull_chunk",
                 "save_decode_cache", "blocking_timeout_secs", "lookup_timeout_ms",
-                "extra_config"):
+                "internal_api_server_enabled", "internal_api_server_host",
+                "internal_api_server_port_start", "extra_config"):
         if key in values:
             try:
                 settings.append((f"++{key}={v.override_value(values[key])}", src(key)))

@@ -33,6 +33,10 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # lmcache always prefetches the chunks of slower tiers in the background from lookup time
     # on, which is what LMCache's asynchronous loading does; the key is accepted either way.
     "enable_async_loading": (v.lmcache_boolean, False),
+    # lmcache's per-process /health, /conf, /metrics server (lmcache.lmcache_manager)
+    "internal_api_server_enabled": (v.lmcache_boolean, False),
+    "internal_api_server_host": (v.string, "127.0.0.1"),
+    "internal_api_server_port_start": (v.positive_int, 6999),
 }
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.
@@ -46,8 +50,7 @@ FEATURES: dict[str, str] = {
     "enable_lazy_memory_allocator": "the lazy memory allocator",
     "enable_kv_events": "KV events",
     "enable_scheduler_bypass_lookup": "the scheduler bypass lookup",
-    "internal_api_server_enabled": "LMCache's internal API server",
-    "run_script_api_enabled": "LMCache's internal API server",
+    "run_script_api_enabled": "the run-script API of LMCache's internal API server",
 }
 
 _BLEND, _P2P, _PD, _CTRL = "CacheBlend", "P2P KV-cache sharing", "disaggregated prefill (PD)", \
@@ -86,7 +89,6 @@ UNSUPPORTED: dict[str, tuple[Any, str | None]] = {
     "use_gds": (True, _GDS), "gds_backend": ("cufile", _GDS),
     "maru_path": (None, "the Maru backend"), "maru_pool_size": (4.0, "the Maru backend"),
     "audit_actual_remote_url": (None, "the audit remote connector"),
-    "internal_api_server_host": ("127.0.0.1", _API), "internal_api_server_port_start": (6999, _API),
     "internal_api_server_include_index_list": (None, _API),
     "internal_api_server_socket_path_prefix": (None, _API), "script_allowed_imports": (None, _API),
     "external_lookup_client": (None, "external lookup clients"),

@@ -89,6 +89,21 @@ def test_enable_async_loading_is_accepted(caplog):
         overrides_from_legacy(None, {"LMCACHE_ENABLE_ASYNC_LOADING": "maybe"}, {})
 
 
+def test_internal_api_server_keys_are_translated():
+    overrides = overrides_from_legacy(None, {"LMCACHE_INTERNAL_API_SERVER_ENABLED": "true",
+                                             "LMCACHE_INTERNAL_API_SERVER_HOST": "'0.0.0.0'",
+                                             "LMCACHE_INTERNAL_API_SERVER_PORT_START": "7100"}, {})
+    assert overrides == ["++internal_api_server_enabled=true",
+                         "++internal_api_server_host='0.0.0.0'",
+                         "++internal_api_server_port_start=7100"]
+    cfg = compose_config(overrides)
+    assert (cfg.internal_api_server_enabled, cfg.internal_api_server_host,
+            cfg.internal_api_server_port_start) == (True, "0.0.0.0", 7100)
+    with pytest.raises(ValueError, match="internal_api_server_include_index_list=.*configures "
+                                         "LMCache's internal API server"):
+        overrides_from_legacy(None, {}, {"lmcache.internal_api_server_include_index_list": [0]})
+
+
 @pytest.mark.parametrize(("key", "value", "feature"), [
     ("pd_role", "sender", "disaggregated prefill (PD)"),
     ("nixl_role", "receiver", "disaggregated prefill (PD)"),  # LMCache's alias of pd_role

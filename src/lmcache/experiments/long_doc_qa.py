@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmcache.experiments import interleave, lmcache_config, report
 from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import build_requests, load_documents
+from lmcache.config.compose import register_resolvers
 from lmcache.experiments.lmcache_config import ExperimentConfigError
 from lmcache.experiments.runner import ENGINE_ENV, EngineProcess
 from lmcache.experiments.tiny_model import TinyModelSpec, ensure_tiny_model
@@ -48,6 +49,7 @@ PASSES = ("without_lmcache", "with_lmcache")
 EXIT_OK, EXIT_CONFIG, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 log = logging.getLogger(__name__)
+register_resolvers()  # lmcache's OmegaConf resolvers, for --cfg job --resolve too
 _statuses: list[int] = []  # one per job run by Hydra in this process (main() exits with max)
 
 __all__ = ["ExperimentConfigError", "main", "run_experiment"]

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmcache.experiments import lmcache_config, report
 from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import load_documents, question_text
+from lmcache.config.compose import register_resolvers
 from lmcache.experiments.lmcache_config import ExperimentConfigError
 from lmcache.experiments.long_doc_qa import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
                                              prepare_model)
@@ -48,6 +49,7 @@ LMCACHE_METRICS = ("lmcache:num_lookup_requests_total", "lmcache:num_lookup_toke
                    "lmcache:num_store_requests_total", "lmcache:num_stored_tokens_total",
                    "lmcache:retrieve_hit_rate", "lmcache:lookup_hit_rate")
 log = logging.getLogger(__name__)
+register_resolvers()  # lmcache's OmegaConf resolvers, for --cfg job --resolve too
 _statuses: list[int] = []
 
 

@@ -17,3 +17,14 @@ def test_python_m_lmcache_prints_version_and_commands():
     assert "python -m lmcache.experiments.long_doc_qa [overrides]" in proc.stdout
     assert "lmcache-server [HOST] [PORT]" in proc.stdout
     assert "vLLM installed: " in lines[1]
+
+
+def test_cfg_job_resolve_shows_the_lmcache_tree():
+    proc = subprocess.run([sys.executable, "-m", "lmcache.experiments.long_doc_qa", "--cfg", "job",
+                           "--resolve", "deployment=cpu_disk", "local_disk=/tmp/kv", "chunk_size=512"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "size_bytes: 1073741824" in out  # max_local_cpu_size 1.0 GiB, resolved
+    assert "      local_disk: /tmp/kv" in out and "max_local_disk_size: 20.0" in out
+    assert "  chunk_size: 512" in out and "LRUCachePolicy" in out

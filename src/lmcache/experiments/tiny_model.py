@@ -226,7 +226,15 @@ def ensure_tiny_model(path: str | os.PathLike | None = None,
         tokenizer = build_tokenizer(spec)
         tokenizer.save_pretrained(tmp)
         model = build_model(spec, tokenizer)
-        model.save_pretrained(tmp, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the app's output
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         (tmp / MARKER_FILE).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True))
         if is_valid(target, spec):  # another process finished first
             return target

@@ -77,6 +77,7 @@ def test_valkey_scheme_reads_lmcache_values_as_full_chunks_of_its_layout(valkey_
         assert remote.contains(chunk_key(1))
         assert torch.equal(fetch(remote, 1), value)
         raw.set(chunk_key(2).to_string(), value.view(torch.uint8).numpy().tobytes()[:-64])
+        assert not remote.contains(chunk_key(2))  # not a full chunk, no side key: not counted
         assert fetch(remote, 2) is None and remote.stats["corrupt"] == 1
         without = RemoteBackend(cpu, NaiveSerde(), ValkeyConnector(url))
         assert fetch(without, 1) is None  # no layout known: cannot read LMCache's bare value

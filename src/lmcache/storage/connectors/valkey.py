@@ -3,6 +3,7 @@ one Valkey or Redis server, through valkey-py, in LMCache 0.5.6's key layout for
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING, Any, Optional
 
 import valkey
@@ -80,6 +81,17 @@ def full_chunk_metadata(key: str, layout: Optional[ChunkLayout]) -> Optional[byt
                           shape).header_bytes()
 
 
+def one_key_servable(key: str, size: int, side: int, layout: Optional[ChunkLayout]) -> bool:
+    """Whether a one-key (``valkey://``) value of ``size`` bytes can be served: it has
+    lmcache's side key, or it is exactly a full chunk of ``layout`` (LMCache's values)."""
+    if size <= 0:
+        return False
+    if side:
+        return True
+    header = full_chunk_metadata(key, layout)
+    return header is not None and struct.unpack_from("<i", header)[0] == size
+
+
 class ValkeyConnector(RemoteConnector):
     """One Valkey/Redis server, in LMCache 0.5.6's layout of the url's scheme (DESIGN.md §4.5):
 
@@ -92,7 +104,8 @@ class ValkeyConnector(RemoteConnector):
       payload, nothing else (LMCache reads it into a full chunk and misses on any other size).
       lmcache's 56-byte metadata goes to the side key ``<key>lmc_meta``, which LMCache never
       reads. A value without a side key (written by LMCache) is read as a full chunk of this
-      instance's layout (``metadata``), checked by size; ``EXISTS <key>`` decides presence.
+      instance's layout (``metadata``), checked by size. Presence (one round trip with the
+      payload's ``STRLEN``): the side key exists, or the value is exactly a full chunk.
 
     A get reads both keys in one pipelined round trip. Every socket operation times out after
     ``blocking_timeout_secs``; after a dropped connection the pool is reconnected and the call
@@ -158,15 +171,21 @@ class ValkeyConnector(RemoteConnector):
         return (key + PAYLOAD_SUFFIX, key + METADATA_SUFFIX)
 
     def _exists(self, key: str) -> bool:
-        parts = self._parts(key)
-        return self._client.exists(*parts) == len(parts)
+        return self._batched_exists([key])[0]
 
     def _batched_exists(self, keys: list[str]) -> list[bool]:
         pipe = self._client.pipeline(transaction=False)
         for key in keys:
-            pipe.exists(*self._parts(key))
-        n = len(self._parts("k"))
-        return [r == n for r in pipe.execute()]
+            if self.one_key:  # payload size and side key: a value is servable as it stands
+                pipe.strlen(key)
+                pipe.exists(key + SIDE_SUFFIX)
+            else:
+                pipe.exists(*self._parts(key))
+        flags = pipe.execute()
+        if not self.one_key:
+            return [r == 2 for r in flags]
+        return [one_key_servable(key, size, side, self.layout)
+                for key, size, side in zip(keys, flags[::2], flags[1::2])]
 
     def _get(self, key: str) -> Optional[tuple[bytes, Buffer]]:
         pipe = self._client.pipeline(transaction=False)

@@ -18,6 +18,7 @@ from lmcache.storage.connectors.valkey import (
     TRANSPORT_ERRORS,
     client_options,
     full_chunk_metadata,
+    one_key_servable,
 )
 
 if TYPE_CHECKING:
@@ -62,7 +63,8 @@ class ValkeyClusterConnector(RemoteConnector):
     * ``valkey-cluster://`` (LMCache's GLIDE ValkeyConnector with ``valkey_mode: cluster``):
       ``<key>`` holds the raw payload; lmcache's metadata is in the side key
       ``<key>lmc_meta``, written first; a value without one (LMCache's) is read as a full chunk
-      of this instance's layout, as in :class:`ValkeyConnector`.
+      of this instance's layout, as in :class:`ValkeyConnector` (and counted only when its
+      size is a full chunk's).
 
     The cluster client is built lazily, so a cluster that is down at start costs hits, not a
     failed startup. After a transport error the client is discarded and rebuilt from the url's
@@ -135,17 +137,22 @@ class ValkeyClusterConnector(RemoteConnector):
         return (key + PAYLOAD_SUFFIX, key + METADATA_SUFFIX)
 
     def _exists(self, key: str) -> bool:
-        parts = self._parts(key)
-        return self._cluster().exists(*parts) == len(parts)
+        return self._batched_exists([key])[0]
 
     def _batched_exists(self, keys: list[str]) -> list[bool]:
         pipe = self._cluster().pipeline()
         for key in keys:
-            for part in self._parts(key):
-                pipe.exists(part)
+            if self.one_key:
+                pipe.strlen(key)
+                pipe.exists(key + SIDE_SUFFIX)
+            else:
+                for part in self._parts(key):
+                    pipe.exists(part)
         flags = pipe.execute()
-        n = len(self._parts("k"))
-        return [all(r == 1 for r in flags[i * n:(i + 1) * n]) for i in range(len(keys))]
+        if self.one_key:
+            return [one_key_servable(key, size, side, self.layout)
+                    for key, size, side in zip(keys, flags[::2], flags[1::2])]
+        return [flags[2 * i] == 1 and flags[2 * i + 1] == 1 for i in range(len(keys))]
 
     def _get(self, key: str) -> Optional[tuple[bytes, Buffer]]:
         client = self._cluster()

@@ -52,8 +52,9 @@ def run_checks(ctx: Ctx, only: str | None) -> list[tuple[str, Row]]:
 
 
 def lmcache_version(python: str) -> str:
-    out = subprocess.run([python, "-c", "import importlib.metadata as m;"
-                          "print(m.version('lmcache'))"], capture_output=True, text=True)
+    out = subprocess.run([python, "-I", "-c", "import importlib.metadata as m;"
+                          "print(m.version('lmcache'))"], capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())  # not this tree's own lmcache metadata
     return out.stdout.strip() or "unknown"
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def run_checks(ctx: Ctx, only: str | None) -> list[tuple[str, Row]]:
 
 
 def lmcache_version(python: str) -> str:
-    out = subprocess.run([python, "-I", "-c", "import importlib.metadata as m;"
+    out = subprocess.run([os.path.abspath(python), "-I", "-c", "import importlib.metadata as m;"
                           "print(m.version('lmcache'))"], capture_output=True, text=True,
                          cwd=tempfile.gettempdir())  # not this tree's own lmcache metadata
     return out.stdout.strip() or "unknown"

@@ -45,11 +45,11 @@ TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_local_disk_size": v.strict(v.non_negative_float, float),
     "remote_url": v.strict(remote_connector_for, str, None),
     "save_decode_cache": v.strict(v.boolean, bool),
-    "blocking_timeout_secs": v.strict(v.positive_float, float),
-    "lookup_timeout_ms": v.strict(v.positive_int, int),
+    "blocking_timeout_secs": v.strict(v.at_most(v.positive_float, v.MAX_TIMEOUT_S, "s"), float),
+    "lookup_timeout_ms": v.strict(v.at_most(v.positive_int, v.MAX_TIMEOUT_S * 1000, "ms"), int),
     "internal_api_server_enabled": v.strict(v.boolean, bool),
     "internal_api_server_host": v.strict(v.string, str),
-    "internal_api_server_port_start": v.strict(v.integer, int),
+    "internal_api_server_port_start": v.strict(v.port, int),
     "extra_config": v.strict(v.optional_dict, dict, None),  # set by the LMCache translation
 }
 """Top-level LMCache key → parser of its composed value (ints pass where a number is asked)."""
@@ -116,9 +116,11 @@ def check_directory(path: str, key: str = "local_disk") -> None:
     yes to root even on a read-only mount). Nothing is created when ``path`` is missing.
 
     Raises:
-        ValueError: ``path`` is a file; an existing directory where no file can be created;
+        ValueError: ``path`` contains a NUL character or is a file; an existing directory where no file can be created;
             a missing path whose nearest existing parent is a file or not writable.
     """
+    if "\x00" in path:
+        raise ValueError(f"{key}={path!r} contains a NUL character, expected a directory path")
     path = os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{key}={path!r} is a file, expected a directory")

@@ -26,8 +26,8 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "save_unfull_chunk": (v.lmcache_boolean, False),
     "save_decode_cache": (v.lmcache_boolean, False),
     "cache_policy": (v.string, "LRU"),
-    "blocking_timeout_secs": (v.positive_int, 10),
-    "lookup_timeout_ms": (v.positive_int, 3000),
+    "blocking_timeout_secs": (v.at_most(v.positive_int, v.MAX_TIMEOUT_S, "s"), 10),
+    "lookup_timeout_ms": (v.at_most(v.positive_int, v.MAX_TIMEOUT_S * 1000, "ms"), 3000),
     "pre_caching_hash_algorithm": (v.string, "builtin"),
     "extra_config": (v.optional_dict, None),
     # lmcache always prefetches the chunks of slower tiers in the background from lookup time
@@ -36,7 +36,7 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     # lmcache's per-process /health, /conf, /metrics server (lmcache.lmcache_manager)
     "internal_api_server_enabled": (v.lmcache_boolean, False),
     "internal_api_server_host": (v.string, "127.0.0.1"),
-    "internal_api_server_port_start": (v.positive_int, 6999),
+    "internal_api_server_port_start": (v.port, 6999),
 }
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.

@@ -47,13 +47,22 @@ def redact(url: str) -> str:
     return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hosts}"
 
 
+def _check_port(port: str, host: str, option: str) -> None:
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        what = f"port {port!r}" if port else "no port"
+        raise ValueError(f"{host!r} has {what}, expected a port in 1..65535; expected "
+                         f"{URL_FORMS[option]}")
+
+
 def remote_connector_for(url: str) -> str:
     """The ``remote_connector`` option that serves ``url`` (e.g. ``"valkey"`` for
     ``redis://h:6379``).
 
     Raises:
         ValueError: ``url`` is not a string, has no ``scheme://``, an unknown scheme, no host
-            where the connector needs one (``valkey://``), or no path (``fs://``). The message
+            where the connector needs one (``valkey://``), a port that is not a number in
+            1..65535 (none at all for ``lm://``, which has no default port), or no path
+            (``fs://``). The message
             says what was expected; the caller names the key, the url (:func:`redact`) and its
             source.
     """
@@ -68,9 +77,15 @@ def remote_connector_for(url: str) -> str:
     if option in _NEEDS_HOST:
         hosts = rest.rpartition("@")[2].split("/", 1)[0].split("?", 1)[0]
         for host in hosts.split(","):
-            name = host.split("]", 1)[0] if host.startswith("[") else host.split(":", 1)[0]
-            if not name.strip("[ "):
+            if host.startswith("["):
+                name, _, after = host[1:].partition("]")
+                has_port, port = after.startswith(":"), after[1:]
+            else:
+                name, has_port, port = host.partition(":")
+            if not name.strip():
                 raise ValueError(f"the url has no host; expected {URL_FORMS[option]}")
+            if has_port or option == "lm":
+                _check_port(port, host, option)
     elif option == "fs" and not rest:
         raise ValueError(f"the url has no directory; expected {URL_FORMS[option]}")
     return option

@@ -117,6 +117,34 @@ def non_negative_float(value: Any) -> float:
     return result
 
 
+MAX_TIMEOUT_S = 86400
+"""The longest timeout a config may give (one day): far beyond any useful wait, and below what
+``socket.settimeout`` and lock waits accept (larger values raise OverflowError at run time)."""
+
+
+def port(value: Any) -> int:
+    """A TCP port: an integer in 1..65535 (or a string of one)."""
+    result = integer(value)
+    if not 1 <= result <= 65535:
+        raise ValueError(f"expected a TCP port in 1..65535, got {result}")
+    return result
+
+
+def at_most(parser: Callable[[Any], Any], limit: float, unit: str) -> Callable[[Any], Any]:
+    """``parser``, then refuse a result above ``limit`` (``unit`` names it in the message)."""
+    def parse(value: Any) -> Any:
+        result = parser(value)
+        if result > limit:
+            raise ValueError(f"expected at most {_shown(limit)} {unit}, got {_shown(result)}")
+        return result
+
+    return parse
+
+
+def _shown(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def string(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected a non-empty string")

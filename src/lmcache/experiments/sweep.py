@@ -5,10 +5,12 @@ per-round CSV into its own folder ``<sweep dir>/<job number>/``, with one leadin
 swept key (the job's overrides). :class:`SweepReport` is a Hydra callback (registered in the
 experiment YAML under ``hydra.callbacks``); at ``on_multirun_end`` it combines those files:
 
-- ``<sweep dir>/sweep.csv``: every job's per-round rows, its swept keys' columns first;
+- ``<sweep dir>/sweep.csv``: every job's per-round rows, its overrides' columns first;
 - ``<sweep dir>/sweep.png``: median paired speedup per round (error bars p25-p75) and median
   TTFT with lmcache, one line per job (matplotlib, Agg backend);
 - the same rows as a table on stdout and in ``<sweep dir>/sweep.log``.
+
+The table and the plot name only the keys whose value differs between jobs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def read_job_csvs(sweep_dir: str | Path, csv_name: str) -> tuple[list[str], list
             keys += [k for k in lead if k not in keys]
             rows += [{"job": job.name, **r} for r in reader]
     return keys, rows
+
+
+def varying_keys(keys: list[str], rows: list[dict[str, str]]) -> list[str]:
+    """The keys whose value differs between jobs (the table and the plot show only those; the
+    CSV keeps every override)."""
+    return [k for k in keys if len({r.get(k, "") for r in rows}) > 1]
 
 
 def write_sweep_csv(keys: list[str], rows: list[dict[str, str]], path: Path) -> Path:
@@ -148,10 +156,11 @@ class SweepReport(Callback):
             out.print(f"sweep: no job wrote {self.csv_name} under {sweep_dir}", markup=False)
             return
         csv_path = write_sweep_csv(keys, rows, sweep_dir / self.out_csv)
-        png_path = plot(keys, rows, sweep_dir / self.out_plot)
+        swept = varying_keys(keys, rows)
+        png_path = plot(swept, rows, sweep_dir / self.out_plot)
         text = Console(record=True, width=120, file=io.StringIO())
-        text.print(render(keys, rows))
-        out.print(render(keys, rows))
+        text.print(render(swept, rows))
+        out.print(render(swept, rows))
         lines = [f"sweep CSV: {csv_path}", f"sweep plot: {png_path}"]
         for line in lines:
             out.print(line, markup=False)

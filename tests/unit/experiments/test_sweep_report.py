@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from lmcache.experiments import report
 from lmcache.experiments.console import Reporter
-from lmcache.experiments.sweep import SweepReport, read_job_csvs
+from lmcache.experiments.sweep import SweepReport, read_job_csvs, varying_keys
 
 
 def rows(ttft_with):
@@ -23,23 +23,25 @@ def rows(ttft_with):
 
 def test_sweep_combines_jobs(tmp_path, capsys):
     for job, chunk, ttft in (("0", "256", 0.5), ("1", "512", 0.25)):
-        s = [{"chunk_size": chunk, **x} for x in rows(ttft)]
-        report.write_csv(s, tmp_path / job / "long_doc_qa.csv", ["chunk_size", *report.ROUND_COLUMNS])
+        s = [{"chunk_size": chunk, "repeats": "2", **x} for x in rows(ttft)]
+        report.write_csv(s, tmp_path / job / "long_doc_qa.csv",
+                         ["chunk_size", "repeats", *report.ROUND_COLUMNS])
     (tmp_path / "multirun.yaml").write_text("x: 1")  # other files are ignored
     keys, got = read_job_csvs(tmp_path, "long_doc_qa.csv")
-    assert keys == ["chunk_size"] and [r["job"] for r in got] == ["0", "0", "1", "1"]
+    assert keys == ["chunk_size", "repeats"] and [r["job"] for r in got] == ["0", "0", "1", "1"]
+    assert varying_keys(keys, got) == ["chunk_size"]  # repeats=2 in every job
 
     cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
     SweepReport(csv_name="long_doc_qa.csv").on_multirun_end(cfg)
     with (tmp_path / "sweep.csv").open() as f:
         combined = list(csv.DictReader(f))
-    assert list(combined[0])[:3] == ["job", "chunk_size", "round"]
+    assert list(combined[0])[:4] == ["job", "chunk_size", "repeats", "round"]
     assert [(r["chunk_size"], r["round"], r["speedup"]) for r in combined] == [
         ("256", "1", "1"), ("256", "2", "2"), ("512", "1", "1"), ("512", "2", "4")]
     png = (tmp_path / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     out = capsys.readouterr().out
-    assert "4.00x" in out and "2.00x" in out and "512" in out
+    assert "4.00x" in out and "2.00x" in out and "512" in out and "repeats" not in out
     assert f"sweep CSV: {tmp_path / 'sweep.csv'}" in out
     assert f"sweep plot: {tmp_path / 'sweep.png'}" in out
     logged = (tmp_path / "sweep.log").read_text()

@@ -99,7 +99,10 @@ def plot(keys: list[str], rows: list[dict[str, str]], path: Path) -> Path:
     ax_s.set(xlabel="round (1 = cold)", ylabel="speedup (TTFT without / with lmcache)",
              title="median paired speedup, p25-p75")
     ax_t.set(xlabel="round (1 = cold)", ylabel="ms", title="median TTFT with lmcache")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_s, ax_t):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.legend(fontsize="small")
         ax.grid(alpha=0.3)
     fig.tight_layout()

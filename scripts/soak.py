@@ -54,6 +54,7 @@ BLOCKS = 64
 DTYPE = torch.bfloat16
 CHUNK_BYTES = 2 * L * C * H * D * 2
 LEASE_SECS = 3.0
+FAULTS = ("corrupt", "truncate", "delete", "garble_remote", "kill_valkey", "memory")
 
 
 class Soak:
@@ -160,8 +161,9 @@ class Soak:
     def faults(self) -> None:
         rng = random.Random(self.args.seed + 7)
         while not self.stop.wait(rng.uniform(0.2, 0.8)):
-            kind = rng.choice(["corrupt", "truncate", "delete", "garble_remote", "kill_valkey",
-                               "memory"])
+            if not self.args.faults:
+                continue
+            kind = rng.choice(self.args.faults)
             try:
                 getattr(self, f"fault_{kind}")(rng)
                 self.add(faults=1)
@@ -258,7 +260,8 @@ class Soak:
         self.remote.flush(timeout=60) if hasattr(self.remote, "flush") else None
         time.sleep(0.5)  # prefetch reads still landing are released as they arrive
         parts = {"tier_pins": self.pins(), "prefetches": self.sm.num_prefetches,
-                 "lookup_pin_sets": len(self.engine._lookup_pins)}
+                 "lookup_pin_sets": len(self.engine._lookup_pins),
+                 "ledger_pins": len(self.sm.pins)}
         pinned = sum(parts.values())
         if pinned:
             print("pinned at the end:", parts, flush=True)
@@ -296,7 +299,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=4, help="worker threads (default 4)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--valkey-port", type=int, default=0, help="default: a free port")
+    ap.add_argument("--faults", default=",".join(FAULTS),
+                    help=f"comma-separated faults to inject (default all: {','.join(FAULTS)}); "
+                         "'none' for none")
     args = ap.parse_args()
+    args.faults = [] if args.faults == "none" else args.faults.split(",")
+    unknown = sorted(set(args.faults) - set(FAULTS))
+    if unknown:
+        ap.error(f"unknown faults {unknown}; expected some of {FAULTS}")
     if args.minutes <= 0 or args.threads < 1:
         ap.error(f"--minutes must be > 0 and --threads >= 1, got {args.minutes}, {args.threads}")
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")

@@ -142,3 +142,20 @@ def test_unpin_releases_the_pin_in_the_tier_that_took_it(rig):
     assert disk._pins == {} and [cpu.hot_cache[k].get_pin_count() for k in ks] == [1, 1]
     sm.unpin(ks)                                           # B ends
     assert [cpu.hot_cache[k].get_pin_count() for k in ks] == [0, 0]
+
+
+def test_replacing_a_pinned_object_moves_its_pins_once(rig):
+    """X pinned, replaced by Y (pins move), X put back (it was still alive, e.g. a disk tier's
+    pending write): the pins count once, not twice."""
+    sm, cpu, _ = rig
+    k = keys(1)[0]
+    x, y = hog(cpu, 2)
+    cpu.put(k, x)
+    assert cpu.contains(k, pin=True)
+    cpu.put(k, y)
+    assert (x.get_pin_count(), y.get_pin_count()) == (0, 1)
+    cpu.put(k, x)
+    assert (x.get_pin_count(), y.get_pin_count()) == (1, 0)
+    assert cpu.unpin(k) and x.get_pin_count() == 0
+    for obj in (x, y):
+        obj.ref_count_down()

@@ -154,8 +154,8 @@ class LocalCPUBackend(StorageBackendInterface):
             self.hot_cache[key] = obj
             self._held_bytes += need
             if old is not None:
-                for _ in range(old.get_pin_count()):
-                    obj.pin()
+                while old.unpin():  # the pins move (the old object keeps none: it may come
+                    obj.pin()       # back under this key later, e.g. from a disk write)
                 old.ref_count_down()
             self.policy.on_put(key)
 

@@ -57,6 +57,8 @@ BUDGET_WAIT_S = 2.0  # longest wait of a PUT for in-flight budget
 FD_RESERVE = 16  # descriptors kept for the listener, metrics, logs
 
 
+MAX_TIMEOUT_S = 86400  # one day; socket.settimeout overflows far above it
+
 class LMCacheServer:
     """In-memory key → value store served over TCP.
 
@@ -85,9 +87,12 @@ class LMCacheServer:
         if not 0 < max_value_bytes <= min(max_inflight_bytes, MAX_VALUE_BYTES):
             raise ValueError(f"max_value_bytes must be in 1..min(max_inflight_bytes "
                              f"{max_inflight_bytes}, {MAX_VALUE_BYTES}), got {max_value_bytes}")
-        if max_connections < 1 or idle_timeout_s < 0 or read_timeout_s <= 0:
-            raise ValueError(f"need max_connections >= 1, idle_timeout_s >= 0, read_timeout_s "
-                             f"> 0; got {max_connections}, {idle_timeout_s}, {read_timeout_s}")
+        if (max_connections < 1 or not 0 <= idle_timeout_s <= MAX_TIMEOUT_S
+                or not 0 < read_timeout_s <= MAX_TIMEOUT_S):
+            raise ValueError(f"need max_connections >= 1, idle_timeout_s in [0, {MAX_TIMEOUT_S}] "
+                             f"and read_timeout_s in (0, {MAX_TIMEOUT_S}] (sockets refuse longer "
+                             f"timeouts); got {max_connections}, {idle_timeout_s}, "
+                             f"{read_timeout_s}")
         self.host, self.port = host, port
         self.max_value_bytes = int(max_value_bytes)
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -119,8 +124,13 @@ class LMCacheServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((self.host, self.port))
-        self._listener.listen(128)
+        try:
+            self._listener.bind((self.host, self.port))
+            self._listener.listen(128)
+        except OSError as e:
+            self._listener.close()
+            raise OSError(e.errno, f"cannot listen on {self.host}:{self.port}: "
+                                   f"{e.strerror or e}") from None
         self.port = self._listener.getsockname()[1]
         logger.info("lmcache server listening on %s:%d (token %s)", self.host, self.port,
                     "required" if self._token else "off")

@@ -158,6 +158,7 @@ def run_offline(cfg, conv: Conversations, model: str, kv_transfer, say: Reporter
     """Offline mode: the same conversations through vllm.LLM here, one request at a time."""
     from lmcache.experiments.runner import PassEngine
 
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # in-process engine: keep the table clear
     engine = PassEngine({"name": "offline", "model": model, "max_tokens": int(cfg.answer_tokens),
                          "kv_transfer": kv_transfer, "warmup_tokens": 0,
                          "llm": {**OmegaConf.to_container(cfg.vllm, resolve=True),

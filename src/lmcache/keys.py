@@ -11,7 +11,7 @@ String form (LMCache-compatible, see shared/DESIGN.md §4.3)::
   spaces or leading zeros, lowercase hex without ``0x``, known dtype names, nothing trailing;
   anything else is a ValueError that quotes the input.
 
-* ``chunk_hash`` is lowercase hex without ``0x``; a negative hash (LMCache's ``builtin``
+* ``chunk_hash`` is lowercase hex without ``0x``, at most 64 digits; a negative hash (LMCache's ``builtin``
   algorithm) is ``-`` followed by the hex of its magnitude.
 * In the model name and in tag values ``%`` is written ``%25`` and ``@`` is written ``%40``,
   so every name round-trips exactly; ``/`` stays as it is (as in LMCache).
@@ -48,7 +48,9 @@ _NAME_TO_DTYPE: dict[str, torch.dtype] = {
 _DTYPE_TO_NAME: dict[torch.dtype, str] = {v: k for k, v in _NAME_TO_DTYPE.items()}
 
 # Canonical forms only (what to_string writes): no sign, no leading zeros, no spaces, lowercase.
-_HASH_RE = re.compile(r"0|-?[1-9a-f][0-9a-f]*")
+# At most 64 hex digits (256 bits; lmcache's and LMCache's hashes have 64): a longer one is
+# not a hash, and its key could not even be repr'd (int → decimal str is capped at 4300 digits).
+_HASH_RE = re.compile(r"0|-?[1-9a-f][0-9a-f]{0,63}")
 _INT_RE = re.compile(r"0|[1-9][0-9]*")
 _ESCAPE_RE = re.compile(r"%(25|40)?")
 

@@ -192,3 +192,21 @@ def test_dtype_names():
         name_to_dtype("float16")
     with pytest.raises(ValueError):
         dtype_to_name(torch.complex64)
+
+
+def test_a_chunk_hash_of_more_than_64_hex_digits_is_refused():
+    # A 10000-digit "hash" parsed before, and repr() of that key raised ValueError (int → str
+    # is capped at 4300 decimal digits), so logging such a key from a server failed.
+    bad = "m@1@0@" + "f" * 10000 + "@half"
+    with pytest.raises(ValueError) as err:
+        CacheEngineKey.from_string(bad)
+    assert str(err.value) == (f"invalid key string {bad!r}: chunk hash {'f' * 10000!r} is not "
+                              "canonical lowercase hex")
+    with pytest.raises(ValueError, match="is not canonical lowercase hex"):
+        CacheEngineKey.from_string("m@1@0@-" + "1" * 65 + "@half")
+    widest = "m@1@0@-" + "f" * 64 + "@half@3"
+    key = CacheEngineKey.from_string(widest)
+    assert key.chunk_hash == -(16 ** 64 - 1) and key.to_string() == widest
+    assert repr(key).startswith("LayerCacheEngineKey(model_name='m'")
+    lmcache_builtin = CacheEngineKey("m", 1, 0, -(2 ** 63), torch.half)
+    assert CacheEngineKey.from_string(lmcache_builtin.to_string()) == lmcache_builtin

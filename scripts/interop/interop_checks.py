@@ -354,3 +354,7 @@ def check_example_configs(ctx: Ctx) -> list[Row]:
                             f"LMCache {'accepts' if theirs['accepted'] else 'refuses'}, lmcache "
                             f"{'accepts' if ours else 'refuses: ' + why}"))
     return rows
+
+
+# ---- lm:// (its checks live in lm_interop.py and register themselves, group remote) ----------
+import lm_interop  # noqa: E402,F401

@@ -246,6 +246,12 @@ def hash_seed(value: Any) -> str | None:
     vLLM and LMCache seed the prefix-hash chain with a string (``PYTHONHASHSEED``); an int
     is refused rather than guessed at, with a hint to quote it.
     """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("expected a string of Unicode text; it holds a lone surrogate, "
+                             "which cannot be hashed (UTF-8)") from None
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):

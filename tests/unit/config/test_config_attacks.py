@@ -98,3 +98,15 @@ def test_local_disk_with_a_nul_character_is_refused_by_name(tmp_path):
         check_config(compose_config(overrides), None, role="worker")
     assert str(err.value) == (f"local_disk={path!r} contains a NUL character, expected a "
                               "directory path")
+
+
+def test_hash_seed_with_a_lone_surrogate_is_refused_by_name():
+    # Before, the config passed and hashing raised "'utf-8' codec can't encode ..." naming no key.
+    cfg = compose_config([])
+    cfg.hash_seed = "seed\udc80"
+    with pytest.raises(ValueError) as err:
+        check_config(cfg, None, role="scheduler")
+    assert str(err.value) == ("config key hash_seed='seed\\udc80': expected a string of Unicode "
+                              "text; it holds a lone surrogate, which cannot be hashed (UTF-8)")
+    cfg.hash_seed = "é-seed"
+    check_config(cfg, None, role="scheduler")

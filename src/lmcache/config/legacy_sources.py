@@ -54,6 +54,9 @@ def read_yaml(path: str | os.PathLike, named: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ValueError(f"{named} is not valid YAML: {e}") from e
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{named} is not UTF-8 text ({e.reason} at byte {e.start}), "
+                             "expected an LMCache YAML file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -110,3 +110,13 @@ def test_hash_seed_with_a_lone_surrogate_is_refused_by_name():
                               "text; it holds a lone surrogate, which cannot be hashed (UTF-8)")
     cfg.hash_seed = "é-seed"
     check_config(cfg, None, role="scheduler")
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    # Before: a bare UnicodeDecodeError naming neither the file nor LMCACHE_CONFIG_FILE.
+    path = tmp_path / "lmcache.yaml"
+    path.write_bytes(b"chunk_size: 256\n\xff\xfe\x00")
+    with pytest.raises(ValueError) as err:
+        overrides_from_legacy(str(path), {"LMCACHE_CONFIG_FILE": str(path)}, {})
+    assert str(err.value) == (f"LMCACHE_CONFIG_FILE={str(path)!r} is not UTF-8 text (invalid "
+                              "start byte at byte 16), expected an LMCache YAML file")

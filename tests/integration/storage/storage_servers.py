@@ -104,7 +104,17 @@ class LMServerProcess:
             self.proc = None
 
     def pause(self) -> None:
+        """SIGSTOP, and wait until the kernel reports the process stopped (state T): the
+        signal is delivered asynchronously, and a test that acts right after pause() must not
+        race a server that is still running."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    return
+            time.sleep(0.001)
+        raise RuntimeError(f"process {self.proc.pid} did not stop within 5 s of SIGSTOP")
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)

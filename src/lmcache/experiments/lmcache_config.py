@@ -143,12 +143,17 @@ def lmcache_part(cfg: DictConfig) -> dict[str, Any]:
 def kv_transfer_fields(kv: DictConfig, lmcache_overrides: list[str]) -> dict[str, Any]:
     """``KVTransferConfig`` fields from an experiment's ``kv_transfer`` node (``kv_connector``,
     ``kv_connector_module_path``, ``kv_role``, ``kv_load_failure_policy``) with
-    ``kv_connector_extra_config = {"lmcache.overrides": lmcache_overrides}``."""
-    return {"kv_connector": str(kv.kv_connector),
-            "kv_connector_module_path": str(kv.kv_connector_module_path),
-            "kv_role": str(kv.kv_role),
-            "kv_load_failure_policy": str(kv.kv_load_failure_policy),
-            "kv_connector_extra_config": {"lmcache.overrides": list(lmcache_overrides)}}
+    ``kv_connector_extra_config = {"lmcache.overrides": lmcache_overrides}``. A null
+    ``kv_connector_module_path`` is left out, so that vLLM finds the connector by name in its own
+    registry (``kv_connector=LMCacheConnectorV1``, vLLM's built-in LMCache connector)."""
+    fields = {"kv_connector": str(kv.kv_connector),
+              "kv_connector_module_path": str(kv.kv_connector_module_path),
+              "kv_role": str(kv.kv_role),
+              "kv_load_failure_policy": str(kv.kv_load_failure_policy),
+              "kv_connector_extra_config": {"lmcache.overrides": list(lmcache_overrides)}}
+    if kv.kv_connector_module_path is None:
+        del fields["kv_connector_module_path"]
+    return fields
 
 
 def engine_kv_transfer(cfg: DictConfig, choices: Mapping[str, Any], task_overrides: Iterable[str],

@@ -136,3 +136,16 @@ def test_output_check_statuses():
 def test_exit_codes_are_distinct():
     codes = [app.EXIT_OK, app.EXIT_CONFIG, app.EXIT_MISMATCH, app.EXIT_FAILED, app.EXIT_INTERRUPTED]
     assert codes == [0, 2, 3, 4, 130]
+
+
+def test_stock_connector_name_without_module_path():
+    """LMCache's stock form: vLLM's built-in LMCacheConnectorV1 found by name, no module path."""
+    cfg, _ = compose_app(["kv_transfer.kv_connector=LMCacheConnectorV1",
+                          "kv_transfer.kv_connector_module_path=null"])
+    kv = app.kv_transfer_fields(cfg, ["chunk_size=256"])
+    assert kv["kv_connector"] == "LMCacheConnectorV1" and "kv_connector_module_path" not in kv
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    cls = KVConnectorFactory.get_connector_class(KVTransferConfig(**kv))
+    assert cls.__name__ == "LMCacheConnectorV1"

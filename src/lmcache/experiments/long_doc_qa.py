@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from lmcache.experiments import interleave, lmcache_config, report
+from lmcache.experiments.app_exit import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED,  # noqa: F401
+                                          EXIT_MISMATCH, EXIT_OK, exit_after, job_status)
 from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import build_requests, load_documents
 from lmcache.config.compose import register_resolvers
@@ -46,7 +47,6 @@ from lmcache.experiments.tiny_model import TinyModelSpec, ensure_tiny_model
 CONFIG_PATH = "pkg://lmcache.conf"
 CONFIG_NAME = "experiment/long_doc_qa"
 PASSES = ("without_lmcache", "with_lmcache")
-EXIT_OK, EXIT_CONFIG, EXIT_MISMATCH, EXIT_FAILED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 
 log = logging.getLogger(__name__)
 register_resolvers()  # lmcache's OmegaConf resolvers, for --cfg job --resolve too
@@ -210,23 +210,16 @@ def _job(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    try:
+
+    def body() -> int:
         fields = check_config(cfg, hc.runtime.choices, list(hc.overrides.task))
         swept = {}
         if str(hc.mode) == "RunMode.MULTIRUN":
             swept = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in hc.overrides.task
                      if "=" in o}
         return run_experiment(cfg, hc.runtime.output_dir, fields, swept)
-    except (ExperimentConfigError, ValueError) as exc:
-        log.error("configuration error: %s", exc)
-        print(f"long_doc_qa: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one exit status for a failed run
-        log.exception("run failed")
-        print(f"long_doc_qa: run failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+
+    return job_status("long_doc_qa", log, body)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
@@ -238,16 +231,9 @@ def hydra_app(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    """Entry point: run the Hydra app and exit with one status per outcome (module docstring);
-    Hydra's own errors (unknown override, missing ``+``) exit :data:`EXIT_CONFIG`."""
-    _statuses.clear()
-    try:
-        hydra_app()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (1 if exc.code else 0)
-        # the task function never raises, so Hydra exits 1 only for its own config errors
-        sys.exit(EXIT_CONFIG if code == 1 else code)
-    sys.exit(max(_statuses, default=EXIT_OK))
+    """Entry point: run the Hydra app and exit with one status per outcome
+    (:mod:`lmcache.experiments.app_exit`)."""
+    exit_after(hydra_app, _statuses)
 
 
 if __name__ == "__main__":

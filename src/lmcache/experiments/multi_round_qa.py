@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,8 +35,8 @@ from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import load_documents, question_text
 from lmcache.config.compose import register_resolvers
 from lmcache.experiments.lmcache_config import ExperimentConfigError
-from lmcache.experiments.long_doc_qa import (EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK,
-                                             prepare_model)
+from lmcache.experiments.app_exit import EXIT_OK, exit_after, job_status
+from lmcache.experiments.long_doc_qa import prepare_model
 from lmcache.experiments.runner import ENGINE_ENV
 
 CONFIG_PATH = "pkg://lmcache.conf"
@@ -250,7 +249,8 @@ def _job(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    try:
+
+    def body() -> int:
         if str(cfg.mode) not in MODES:
             raise ExperimentConfigError(f"mode={cfg.mode}: expected one of {list(MODES)}")
         for key in ("users", "rounds", "answer_tokens"):
@@ -262,16 +262,8 @@ def _job(cfg: DictConfig) -> int:
             cfg, hc.runtime.choices, list(hc.overrides.task), CONFIG_NAME,
             check_lmcache=bool(cfg.lmcache_enabled))
         return run(cfg, hc.runtime.output_dir, fields if cfg.lmcache_enabled else None)
-    except (ExperimentConfigError, ValueError) as exc:
-        log.error("configuration error: %s", exc)
-        print(f"multi_round_qa: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - one exit status for a failed run
-        log.exception("run failed")
-        print(f"multi_round_qa: run failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+
+    return job_status("multi_round_qa", log, body)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=CONFIG_NAME)
@@ -282,14 +274,8 @@ def hydra_app(cfg: DictConfig) -> int:
 
 
 def main() -> None:
-    """Entry point; exit statuses as :func:`lmcache.experiments.long_doc_qa.main`."""
-    _statuses.clear()
-    try:
-        hydra_app()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (1 if exc.code else 0)
-        sys.exit(EXIT_CONFIG if code == 1 else code)
-    sys.exit(max(_statuses, default=EXIT_OK))
+    """Entry point; exit statuses as in :mod:`lmcache.experiments.app_exit`."""
+    exit_after(hydra_app, _statuses)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,17 @@ if TYPE_CHECKING:
 PAYLOAD_SUFFIX = "kv_bytes"
 METADATA_SUFFIX = "metadata"
 SIDE_SUFFIX = "lmc_meta"
+
+
+def entry_writes(key: str, metadata: bytes, payload: memoryview,
+                 one_key: bool) -> list[tuple[str, Any]]:
+    """The (name, value) SETs of one entry, in write order: the part a reader checks last is
+    written last. Two-key layout (``redis://``): ``<key>kv_bytes`` then ``<key>metadata``;
+    one-key layout (``valkey://``, LMCache's GLIDE connector): the side key ``<key>lmc_meta``
+    then the raw payload under ``<key>``."""
+    if one_key:
+        return [(key + SIDE_SUFFIX, metadata), (key, payload)]
+    return [(key + PAYLOAD_SUFFIX, payload), (key + METADATA_SUFFIX, metadata)]
 TWO_KEY_SCHEMES = ("redis", "rediss", "unix")
 ONE_KEY_SCHEMES = ("valkey", "valkeys")
 SCHEMES = ONE_KEY_SCHEMES + TWO_KEY_SCHEMES
@@ -206,13 +217,8 @@ class ValkeyConnector(RemoteConnector):
 
     def _put(self, key: str, metadata: bytes, payload: Buffer) -> None:
         pipe = self._client.pipeline(transaction=True)
-        view = memoryview(payload).cast("B")
-        if self.one_key:
-            pipe.set(key + SIDE_SUFFIX, metadata)
-            pipe.set(key, view)
-        else:
-            pipe.set(key + PAYLOAD_SUFFIX, view)
-            pipe.set(key + METADATA_SUFFIX, metadata)
+        for name, value in entry_writes(key, metadata, memoryview(payload).cast("B"), self.one_key):
+            pipe.set(name, value)
         pipe.execute()
 
     def _remove(self, key: str) -> bool:

@@ -17,6 +17,7 @@ from lmcache.storage.connectors.valkey import (
     SIDE_SUFFIX,
     TRANSPORT_ERRORS,
     client_options,
+    entry_writes,
     full_chunk_metadata,
     one_key_servable,
 )
@@ -172,13 +173,8 @@ class ValkeyClusterConnector(RemoteConnector):
 
     def _put(self, key: str, metadata: bytes, payload: Buffer) -> None:
         client = self._cluster()
-        view = memoryview(payload).cast("B")
-        if self.one_key:
-            client.set(key + SIDE_SUFFIX, metadata)
-            client.set(key, view)
-        else:
-            client.set(key + PAYLOAD_SUFFIX, view)
-            client.set(key + METADATA_SUFFIX, metadata)
+        for name, value in entry_writes(key, metadata, memoryview(payload).cast("B"), self.one_key):
+            client.set(name, value)
 
     def _remove(self, key: str) -> bool:
         client = self._cluster()

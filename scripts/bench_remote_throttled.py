@@ -20,7 +20,12 @@ the 36-byte metadata included), retrieve ms, speed-up vs naive (naive ms / serde
 utilization (wire bytes / retrieve time / configured rate). Before the table the proxy is
 calibrated with one large raw GET: achieved rate / configured rate.
 
-Usage: ``python scripts/bench_remote_throttled.py [--gbps 1] [--chunks 16] [--repeats 3]``
+``--device cuda`` sets ``serde.device=cuda`` on the compressed serdes (decode arithmetic on
+the GPU, CacheGen's ANS tables by ``csrc/cachegen_ans.cu``; the decoded KV is copied back into
+the CPU MemoryObj the tier returns).
+
+Usage: ``python scripts/bench_remote_throttled.py [--gbps 1] [--chunks 16] [--repeats 3]
+[--device cpu|cuda]``
 """
 
 from __future__ import annotations
@@ -199,7 +204,8 @@ def real_kv_chunks(n_chunks: int, corpus: str) -> tuple[list[torch.Tensor], int,
 
 # ---- one serde through the container ---------------------------------------------------------
 def measure(serde: str, url: str, chunks: list[torch.Tensor], heads: int, head_size: int,
-            repeats: int, proxy: Optional[ThrottledProxy], tag: int) -> dict:
+            repeats: int, proxy: Optional[ThrottledProxy], tag: int, device: str = "cpu",
+            extra: tuple[str, ...] = ()) -> dict:
     from lmcache.config import compose_config
     from lmcache.config.values import override_value
     from lmcache.containers import build_worker_container, shutdown
@@ -213,7 +219,8 @@ def measure(serde: str, url: str, chunks: list[torch.Tensor], heads: int, head_s
     cfg = compose_config([
         f"chunk_size={CHUNK}", "max_local_cpu_size=0.25", "blocking_timeout_secs=120",
         "storage/backends=[local_cpu,remote]", f"serde={serde}", "remote_connector=valkey",
-        "remote_url=" + override_value(url)])
+        "remote_url=" + override_value(url),
+        *([f"serde.device={device}", *extra] if serde != "naive" else [])])
     meta = LMCacheMetadata("lmcache/bench-throttled", 1, 0, torch.bfloat16,
                            (layers, 2, CHUNK, heads, head_size))
     container = build_worker_container(
@@ -282,6 +289,13 @@ def main() -> None:
     p.add_argument("--corpus", default="/usr/share/common-licenses")
     p.add_argument("--serdes", default=",".join(SERDES))
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="serde.device of the compressed serdes: where encode/decode arithmetic "
+                        "runs (cuda: CacheGen's tables decoded by csrc/cachegen_ans.cu; the "
+                        "decoded KV is copied into the CPU MemoryObj)")
+    p.add_argument("--serde-overrides", default="",
+                   help="space-separated overrides for the compressed serdes, e.g. "
+                        "'serde.channel_group=8' (naive gets none)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -306,9 +320,11 @@ def main() -> None:
         rows = {}
         for i, name in enumerate(args.serdes.split(",")):
             thr = measure(name, f"valkey://127.0.0.1:{proxy.port}", chunks, heads, head_size,
-                          args.repeats, proxy, 2 * i + 1)
+                          args.repeats, proxy, 2 * i + 1, args.device,
+                          tuple(args.serde_overrides.split()))
             free = measure(name, f"valkey://127.0.0.1:{server.port}", chunks, heads,
-                           head_size, args.repeats, None, 2 * i + 2)
+                           head_size, args.repeats, None, 2 * i + 2, args.device,
+                           tuple(args.serde_overrides.split()))
             rows[name] = (thr, free)
             print(f"  {name}: throttled {thr['ms']:.1f} ms, direct {free['ms']:.1f} ms",
                   flush=True)
@@ -322,7 +338,8 @@ def main() -> None:
     n = len(chunks)
     print(f"\n{n} chunks, full-hit retrieve (batched_get_blocking, decoded into MemoryObjs), "
           f"median of {args.repeats}; link {args.gbps:g} Gb/s per direction "
-          f"(calibrated {ratio:.3f} x)\n")
+          f"(calibrated {ratio:.3f} x); serde.device={args.device} "
+          f"{args.serde_overrides}\n")
     print("| serde | wire bytes/chunk | x smaller | retrieve ms @ "
           f"{args.gbps:g} Gb/s | speed-up vs naive | link utilization | retrieve ms, "
           "direct (ceiling) | speed-up vs naive, direct | max rel. error |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -10,12 +11,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Sequence
 from typing import Callable, Optional, TypeVar
 
-from lmcache.keys import CacheEngineKey
+from lmcache.keys import CacheEngineKey, LayerCacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating, Serde
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.circuit_breaker import CircuitBreaker
+from lmcache.storage.backends.reservation import Reservation
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.base import RemoteConnector
 
@@ -55,6 +57,10 @@ class RemoteBackend(StorageBackendInterface):
       counts opens, closes, rejected calls and probes. Remote bytes are verified with :mod:`wire_format` (sizes, header, checksum;
       a header whose length disagrees with the payload is a miss) before the Serde copies them
       into memory from ``allocator_backend``.
+    * A prefetch (:meth:`batched_get_non_blocking`) reserves the memory of every read when it
+      starts (a full chunk of the layout each, :class:`Reservation`) and returns futures only
+      for the chunks it could reserve memory for, so a lookup promises only what its retrieve
+      can deliver; "no memory" is counted in ``stats["no_memory"]``, apart from misses.
     * Any remote failure is a miss or a dropped put, never an exception (see RemoteConnector).
       Remote data cannot be pinned (``unpin`` returns False); ``clear`` drops queued puts but
       leaves the shared remote store as it is (other instances may use it).
@@ -140,7 +146,8 @@ class RemoteBackend(StorageBackendInterface):
         self._warned: set[str] = set()
         self.stats = dict.fromkeys(
             ("puts", "put_failures", "dropped_backlog", "hits", "misses", "corrupt",
-             "timeouts", "dropped_open"), 0)
+             "timeouts", "dropped_open", "no_memory"), 0)
+        self._largest_chunk = 0  # bytes of the largest chunk put or read (no layout: reserve)
         self._getters = ThreadPoolExecutor(num_get_workers, thread_name_prefix="lmc-remote-r")
         self._putters = ThreadPoolExecutor(num_put_workers, thread_name_prefix="lmc-remote-w")
 
@@ -223,12 +230,25 @@ class RemoteBackend(StorageBackendInterface):
     def batched_get_non_blocking(
         self, keys: Sequence[CacheEngineKey]
     ) -> list["Future[Optional[MemoryObj]]"]:
-        """One future per key, fetched in parallel; each result as from get_blocking (the
-        caller owns each non-None result, see :func:`release_when_done`)."""
-        return [self._submit_get(k) for k in keys]
+        """Futures of the chunks, fetched in parallel; each result as from get_blocking (the
+        caller owns each non-None result, see :func:`release_when_done`).
+
+        The memory of each read is reserved now, in key order (a :class:`Reservation` of a
+        full chunk of the layout): when it runs out, futures are returned only for the chunks
+        before (fewer futures than keys; counted in ``stats["no_memory"]``, not as misses).
+        A reservation is freed however its read ends (miss, corrupt, error, cancelled) or
+        owned by the chunk read into it."""
+        futures = []
+        for key in keys:
+            future = self._submit_get(key, reserve=True)
+            if future is None:
+                break
+            futures.append(future)
+        return futures
 
     def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
-        """Fetches all keys in parallel under one deadline of ``blocking_timeout_secs``."""
+        """Fetches all keys in parallel under one deadline of ``blocking_timeout_secs`` (None
+        for chunks no memory could be reserved for)."""
         futures = self.batched_get_non_blocking(keys)
         deadline = time.monotonic() + self.blocking_timeout_secs
         results = []
@@ -237,9 +257,21 @@ class RemoteBackend(StorageBackendInterface):
             if result is None and not future.done():
                 release_when_done(future)
             results.append(result)
-        return results
+        return results + [None] * (len(keys) - len(results))
 
-    def _submit_get(self, key: CacheEngineKey) -> "Future[Optional[MemoryObj]]":
+    def _reserve_bytes(self, key: CacheEngineKey) -> int:
+        """Bytes to reserve for reading ``key``: a full chunk of the layout (one layer's for a
+        LayerCacheEngineKey); without a layout the largest chunk this tier has seen (0: none
+        yet, the read allocates when it runs)."""
+        if self.layout is not None and self.layout.chunk_size > 0:
+            shape, _ = self.layout.full_chunk(layerwise=isinstance(key, LayerCacheEngineKey))
+            return math.prod(shape) * self.layout.kv_dtype.itemsize
+        return self._largest_chunk
+
+    def _submit_get(self, key: CacheEngineKey, reserve: bool = False
+                    ) -> "Optional[Future[Optional[MemoryObj]]]":
+        """The read of ``key`` on the getter pool; with ``reserve`` its memory is reserved now
+        (None when there is no room: counted in ``no_memory``)."""
         obj = self._pending.get(key)
         if obj is not None:
             try:
@@ -250,16 +282,34 @@ class RemoteBackend(StorageBackendInterface):
                 return done
             except RuntimeError:  # the upload finished and released it just now
                 pass
+        reservation: Optional[Reservation] = None
         try:
             if self._closed or self.breaker.reject():
                 raise RuntimeError("closed or breaker open")
-            return self._getters.submit(self._fetch, key)
+            nbytes = self._reserve_bytes(key) if reserve else 0
+            if nbytes > 0:
+                reservation = Reservation.reserve(self.allocator_backend, nbytes)
+                if reservation is None:
+                    self._no_memory()
+                    return None
+            future = self._getters.submit(self._fetch, key, reservation)
         except RuntimeError:
+            if reservation is not None:
+                reservation.release()
             missed: Future = Future()
             missed.set_result(None)
             return missed
+        if reservation is not None:  # frees the block unless the chunk owns it (any ending)
+            future.add_done_callback(lambda _f, r=reservation: r.release())
+        return future
 
-    def _fetch(self, key: CacheEngineKey) -> Optional[MemoryObj]:
+    def _no_memory(self) -> None:
+        self.stats["no_memory"] += 1
+        self._warn_once("no_memory", "no memory to read remote chunks into (counted in "
+                        "no_memory, not as misses)")
+
+    def _fetch(self, key: CacheEngineKey,
+               reservation: Optional[Reservation] = None) -> Optional[MemoryObj]:
         raw = self.connector.get(key.to_string())
         if raw is None:
             self.stats["misses"] += 1
@@ -268,12 +318,16 @@ class RemoteBackend(StorageBackendInterface):
         try:
             meta = wf.verify_payload(metadata, payload, self.connector.max_payload_bytes,
                                      key.to_string(), self.layout)
-            obj = self.serde.deserialize(meta, payload, self.allocator_backend)
+            obj = self.serde.deserialize(meta, payload, reservation or self.allocator_backend)
         except ValueError as e:
             self.stats["corrupt"] += 1
             self._warn_once("corrupt", "remote chunk %s rejected (%s); a miss", key, e)
             return None
-        self.stats["hits" if obj is not None else "misses"] += 1
+        if obj is None:
+            self._no_memory()
+            return None
+        self.stats["hits"] += 1
+        self._largest_chunk = max(self._largest_chunk, obj.nbytes)
         return obj
 
     # ---- writes --------------------------------------------------------------------------
@@ -293,6 +347,7 @@ class RemoteBackend(StorageBackendInterface):
                 return
             obj.ref_count_up()
             self._pending[key] = obj
+            self._largest_chunk = max(self._largest_chunk, obj.nbytes)
         self._putters.submit(self._upload, key, obj)
 
     def _upload(self, key: CacheEngineKey, obj: MemoryObj) -> None:

@@ -1,0 +1,163 @@
+"""Blender: CacheBlend's selective recompute over reused K/V (LMCache's ``LMCBlender``).
+
+A prompt made of segments cached separately (documents computed alone, at other positions) has,
+after re-positioning (:class:`~lmcache.blend.rotary.FusedRotaryEmb`), K/V that lack the
+cross-attention between segments. CacheBlend fixes the tokens that matter most:
+
+1. Layers ``0 .. c`` (``c`` = the check layer, ``blend_check_layers``) are computed for all
+   tokens; their K/V are the fresh ones (layer 0's K depends only on token and position, so this
+   costs what LMCache's layer-0 recompute costs, and those layers come out exact).
+2. At layer ``c`` each token's deviation ``sum((k_fresh - k_cached)**2)`` is measured and the
+   top ``blend_recompute_ratios`` fraction of the cached tokens, plus every token without a
+   cache, is selected (:func:`~lmcache.blend.selection.select_recompute_tokens`).
+3. Layers after ``c`` compute only the selected tokens: their fresh K/V replace the cached rows,
+   and their queries attend causally over the whole combined K/V of the layer.
+
+Gaps: LMCache zeroes the K/V of tokens no retrieved chunk covers (the separators between
+segments) before blending and relies on the top-k to pick them. Here those rows (``uncached``)
+are zeroed in the caller's buffers too, and always selected, so the output never holds zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional, Union
+
+import torch
+
+from lmcache.blend.layerwise_model import LayerwiseModel, check_tokens
+from lmcache.blend.selection import k_deviation, num_recomputed, select_recompute_tokens
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class Blender:
+    """Blends cached per-layer K/V with a selective recompute, layer by layer.
+
+    Args:
+        model: the :class:`LayerwiseModel` over the worker's vLLM model (its weights, its
+            ``fused_rotary_emb`` for re-positioning cached K before a blend).
+        blend_check_layers: the layer(s) where tokens are selected; LMCache's list form with
+            one layer in ``[0, num_layers)`` (or an int). Default ``[1]``.
+        blend_recompute_ratios: fraction in ``[0, 1]`` of the cached tokens recomputed after
+            the check layer; a list with one value (LMCache uses the first) or a float.
+
+    Raises:
+        ValueError: more or less than one check layer, a layer out of range, a ratio outside
+            [0, 1], or a ratio list of another length (all named).
+    """
+
+    def __init__(self, model: LayerwiseModel,
+                 blend_check_layers: Union[int, Sequence[int]] = (1,),
+                 blend_recompute_ratios: Union[float, Sequence[float]] = (0.15,)) -> None:
+        layers = [blend_check_layers] if isinstance(blend_check_layers, int) else list(
+            blend_check_layers)
+        ratios = ([blend_recompute_ratios] if isinstance(blend_recompute_ratios, (int, float))
+                  else list(blend_recompute_ratios))
+        if len(layers) != 1 or isinstance(layers[0], bool) or not isinstance(layers[0], int):
+            raise ValueError(f"blend_check_layers must hold exactly one layer index, got "
+                             f"{blend_check_layers!r} (several check layers are not supported)")
+        if not 0 <= layers[0] < model.num_layers:
+            raise ValueError(f"blend_check_layers={layers} is outside the model's layers "
+                             f"0..{model.num_layers - 1}")
+        if len(ratios) != 1:
+            raise ValueError(f"blend_recompute_ratios must hold one ratio per check layer "
+                             f"({len(layers)}), got {blend_recompute_ratios!r}")
+        num_recomputed(0, ratios[0])  # validates the ratio
+        self.model, self.check_layer, self.ratio = model, layers[0], float(ratios[0])
+        #: indices (int64, ascending) of the tokens the last blend recomputed after the check
+        #: layer; None before the first blend.
+        self.last_recomputed: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_vllm_model(cls, vllm_model: Any, blend_check_layers: Union[int, Sequence[int]] = (1,),
+                        blend_recompute_ratios: Union[float, Sequence[float]] = (0.15,)
+                        ) -> "Blender":
+        """A Blender over ``LayerwiseModel(vllm_model)`` (ValueError for unsupported models)."""
+        return cls(LayerwiseModel(vllm_model), blend_check_layers, blend_recompute_ratios)
+
+    @torch.inference_mode()
+    def blend_layerwise(self, token_ids: Union[torch.Tensor, list[int]],
+                        cached_kv: Sequence[KV], uncached: Optional[torch.Tensor] = None,
+                        positions: Optional[torch.Tensor] = None) -> Iterator[tuple[int, KV]]:
+        """Blend layer by layer; yields ``(layer_id, (k, v))`` as soon as each layer is done.
+
+        Args:
+            token_ids: int64 ``[T]``: the whole context the attention sees (the prompt from its
+                first token); on any device.
+            cached_kv: indexable by layer id; ``cached_kv[i]`` is ``(k, v)``, each
+                ``[T, kv_size]`` in the model's dtype on its device, K already re-positioned
+                to ``positions``. It is read only from the check layer on, one layer at a
+                time, so a lazy sequence can load layers on demand. Rows of ``uncached``
+                tokens are ignored. **Modified in place** from the layer after the check
+                layer (uncached rows zeroed, recomputed rows overwritten) and yielded.
+            uncached: bool ``[T]``, True = no cache for that token (separators, new text);
+                None = every token cached.
+            positions: int64 ``[T]`` strictly increasing; None = ``0..T-1``.
+
+        Yields:
+            ``(i, (k_i, v_i))`` for ``i = 0 .. num_layers-1``, ``[T, kv_size]`` each: fresh K/V
+            up to the check layer, the combined K/V after it — what the connector writes into
+            vLLM's paged KV for these tokens.
+
+        Raises:
+            ValueError: bad tokens/positions/mask, or a cached layer of the wrong shape,
+                dtype or device (named).
+        """
+        m = self.model
+        ids, pos = check_tokens(token_ids, positions, m.device)
+        n = ids.numel()
+        if uncached is None:
+            uncached = torch.zeros(n, dtype=torch.bool, device=m.device)
+        if not isinstance(uncached, torch.Tensor) or uncached.shape != (n,) or (
+                uncached.dtype != torch.bool):
+            raise ValueError(f"uncached must be a bool tensor of shape ({n},), got "
+                             f"{getattr(uncached, 'shape', uncached)!r}")
+        uncached = uncached.to(m.device)
+        hidden, residual = m.embed(ids), None
+        sel_pos = pos
+        selected: Optional[torch.Tensor] = None
+        for i in range(m.num_layers):
+            if selected is not None and not selected.numel():  # pure reuse from here on
+                yield i, self._cached(cached_kv, i, n)
+                continue
+            q, k, v, residual = m.qkv(i, hidden, residual, sel_pos)
+            if i < self.check_layer:
+                kv = (k, v)
+                attn = m.attention(i, q, pos, k, v, pos)
+            elif i == self.check_layer:
+                old_k, _ = self._cached(cached_kv, i, n)
+                selected = select_recompute_tokens(k_deviation(k, old_k), uncached, self.ratio)
+                self.last_recomputed = selected
+                kv = (k, v)
+                sel_pos, q, residual = pos[selected], q[selected], residual[selected]
+                attn = m.attention(i, q, sel_pos, k, v, pos)
+            else:
+                old_k, old_v = self._cached(cached_kv, i, n)
+                old_k[uncached] = 0
+                old_v[uncached] = 0
+                old_k[selected] = k
+                old_v[selected] = v
+                kv = (old_k, old_v)
+                attn = m.attention(i, q, sel_pos, old_k, old_v, pos)
+            yield i, kv
+            if i + 1 < m.num_layers and sel_pos.numel():
+                hidden, residual = m.finish(i, attn, residual)
+
+    def blend(self, token_ids: Union[torch.Tensor, list[int]], cached_kv: Sequence[KV],
+              uncached: Optional[torch.Tensor] = None,
+              positions: Optional[torch.Tensor] = None) -> list[KV]:
+        """All layers of :meth:`blend_layerwise` as a list ``[(k_i, v_i), ...]``."""
+        return [kv for _, kv in self.blend_layerwise(token_ids, cached_kv, uncached, positions)]
+
+    def _cached(self, cached_kv: Sequence[KV], layer_id: int, n: int) -> KV:
+        k, v = cached_kv[layer_id]
+        m = self.model
+        for name, t in (("k", k), ("v", v)):
+            if (not isinstance(t, torch.Tensor) or t.shape != (n, m.kv_size)
+                    or t.dtype != m.dtype or t.device != m.device):
+                raise ValueError(
+                    f"cached_kv[{layer_id}] {name} must be [{n}, {m.kv_size}] {m.dtype} on "
+                    f"{m.device}, got {getattr(t, 'shape', t)!r} {getattr(t, 'dtype', '')} "
+                    f"{getattr(t, 'device', '')}")
+        return k, v

@@ -1,0 +1,157 @@
+"""Blender + LayerwiseModel on a plain-torch model with vLLM's attribute names (no vLLM needed).
+
+Runs on CPU; the same tests run on CUDA (marker ``gpu``) on the device. The vLLM model objects
+are exercised in tests/integration/blend/test_blender_vllm.py.
+"""
+
+import types
+
+import pytest
+import torch
+
+from blend_torch_model import build
+from lmcache.blend.blender import Blender
+from lmcache.blend.layerwise_model import LayerwiseModel
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])]
+ARCHS = ["LlamaForCausalLM", "Qwen3ForCausalLM"]
+T = 48
+
+
+def _tol(dtype):
+    return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+
+
+def _setup(arch, device, dtype=torch.float32):
+    model = LayerwiseModel(build(arch, dtype=dtype, device=device))
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (T,), generator=gen).to(device)
+    return model, ids
+
+
+def _clone(kvs):
+    return [(k.clone(), v.clone()) for k, v in kvs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_one_equals_full_prefill_whatever_the_cache(arch, device):
+    model, ids = _setup(arch, device)
+    full = model.prefill(ids)
+    garbage = [(torch.randn_like(k) * 5, torch.randn_like(v) * 5) for k, v in full]
+    out = Blender(model, [1], [1.0]).blend(ids, garbage)
+    assert len(out) == model.num_layers
+    for (k, v), (fk, fv) in zip(out, full):
+        torch.testing.assert_close(k, fk, **_tol(k.dtype))
+        torch.testing.assert_close(v, fv, **_tol(k.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ratio_zero_with_same_context_cache_returns_the_cache(arch, device):
+    model, ids = _setup(arch, device)
+    cache = model.prefill(ids)
+    blender = Blender(model, 1, 0.0)
+    out = blender.blend(ids, _clone(cache))
+    assert blender.last_recomputed.numel() == 0
+    for (k, v), (ck, cv) in zip(out, cache):
+        torch.testing.assert_close(k, ck, **_tol(k.dtype))
+        torch.testing.assert_close(v, cv, **_tol(k.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selected_tokens_are_recomputed_and_the_rest_kept(device):
+    model, ids = _setup("LlamaForCausalLM", device)
+    full = model.prefill(ids)
+    # a cache that is exact except at tokens 5, 20, 33 (K of layer >= 1 perturbed)
+    cache = _clone(full)
+    bad = torch.tensor([5, 20, 33])
+    for k, v in cache[1:]:
+        k[bad] += 3.0
+        v[bad] -= 3.0
+    uncached = torch.zeros(T, dtype=torch.bool, device=device)
+    uncached[[10, 11]] = True       # e.g. a separator: zeroed in the cache, always recomputed
+    for k, v in cache:
+        k[uncached] = 0
+        v[uncached] = 0
+    blender = Blender(model, [1], [3 / (T - 2)])   # 3 of the 46 cached tokens
+    seen = []
+
+    class Lazy:
+        def __getitem__(self, i):
+            seen.append(i)
+            return cache[i]
+
+    out = []
+    for i, kv in blender.blend_layerwise(ids, Lazy(), uncached):
+        out.append(kv)
+        assert len(seen) == max(0, i)  # cached layer i read only when layer i is blended
+    assert seen == [1, 2, 3]
+    assert blender.last_recomputed.tolist() == [5, 10, 11, 20, 33]
+    assert out[2][0] is cache[2][0]       # combined in place in the caller's buffers
+    for k, v in out[2:]:
+        assert k[[10, 11]].abs().sum() > 0       # no zero gap left
+    # the perturbed tokens were the only wrong cached ones: the blend is the full prefill
+    for (k, v), (fk, fv) in zip(out, full):
+        torch.testing.assert_close(k, fk, **_tol(k.dtype))
+        torch.testing.assert_close(v, fv, **_tol(k.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_positions_shift_rope_and_match_a_prefill_at_those_positions(device):
+    model, ids = _setup("Qwen3ForCausalLM", device)
+    pos = torch.arange(T, device=device) + 100
+    at100 = model.prefill(ids, pos)
+    at0 = model.prefill(ids)
+    assert not torch.allclose(at100[0][0], at0[0][0])
+    moved = at0[0][0].clone()
+    model.fused_rotary_emb(torch.arange(T), pos, moved)   # layer 0 K: token + position only
+    torch.testing.assert_close(moved, at100[0][0], atol=1e-4, rtol=1e-4)
+    out = Blender(model, [1], [1.0]).blend(ids, _clone(at0), positions=pos)
+    torch.testing.assert_close(out[3][1], at100[3][1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_model_blends_in_its_dtype(device):
+    model, ids = _setup("LlamaForCausalLM", device, torch.bfloat16)
+    full = model.prefill(ids)
+    out = Blender(model, [1], [1.0]).blend(ids, _clone(full))
+    assert out[3][0].dtype == torch.bfloat16
+    torch.testing.assert_close(out[3][0], full[3][0], **_tol(torch.bfloat16))
+
+
+def test_unsupported_architecture_is_refused_by_name():
+    with pytest.raises(ValueError, match="'GPT2LMHeadModel'.*supported"):
+        LayerwiseModel(build("GPT2LMHeadModel"))
+
+
+def test_unrepositionable_rope_and_sliding_window_are_refused():
+    m = build()
+    m.config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*'yarn'"):
+        LayerwiseModel(m)
+    m = build("Qwen3ForCausalLM")
+    m.model.layers[2].self_attn.attn = types.SimpleNamespace(sliding_window=128)
+    with pytest.raises(ValueError, match="Qwen3ForCausalLM: layer 2 uses sliding-window"):
+        LayerwiseModel(m)
+
+
+def test_bad_blender_arguments_are_refused():
+    model, ids = _setup("LlamaForCausalLM", "cpu")
+    with pytest.raises(ValueError, match="outside the model's layers 0..3"):
+        Blender(model, [4], [0.1])
+    with pytest.raises(ValueError, match="exactly one layer"):
+        Blender(model, [1, 2], [0.1, 0.1])
+    with pytest.raises(ValueError, match="ratio"):
+        Blender(model, [1], [1.5])
+    with pytest.raises(ValueError, match="one ratio per check layer"):
+        Blender(model, [1], [0.1, 0.2])
+    blender = Blender(model, [1], [0.1])
+    cache = model.prefill(ids)
+    with pytest.raises(ValueError, match=r"cached_kv\[1\] k must be \[48, 32\]"):
+        blender.blend(ids, [(k[:10], v) for k, v in cache])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        blender.blend(ids, cache, positions=torch.arange(T).flip(0))
+    with pytest.raises(ValueError, match="uncached must be a bool tensor"):
+        blender.blend(ids, cache, uncached=torch.zeros(T))

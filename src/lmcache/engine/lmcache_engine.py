@@ -86,7 +86,8 @@ class LMCacheEngine:
         self.fmt = MemoryFormat.KV_MLA_FMT if metadata.use_mla else MemoryFormat.KV_2LTD
         self.is_layerwise = is_layerwise(gpu_connector)
         self._layerwise = LayerwisePath(self) if self.is_layerwise else None
-        self.stats = LMCStatsMonitor(metadata.model_name, metadata.worker_id)
+        self.stats = LMCStatsMonitor(metadata.model_name, metadata.worker_id,
+                                     getattr(storage_manager, "tier_stats", None))
         self._lookup_pins: dict[object, list[CacheEngineKey]] = {}
         self._pin_expiry: OrderedDict[object, float] = OrderedDict()  # lookup_id -> deadline
         self._inflight: dict[object, object] = {}  # lookup_id -> token of the running lookup

@@ -4,15 +4,20 @@ Each monitor owns its own ``prometheus_client.CollectorRegistry`` (so several en
 process, and tests, never collide); serve it with e.g.
 ``prometheus_client.start_http_server(port, registry=monitor.registry)``. Metric names follow
 LMCache's (``lmcache_`` prefix; counters are exported with Prometheus' ``_total`` suffix).
-Every metric carries the labels ``model_name`` and ``worker_id``.
+Every metric carries the labels ``model_name`` and ``worker_id``. Given the storage manager's
+:class:`~lmcache.observability.tier_stats.TierStats`, the registry also holds the per-tier
+series (``lmcache_tier_*``, label ``tier``).
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from typing import Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from lmcache.observability.tier_stats import TierCollector, TierStats
 
 # name -> help text; units are tokens unless the name says otherwise.
 COUNTERS = {
@@ -47,15 +52,19 @@ class LMCStatsMonitor:
     Args:
         model_name: label value ``model_name``.
         worker_id: label value ``worker_id``.
+        tier_stats: the storage tiers' TierStats (``StorageManager.tier_stats``), exported
+            through this registry too; None: no per-tier series.
 
     Attributes:
         registry: the monitor's own CollectorRegistry.
+        tier_stats: the TierStats given, or None.
     """
 
     _live: "weakref.WeakSet[LMCStatsMonitor]" = weakref.WeakSet()
     _live_lock = threading.Lock()
 
-    def __init__(self, model_name: str = "", worker_id: int = 0) -> None:
+    def __init__(self, model_name: str = "", worker_id: int = 0,
+                 tier_stats: Optional[TierStats] = None) -> None:
         with LMCStatsMonitor._live_lock:
             LMCStatsMonitor._live.add(self)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -73,6 +82,11 @@ class LMCStatsMonitor:
             self._metrics[name] = metric.labels(**self.labels)
         self._pending: dict[str, list[float]] = {name: [] for name in HISTOGRAMS}
         self._pending_lock = threading.Lock()
+        if tier_stats is not None and not isinstance(tier_stats, TierStats):
+            raise TypeError(f"tier_stats must be a TierStats, got {type(tier_stats).__name__}")
+        self.tier_stats = tier_stats
+        if tier_stats is not None:
+            self.registry.register(TierCollector(tier_stats, self.labels))
 
     def inc(self, name: str, amount: float = 1) -> None:
         """Add ``amount`` (>= 0) to counter ``name`` (a key of COUNTERS). KeyError if unknown."""

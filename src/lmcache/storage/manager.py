@@ -12,6 +12,7 @@ import torch
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
+from lmcache.observability.tier_stats import TierStats
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.event_manager import EventManager
@@ -71,6 +72,8 @@ class StorageManager:
         blocking_timeout_secs: how long a retrieve waits in all for the prefetched chunks it
             needs, > 0; None → the largest ``blocking_timeout_secs`` of the tiers, else 10 s.
         prefetcher: the lookup prefetch (default: a new Prefetcher over ``event_manager``).
+        tier_stats: records each tier's lookups, reads and writes (default: a new TierStats;
+            :mod:`lmcache.observability.tier_stats`).
 
     Attributes:
         stats (property): ``prefetch_chunks`` (prefetches started), ``prefetch_hits``
@@ -90,6 +93,7 @@ class StorageManager:
         event_manager: Optional[EventManager] = None,
         blocking_timeout_secs: Optional[float] = None,
         prefetcher: Optional[Prefetcher] = None,
+        tier_stats: Optional[TierStats] = None,
     ) -> None:
         self.backends: list[StorageBackendInterface] = list(backends)
         if allocator_backend is None:
@@ -110,7 +114,9 @@ class StorageManager:
         self.blocking_timeout_secs = float(blocking_timeout_secs)
         self.prefetcher = prefetcher if prefetcher is not None else Prefetcher(event_manager)
         self.event_manager = self.prefetcher.event_manager
-        self.reader = TierReader(self.backends, allocator_backend, self._write_back)
+        self.tier_stats = tier_stats if tier_stats is not None else TierStats(self.backends)
+        self.reader = TierReader(self.backends, allocator_backend, self._write_back,
+                                 self.tier_stats)
         self.pins = PinLedger()
 
     @property
@@ -189,7 +195,9 @@ class StorageManager:
             for backend in targets:
                 try:
                     backend.link_prefix(keys, prefix_parent)
+                    t0 = time.perf_counter()
                     backend.batched_put(keys, objs)
+                    self.tier_stats.write(backend, objs, time.perf_counter() - t0)
                 except Exception as e:  # noqa: BLE001 - a failing tier costs hits only
                     self._tier_error(backend, "batched_put", e)
         finally:
@@ -237,11 +245,14 @@ class StorageManager:
         owners = self._prefix_owners(keys, pin, tiers, lookup_id)
         if lookup_id is not None:
             count = self.prefetcher.start(lookup_id, keys, owners, self.allocator_backend,
-                                          self.reader.put_back, self._tier_error)
+                                          self.reader.put_back, self._tier_error,
+                                          self.tier_stats.track_reads)
             if pin:
                 for key, owner in zip(keys[count:], owners[count:]):
                     self._unpin_key(key, lookup_id)
             owners = owners[:count]
+        if pin:  # a lookup (vLLM's scheduler pins), not a store's check: per-tier hit rates
+            self.tier_stats.lookup(tiers, owners, len(keys))
         return len(owners)
 
     def get_block_mapping(self, keys: Sequence[CacheEngineKey],

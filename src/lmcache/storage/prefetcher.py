@@ -35,6 +35,7 @@ from lmcache.storage.event_manager import EventManager, EventType
 
 WriteBack = Callable[[CacheEngineKey, MemoryObj], None]
 TierError = Callable[[StorageBackendInterface, str, Exception], None]
+OnRead = Callable[[StorageBackendInterface, Sequence[Future], float], None]
 
 
 def _write_back_then_complete(write_back: WriteBack, key: CacheEngineKey, done: Future,
@@ -82,10 +83,13 @@ class Prefetcher:
     def start(self, lookup_id: Hashable, keys: Sequence[CacheEngineKey],
               owners: Sequence[StorageBackendInterface],
               skip: Optional[StorageBackendInterface], write_back: WriteBack,
-              tier_error: TierError) -> int:
+              tier_error: TierError, on_read: Optional[OnRead] = None) -> int:
         """Start the background gets of ``keys[i]`` from ``owners[i]`` (runs of one tier; tiers
         that are ``skip`` or cannot fetch in the background are not prefetched), replacing an
         earlier prefetch under ``lookup_id``.
+
+        ``on_read(backend, futures, started)``, when given, is told of each background read
+        (``started``: time.perf_counter() before the tier call; per-tier metrics).
 
         Returns how many leading chunks stay promised: all, unless a tier failed to start its
         gets (``tier_error`` is called) or reserved memory for fewer of them.
@@ -109,6 +113,7 @@ class Prefetcher:
                 continue
             run = list(keys[i:j])
             try:
+                t0 = time.perf_counter()
                 futures = list(fetch(run))
                 if len(futures) > len(run):
                     raise RuntimeError(f"{len(futures)} futures for {len(run)} keys")
@@ -116,6 +121,8 @@ class Prefetcher:
                 tier_error(backend, "batched_get_non_blocking", e)
                 count = i
                 break
+            if on_read is not None:
+                on_read(backend, futures, t0)
             for key, future in zip(run, futures):
                 done: Future = Future()
                 future.add_done_callback(partial(_write_back_then_complete, write_back, key,

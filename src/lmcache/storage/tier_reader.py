@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Optional
 
@@ -36,6 +37,7 @@ class TierReader:
         allocator_backend: the tier allocating read memory (its ``num_failed_allocations``
             tells a miss for want of memory from a broken entry), or None.
         write_back: whether :meth:`put_back` puts into the allocator_backend.
+        tier_stats: records each read (a TierStats), or None.
 
     Attributes:
         counters: ``repaired_entries``, ``rejected_objects``, ``write_back_errors``.
@@ -43,10 +45,12 @@ class TierReader:
     """
 
     def __init__(self, backends: Sequence[StorageBackendInterface],
-                 allocator_backend: Optional[StorageBackendInterface], write_back: bool) -> None:
+                 allocator_backend: Optional[StorageBackendInterface], write_back: bool,
+                 tier_stats=None) -> None:
         self.backends = list(backends)
         self.allocator_backend = allocator_backend
         self.write_back = write_back
+        self.tier_stats = tier_stats
         self.counters = dict.fromkeys(("repaired_entries", "rejected_objects",
                                        "write_back_errors"), 0)
         self.num_tier_errors = 0
@@ -97,10 +101,13 @@ class TierReader:
                   keys: Sequence[CacheEngineKey]) -> Optional[list[Optional[MemoryObj]]]:
         """The tier's objects for ``keys`` (None for each miss); None when the call raised."""
         try:
+            t0 = time.perf_counter()
             objs = list(backend.batched_get_blocking(keys))
         except Exception as e:  # noqa: BLE001
             self.tier_error(backend, "batched_get_blocking", e)
             return None
+        if self.tier_stats is not None:
+            self.tier_stats.read(backend, objs[:len(keys)], time.perf_counter() - t0)
         for extra in objs[len(keys):]:  # a tier that returned too many: keep nothing extra
             if extra is not None:
                 extra.ref_count_down()
@@ -110,10 +117,13 @@ class TierReader:
                  ) -> tuple[Optional[MemoryObj], Optional[StorageBackendInterface]]:
         for backend in tiers:
             try:
+                t0 = time.perf_counter()
                 obj = backend.get_blocking(key)
             except Exception as e:  # noqa: BLE001
                 self.tier_error(backend, "get_blocking", e)
                 continue
+            if self.tier_stats is not None:
+                self.tier_stats.read(backend, [obj], time.perf_counter() - t0)
             if obj is not None:
                 return obj, backend
         return None, None

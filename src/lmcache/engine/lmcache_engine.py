@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 
+from lmcache.engine.blend_retriever import BlendRetriever, is_blend_connector
 from lmcache.engine.layerwise import LayerwisePath, drain, is_layerwise
 from lmcache.gpu_connector.base import GPUConnectorInterface
 from lmcache.keys import CacheEngineKey
@@ -86,6 +87,7 @@ class LMCacheEngine:
         self.fmt = MemoryFormat.KV_MLA_FMT if metadata.use_mla else MemoryFormat.KV_2LTD
         self.is_layerwise = is_layerwise(gpu_connector)
         self._layerwise = LayerwisePath(self) if self.is_layerwise else None
+        self._blend = BlendRetriever(self) if is_blend_connector(gpu_connector) else None
         self.stats = LMCStatsMonitor(metadata.model_name, metadata.worker_id,
                                      getattr(storage_manager, "tier_stats", None))
         self._lookup_pins: dict[object, list[CacheEngineKey]] = {}
@@ -112,6 +114,8 @@ class LMCacheEngine:
         """
         if self._layerwise is not None:
             return drain(self.store_layer(tokens, mask, **kwargs))
+        if self._blend is not None:
+            return self._blend.store(tokens, mask, kwargs)
         t0 = time.perf_counter()
         xfer, chunks = self._begin("store", tokens, mask, kwargs)
         store_location = kwargs.get("store_location")  # only that tier is checked and written
@@ -196,6 +200,8 @@ class LMCacheEngine:
         """
         if self._layerwise is not None:
             return drain(self.retrieve_layer(tokens, mask, **kwargs))
+        if self._blend is not None:
+            return self._blend.retrieve(tokens, mask, kwargs)
         t0 = time.perf_counter()
         lookup_id = kwargs.get("lookup_id", kwargs.get("req_id"))
         try:
@@ -260,6 +266,27 @@ class LMCacheEngine:
         or None), the last yields the ret_mask. Arguments as :meth:`retrieve`. TypeError without a
         layerwise gpu_connector; other errors as :meth:`retrieve`."""
         return (self._layerwise or LayerwisePath(self)).retrieve_layer(tokens, mask, kwargs)
+
+    # ---- CacheBlend (gpu_connector=vllm_buffer_layerwise; lmcache.engine.blend_retriever) --
+    def blend_lookup(self, tokens: Tokens, request_configs: Optional[dict] = None) -> torch.Tensor:
+        """CPU bool ``[len(tokens)]``: True for the tokens of every cached segment (their sum
+        is the number of blendable tokens). TypeError without the CacheBlend data path."""
+        return self._blend_path().lookup(tokens, request_configs)
+
+    def retrieve_layers_for_blend(self, tokens: Tokens, new_positions=None,
+                                  request_configs: Optional[dict] = None,
+                                  device=None) -> Generator:
+        """Generator: first the cached-token mask (CPU bool ``[N]``), then per layer the
+        buffer ``[2, N, H, D]`` of reused KV at ``new_positions`` (default ``arange(N)``),
+        gaps zero (BlendRetriever.retrieve_layers). TypeError without the CacheBlend path."""
+        return self._blend_path().retrieve_layers(tokens, new_positions, request_configs, device)
+
+    def _blend_path(self) -> BlendRetriever:
+        if self._blend is None:
+            raise TypeError("CacheBlend retrieval needs token_database=segment and "
+                            "gpu_connector=vllm_buffer_layerwise, got gpu_connector "
+                            f"{type(self.gpu_connector).__name__}")
+        return self._blend
 
     # ---- lookup -------------------------------------------------------------------------
     def lookup(self, tokens: Tokens, pin: bool = False, lookup_id: object = None,

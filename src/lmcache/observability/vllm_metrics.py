@@ -22,6 +22,20 @@ Exported (counters get Prometheus' ``_total`` suffix): ``lmcache:num_retrieve_re
 requested tokens since the start, 0..1); histograms (seconds) ``lmcache:time_to_retrieve``,
 ``lmcache:time_to_store``, ``lmcache:time_to_lookup``, ``lmcache:process_tokens_time`` (chunking
 and hashing; LMCache splits it into retrieve_/store_process_tokens_time).
+
+Per storage tier (:mod:`lmcache.observability.tier_stats`; vLLM's labels plus ``tier`` =
+``local_cpu``, ``local_disk``, ``remote``): counters ``lmcache:num_tier_lookup_chunks`` (chunks
+of pinning lookups that reached the tier), ``lmcache:num_tier_lookup_hits`` (chunks it answered
+for), ``lmcache:num_tier_read_requests``, ``lmcache:num_tier_read_chunks``,
+``lmcache:num_tier_read_bytes``, ``lmcache:num_tier_write_requests``,
+``lmcache:num_tier_write_chunks``, ``lmcache:num_tier_write_bytes``; gauge
+``lmcache:tier_hit_rate`` (lookup hits / lookup chunks since the start); histograms (seconds)
+``lmcache:tier_time_to_get`` and ``lmcache:tier_time_to_put``. The remote tier's also under
+LMCache's own names: ``lmcache:num_remote_read_requests``, ``lmcache:num_remote_read_bytes``,
+``lmcache:num_remote_write_requests``, ``lmcache:num_remote_write_bytes`` and
+``lmcache:remote_time_to_get`` (milliseconds, LMCache's buckets). (LMCache's
+``lmcache:remote_time_to_put`` times the upload itself; lmcache's remote tier uploads in the
+background, so its put time is only queueing and is not exported under that name.)
 """
 
 from __future__ import annotations
@@ -59,16 +73,45 @@ HIT_RATES = {
                                 "Hit rate of lmcache lookup requests (hit / requested tokens)"),
 }
 TIME_BUCKETS = [0.00001 * 2**i for i in range(20)]  # 0.01 ms .. 5.2 s, as LMCache's lookup
+# per tier: metric name -> (TierStats counter, help); label ``tier`` added to vLLM's labels
+TIER_COUNTERS = {
+    "lmcache:num_tier_lookup_chunks": ("lookup_chunks", "Chunks of pinning lookups that reached the tier"),
+    "lmcache:num_tier_lookup_hits": ("lookup_hit_chunks", "Chunks the tier answered for in pinning lookups"),
+    "lmcache:num_tier_read_requests": ("read_requests", "Read calls to the tier"),
+    "lmcache:num_tier_read_chunks": ("read_chunks", "Chunks the tier delivered"),
+    "lmcache:num_tier_read_bytes": ("read_bytes", "Bytes the tier delivered"),
+    "lmcache:num_tier_write_requests": ("write_requests", "Put calls of stores to the tier"),
+    "lmcache:num_tier_write_chunks": ("write_chunks", "Chunks handed to the tier by stores"),
+    "lmcache:num_tier_write_bytes": ("write_bytes", "Bytes handed to the tier by stores"),
+}
+TIER_HISTOGRAMS = {
+    "lmcache:tier_time_to_get": ("read_seconds", "Time of a read from the tier (seconds)"),
+    "lmcache:tier_time_to_put": ("write_seconds", "Time of a put call to the tier; queueing "
+                                 "only for the disk and remote tiers (seconds)"),
+}
+# LMCache's remote-tier names (no tier label): name -> (TierStats counter, help)
+REMOTE_COUNTERS = {
+    "lmcache:num_remote_read_requests": ("read_requests", "Total number of requests read from remote backends in lmcache"),
+    "lmcache:num_remote_read_bytes": ("read_bytes", "Total number of bytes read from remote backends in lmcache"),
+    "lmcache:num_remote_write_requests": ("write_requests", "Total number of requests write to remote backends in lmcache"),
+    "lmcache:num_remote_write_bytes": ("write_bytes", "Total number of bytes write to remote backends in lmcache"),
+}
+REMOTE_MS_BUCKETS = [1, 5, 10, 20, 40, 60, 80, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000]
+
+
+_PARTS = ("counters", "observations", "tiers", "tier_observations")
 
 
 @dataclass
 class LMCacheKVConnectorStats(KVConnectorStats):
     """lmcache's stats of one interval: ``data = {"counters": {name: increase},
-    "observations": {histogram: [seconds, ...]}}`` (names of LMCStatsMonitor). Serializable."""
+    "observations": {histogram: [seconds, ...]}, "tiers": {tier: {name: increase}},
+    "tier_observations": {tier: {histogram: [seconds, ...]}}}`` (names of LMCStatsMonitor and
+    TierStats). Serializable."""
 
     def __post_init__(self) -> None:
-        self.data.setdefault("counters", {})
-        self.data.setdefault("observations", {})
+        for part in _PARTS:
+            self.data.setdefault(part, {})
 
     @classmethod
     def from_data(cls, data: dict[str, Any] | None) -> "LMCacheKVConnectorStats":
@@ -77,10 +120,13 @@ class LMCacheKVConnectorStats(KVConnectorStats):
         data = data or {}
         return cls(data={"counters": dict(data.get("counters", {})),
                          "observations": {k: list(v) for k, v in
-                                          data.get("observations", {}).items()}})
+                                          data.get("observations", {}).items()},
+                         "tiers": {t: dict(c) for t, c in data.get("tiers", {}).items()},
+                         "tier_observations": {t: {k: list(v) for k, v in o.items()} for t, o
+                                               in data.get("tier_observations", {}).items()}})
 
     def reset(self) -> None:
-        self.data = {"counters": {}, "observations": {}}
+        self.data = {part: {} for part in _PARTS}
 
     def aggregate(self, other: KVConnectorStats) -> "LMCacheKVConnectorStats":
         """Add ``other``'s counters and append its observations (in place; returns self)."""
@@ -90,17 +136,29 @@ class LMCacheKVConnectorStats(KVConnectorStats):
             mine_c[name] = mine_c.get(name, 0) + value
         for name, values in theirs.get("observations", {}).items():
             mine_o.setdefault(name, []).extend(values)
+        for tier, counts in theirs.get("tiers", {}).items():
+            mine = self.data["tiers"].setdefault(tier, {})
+            for name, value in counts.items():
+                mine[name] = mine.get(name, 0) + value
+        for tier, hists in theirs.get("tier_observations", {}).items():
+            mine = self.data["tier_observations"].setdefault(tier, {})
+            for name, values in hists.items():
+                mine.setdefault(name, []).extend(values)
         return self
 
     def reduce(self) -> dict[str, int | float]:
         """Counters' increases and each histogram's observation count (for vLLM's log line)."""
         out: dict[str, int | float] = dict(self.data["counters"])
         out.update({f"{k}_count": len(v) for k, v in self.data["observations"].items()})
+        for tier, counts in self.data["tiers"].items():
+            out.update({f"{tier}.{k}": v for k, v in counts.items()})
         return out
 
     def is_empty(self) -> bool:
         return not any(self.data["counters"].values()) and not any(
-            self.data["observations"].values())
+            self.data["observations"].values()) and not any(
+            any(c.values()) for c in self.data["tiers"].values()) and not any(
+            any(o.values()) for o in self.data["tier_observations"].values())
 
 
 class ConnectorStatsSource:
@@ -113,6 +171,7 @@ class ConnectorStatsSource:
     def __init__(self, monitor) -> None:
         self.monitor = monitor
         self._last = {name: 0.0 for name, _ in COUNTERS.values()}
+        self._last_tiers: dict[str, dict[str, float]] = {}
 
     def collect(self) -> LMCacheKVConnectorStats | None:
         """Stats since the previous call; None when nothing happened."""
@@ -122,9 +181,20 @@ class ConnectorStatsSource:
             if now != self._last[name]:
                 counters[name] = now - self._last[name]
                 self._last[name] = now
+        tiers, tier_obs = {}, {}
+        tier_stats = getattr(self.monitor, "tier_stats", None)
+        if tier_stats is not None:
+            for tier, now in tier_stats.snapshot().items():
+                last = self._last_tiers.setdefault(tier, {})
+                delta = {k: v - last.get(k, 0.0) for k, v in now.items() if v != last.get(k, 0.0)}
+                last.update(now)
+                if delta:
+                    tiers[tier] = delta
+            tier_obs = tier_stats.take_observations()
         stats = LMCacheKVConnectorStats(data={
             "counters": counters,
-            "observations": {k: v for k, v in self.monitor.take_observations().items() if v}})
+            "observations": {k: v for k, v in self.monitor.take_observations().items() if v},
+            "tiers": tiers, "tier_observations": tier_obs})
         return None if stats.is_empty() else stats
 
 
@@ -143,6 +213,22 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
             name=n, documentation=doc, labelnames=labelnames, multiprocess_mode="mostrecent"))
             for n, (_, _, doc) in HIT_RATES.items()}
         self._totals: dict[int, dict[str, float]] = {i: {} for i in per_engine_labelvalues}
+        tier_labels = [*labelnames, "tier"]
+        self._tier_metrics = {n: self._counter_cls(name=n, documentation=doc, labelnames=tier_labels)
+                              for n, (_, doc) in TIER_COUNTERS.items()}
+        self._tier_metrics.update({n: self._histogram_cls(
+            name=n, documentation=doc, labelnames=tier_labels, buckets=TIME_BUCKETS)
+            for n, (_, doc) in TIER_HISTOGRAMS.items()})
+        self._tier_hit_rate = self._gauge_cls(
+            name="lmcache:tier_hit_rate", labelnames=tier_labels, multiprocess_mode="mostrecent",
+            documentation="Hit rate of each lmcache storage tier in lookups (hits / chunks "
+                          "that reached the tier)")
+        self._remote = {n: self._per_engine(self._counter_cls(
+            name=n, documentation=doc, labelnames=labelnames)) for n, (_, doc) in REMOTE_COUNTERS.items()}
+        self._remote_get_ms = self._per_engine(self._histogram_cls(
+            name="lmcache:remote_time_to_get", documentation="Time to get from remote backends (ms)",
+            labelnames=labelnames, buckets=REMOTE_MS_BUCKETS))
+        self._tier_totals: dict[tuple[int, str], dict[str, float]] = {}
 
     def _per_engine(self, metric) -> dict[int, Any]:
         return {i: metric.labels(*values) for i, values in self.per_engine_labelvalues.items()}
@@ -163,3 +249,25 @@ class LMCachePromMetrics(KVConnectorPromMetrics):
         for metric, (hit, asked, _) in HIT_RATES.items():
             if totals.get(asked):
                 self._gauges[metric][engine_idx].set(totals.get(hit, 0.0) / totals[asked])
+        self._observe_tiers(transfer_stats_data, engine_idx)
+
+    def _observe_tiers(self, data: dict[str, Any], engine_idx: int) -> None:
+        values = list(self.per_engine_labelvalues.get(engine_idx, ()))
+        for tier, counts in data.get("tiers", {}).items():
+            totals = self._tier_totals.setdefault((engine_idx, tier), {})
+            for metric, (name, _) in TIER_COUNTERS.items():
+                self._tier_metrics[metric].labels(*values, tier).inc(counts.get(name, 0))
+                totals[name] = totals.get(name, 0.0) + counts.get(name, 0)
+            if totals.get("lookup_chunks"):
+                self._tier_hit_rate.labels(*values, tier).set(
+                    totals.get("lookup_hit_chunks", 0.0) / totals["lookup_chunks"])
+            if tier == "remote":
+                for metric, (name, _) in REMOTE_COUNTERS.items():
+                    self._remote[metric][engine_idx].inc(counts.get(name, 0))
+        for tier, hists in data.get("tier_observations", {}).items():
+            for metric, (name, _) in TIER_HISTOGRAMS.items():
+                for seconds in hists.get(name, ()):
+                    self._tier_metrics[metric].labels(*values, tier).observe(seconds)
+            if tier == "remote":
+                for seconds in hists.get("read_seconds", ()):
+                    self._remote_get_ms[engine_idx].observe(seconds * 1000.0)

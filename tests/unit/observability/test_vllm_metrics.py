@@ -67,3 +67,52 @@ def test_source_aggregate_and_prometheus_names():
     assert reg.get_sample_value("lmcache:time_to_retrieve_sum", labels) == pytest.approx(0.004)
     text = generate_latest(reg).decode()
     assert 'lmcache:num_hit_tokens_total{engine="0",model_name="m"} 512.0' in text
+
+
+def test_tier_stats_travel_to_tier_labelled_and_lmcache_remote_names():
+    from lmcache.observability.tier_stats import TierStats
+
+    class Obj:
+        nbytes = 2048
+
+    ts = TierStats(["LocalCPUBackend", "RemoteBackend"])
+    mon = LMCStatsMonitor("m", 0, ts)
+    src = ConnectorStatsSource(mon)
+    ts.lookup(["LocalCPUBackend", "RemoteBackend"], ["LocalCPUBackend", "RemoteBackend"], 4)
+    ts.read("RemoteBackend", [Obj(), None], 0.004)
+    ts.write("RemoteBackend", [Obj(), Obj(), Obj()], 0.001)
+    first = src.collect()
+    assert first.data["tiers"] == {
+        "local_cpu": {"lookup_chunks": 4, "lookup_hit_chunks": 1},
+        "remote": {"lookup_chunks": 3, "lookup_hit_chunks": 1, "read_requests": 1,
+                   "read_chunks": 1, "read_bytes": 2048, "write_requests": 1,
+                   "write_chunks": 3, "write_bytes": 6144}}
+    assert first.data["tier_observations"] == {"remote": {"read_seconds": [0.004],
+                                                          "write_seconds": [0.001]}}
+    assert src.collect() is None
+    ts.read("RemoteBackend", [Obj()], 0.002)
+    second = LMCacheKVConnectorStats.from_data(src.collect().to_dict())
+    merged = LMCacheKVConnectorStats(data={}).aggregate(first).aggregate(second)
+    assert merged.data["tiers"]["remote"]["read_bytes"] == 4096
+    assert merged.reduce()["remote.read_requests"] == 2
+
+    reg = CollectorRegistry()
+    types = {Counter: partial(Counter, registry=reg), Gauge: partial(Gauge, registry=reg),
+             Histogram: partial(Histogram, registry=reg)}
+    prom = LMCachePromMetrics(_Cfg(), types, ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe(merged.data, 0)
+    cpu = {"model_name": "m", "engine": "0", "tier": "local_cpu"}
+    remote = {**cpu, "tier": "remote"}
+    assert reg.get_sample_value("lmcache:num_tier_lookup_hits_total", cpu) == 1
+    assert reg.get_sample_value("lmcache:tier_hit_rate", cpu) == pytest.approx(0.25)
+    assert reg.get_sample_value("lmcache:tier_hit_rate", remote) == pytest.approx(1 / 3)
+    assert reg.get_sample_value("lmcache:num_tier_read_bytes_total", remote) == 4096
+    assert reg.get_sample_value("lmcache:num_tier_read_bytes_total", cpu) == 0
+    assert reg.get_sample_value("lmcache:tier_time_to_get_count", remote) == 2
+    assert reg.get_sample_value("lmcache:tier_time_to_put_sum", remote) == pytest.approx(0.001)
+    labels = {"model_name": "m", "engine": "0"}
+    assert reg.get_sample_value("lmcache:num_remote_read_requests_total", labels) == 2
+    assert reg.get_sample_value("lmcache:num_remote_read_bytes_total", labels) == 4096
+    assert reg.get_sample_value("lmcache:num_remote_write_bytes_total", labels) == 6144
+    assert reg.get_sample_value("lmcache:remote_time_to_get_sum", labels) == pytest.approx(6.0)
+    assert reg.get_sample_value("lmcache:remote_time_to_get_bucket", {**labels, "le": "5.0"}) == 2

@@ -164,3 +164,24 @@ def test_write_layer_refuses_slots_outside_the_cache():
     with pytest.raises(ValueError, match="slots"):
         connector().write_layer(torch.zeros(2, 2, H, D), paged_cache(0)[0],
                                 slot_mapping=torch.tensor([0, BLOCKS * BS]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_double_buffering_matches_the_cpu_path_under_slow_compute():
+    """Pinned sources, buffers on the GPU: every layer equals the CPU path's although the
+    caller's compute stream lags (a large matmul before each read): layer i+2's load must wait
+    for the compute that reads layer i's buffer."""
+    gen = torch.Generator().manual_seed(7)
+    n, layers = 64, []
+    srcs = [segment(torch.randn(L, t, H, D, generator=gen), torch.randn(L, t, H, D, generator=gen),
+                    o).pin_memory() for t, o in ((20, 3), (30, 900))]
+    args = ([4, 30], [24, 60], [3, 900], torch.arange(n) + 5)
+    want = [b.clone() for b in connector().load_layers(srcs, *args)]
+    big = torch.randn(4096, 4096, device="cuda")
+    for buf in connector(device="cuda").load_layers(srcs, *args):
+        for _ in range(3):
+            big = (big @ big).tanh()          # keeps the compute stream busy
+        layers.append((buf * 1 + big[0, 0] * 0).cpu())
+    for layer, got in enumerate(layers):
+        assert (got - want[layer]).abs().max() < 1e-5, layer

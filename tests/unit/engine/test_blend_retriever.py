@@ -206,3 +206,18 @@ def test_errors(tmp_path):
             plain.engine().blend_lookup(PROMPT_B)
     finally:
         shutdown(plain)
+
+
+@pytest.mark.parametrize("serde", ["naive", "fp8", "cachegen"])
+def test_remote_tier_with_any_serde_keeps_kv_and_positions_exact(tmp_path, serde):
+    """Compressing serdes carry BINARY objects as plain bytes: blend chunks come back exact."""
+    container, engine = make(tmp_path, "storage/backends=[local_cpu,remote]", f"serde={serde}",
+                             "remote_connector=fs", f"remote_url=fs://{tmp_path / 'remote'}")
+    try:
+        engine.store(PROMPT_A, kvcaches=paged_with(PROMPT_A, SLOTS_A), slot_mapping=SLOTS_A)
+        cpu, remote = engine.storage_manager.backends
+        assert remote.flush(timeout=30)
+        cpu.clear()
+        check_layers(engine)
+    finally:
+        shutdown(container)

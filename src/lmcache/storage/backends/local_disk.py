@@ -15,6 +15,7 @@ from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating
+from lmcache.storage import name_limits
 from lmcache.storage.backends import disk_files
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.connectors import wire_format as wf
@@ -64,7 +65,8 @@ class LocalDiskBackend(StorageBackendInterface):
             ``<local_disk>/rank<worker_id>of<world_size>`` so ranks never share files or quota.
 
     Raises:
-        ValueError: missing directory, non-positive size or thread counts.
+        ValueError: missing directory, non-positive size or thread counts; chunk file names
+            or paths of this ``metadata`` longer than the file system allows (``name_limits``).
         OSError: the directory cannot be created.
     """
 
@@ -95,6 +97,11 @@ class LocalDiskBackend(StorageBackendInterface):
             # Each tensor-parallel rank keeps its own files, index and quota: a rank never
             # counts, evicts or serves another rank's shard of the KV.
             self.path = os.path.join(self.path, f"rank{metadata.worker_id}of{metadata.world_size}")
+        if metadata is not None:  # names the file system cannot hold: refused now, by name
+            name_limits.check_file_names(
+                self.path, name_limits.longest_keys(metadata),
+                lambda k: wf.key_to_filename(k, disk_files.SUFFIX), [disk_files.tmp_name()],
+                "local_disk")
         os.makedirs(self.path, exist_ok=True)
         self.allocator_backend = allocator_backend
         self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
@@ -267,6 +274,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 return
             obj.ref_count_up()
             self._pending[key] = obj
+            self.policy.on_put(key)  # in put order, not in the order writes finish
             self.used_bytes += size
             self._writing += 1
         self._writers.submit(self._write, key, obj, meta, size)
@@ -298,7 +306,6 @@ class LocalDiskBackend(StorageBackendInterface):
                     os.replace(tmp, self._file(key))
                     del self._pending[key]
                     self._index[key] = meta
-                    self.policy.on_put(key)
                     self.stats["writes"] += 1
                     return
             os.unlink(tmp)
@@ -313,6 +320,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 del self._pending[key]
                 self.used_bytes -= size
                 self.chain.remove(key)
+                self.policy.on_remove(key)
         if not self._full_gate.trip(e):
             self._warn_once(f"errno{e.errno}", "disk write of %s failed: %s", key, e)
 
@@ -360,11 +368,11 @@ class LocalDiskBackend(StorageBackendInterface):
         if obj is None and meta is None:
             return False
         self.chain.remove(key)
+        self.policy.on_remove(key)
         if obj is not None:  # the writer sees it is gone and drops its file
             self.used_bytes -= wf.FILE_HEADER_SIZE + obj.nbytes
         if meta is not None:
             self.used_bytes -= wf.FILE_HEADER_SIZE + meta.length
-            self.policy.on_remove(key)
             disk_files.unlink(self._file(key))
         return True
 

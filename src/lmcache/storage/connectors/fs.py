@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from lmcache.keys import CacheEngineKey
 from lmcache.serde.wire_format import (
@@ -15,7 +15,11 @@ from lmcache.serde.wire_format import (
     TRAILER_SIZE,
     trailer_bytes,
 )
+from lmcache.storage import name_limits
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
+
+if TYPE_CHECKING:
+    from lmcache.metadata import LMCacheMetadata
 
 SUFFIX = ".data"
 SEP = "-SEP-"
@@ -62,9 +66,12 @@ class FSConnector(RemoteConnector):
             ``fs://host:port/abs/dir`` is accepted and host:port ignored). Directories are
             created when missing.
         blocking_timeout_secs, retry_interval_secs, max_payload_bytes: see RemoteConnector.
+        metadata: this worker's LMCacheMetadata (injected): the longest file name and path of
+            its keys are checked against each directory's NAME_MAX / PATH_MAX at start.
 
     Raises:
-        ValueError: a url that is not ``fs://`` or has an empty path.
+        ValueError: a url that is not ``fs://`` or has an empty path; file names or paths of
+            this ``metadata`` longer than a directory's file system allows (``name_limits``).
     """
 
     name = "fs"
@@ -75,12 +82,16 @@ class FSConnector(RemoteConnector):
         blocking_timeout_secs: float = 10.0,
         retry_interval_secs: float = 1.0,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        metadata: Optional["LMCacheMetadata"] = None,
     ) -> None:
         super().__init__(url, blocking_timeout_secs, retry_interval_secs, max_payload_bytes)
         if not url.startswith("fs://") or not _paths_of(url):
             raise ValueError(f"fs connector url must be fs://<path>, got {url!r}")
         self.paths = [os.path.abspath(p) for p in _paths_of(url)]
         self.path = self.paths[0]
+        for path in self.paths if metadata is not None else ():
+            name_limits.check_file_names(path, name_limits.longest_keys(metadata), file_name,
+                                         [f"{TMP_PREFIX}{uuid.uuid4().hex}"], "remote_url fs://")
         for path in self.paths:
             try:
                 os.makedirs(path, exist_ok=True)

@@ -156,11 +156,12 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
         n = self._check_load(sources, starts, ends, old_starts, new_positions)
         new_pos = new_positions.to(device=dev, dtype=torch.int64)
         old_pos = new_pos.clone()  # gaps: old == new, no rotation; zeroed afterwards
-        covered = torch.zeros(n, dtype=torch.bool)
+        gaps, prev = [], 0  # token ranges no segment covers: zeroed (memset per range)
         for s, e, o in zip(starts, ends, old_starts):
             old_pos[s:e] = torch.arange(o, o + e - s, device=dev)
-            covered[s:e] = True
-        gaps = (~covered).nonzero().squeeze(1).to(dev)
+            gaps += [(prev, s)] if s > prev else []
+            prev = e
+        gaps += [(prev, n)] if n > prev else []
         spans = [(s, e) for s, e in zip(starts, ends)]
         return self._pipeline(list(sources), spans, old_pos, new_pos, gaps, n, dev)
 
@@ -227,8 +228,8 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             buf[1, s:e].copy_(layer_src[1], non_blocking=True)
         if spans:
             self.rotary(old_pos, new_pos, buf[0])
-        if gaps.numel():
-            buf[:, gaps] = 0
+        for s, e in gaps:
+            buf[:, s:e] = 0
 
     def _load_stream(self, dev: torch.device) -> torch.cuda.Stream:
         index = dev.index if dev.index is not None else torch.cuda.current_device()

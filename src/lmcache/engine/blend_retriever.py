@@ -99,15 +99,15 @@ class BlendRetriever:
         eng.stats.inc("store_requests")
         segs = self._segments(tokens, mask, kwargs.get("request_configs"))
         eng.stats.inc("store_requested_tokens", sum(e - s for s, e, _ in segs))
-        stored = skipped = 0
-        for i, (start, end, key) in enumerate(segs):
+        stored = skipped = failed = 0
+        for start, end, key in segs:
             if sm.contains_prefix([key]) == 1:
                 skipped += end - start
                 continue
             got = self.format.allocate(sm, end - start, start)
-            if got is None:
-                eng._count_failed_store(sum(e - s for s, e, _ in segs[i:]), stored)
-                break
+            if got is None:  # segments are independent: a smaller later one may still fit
+                failed += end - start
+                continue
             obj, kv = got
             try:
                 eng.gpu_connector.gather_segment(kv, start, end, **xfer)
@@ -118,6 +118,8 @@ class BlendRetriever:
             stored += end - start
         eng.stats.inc("stored_tokens", stored)
         eng.stats.inc("store_skipped_tokens", skipped)
+        if failed:
+            eng._count_failed_store(failed, stored)
         eng.stats.observe("store_seconds", time.perf_counter() - t0)
         return stored
 

@@ -221,3 +221,20 @@ def test_remote_tier_with_any_serde_keeps_kv_and_positions_exact(tmp_path, serde
         check_layers(engine)
     finally:
         shutdown(container)
+
+
+def test_a_segment_that_does_not_fit_costs_only_its_own_hit(tmp_path):
+    """Segments are independent: one too large for the CPU tier is skipped (counted), the
+    smaller ones after it are still stored and reused."""
+    big = torch.randint(10, VOCAB, (60,), generator=torch.Generator().manual_seed(9)).tolist()
+    prompt = join(big, DOCS[0], DOCS[1])                  # 60 tokens need ~31 KB
+    slots = torch.arange(len(prompt)) + 3
+    container, engine = make(tmp_path, "max_local_cpu_size=0.00002")   # ~21 KB
+    try:
+        stored = engine.store(prompt, kvcaches=paged_with(prompt, slots), slot_mapping=slots)
+        assert stored == len(DOCS[0]) + len(DOCS[1])
+        mask = engine.blend_lookup(join(DOCS[1], big, DOCS[0]))
+        assert mask.tolist() == ([True] * len(DOCS[1]) + [False] * (len(SEP) + 60 + len(SEP))
+                                 + [True] * len(DOCS[0]))
+    finally:
+        shutdown(container)

@@ -51,6 +51,7 @@ test: install
 
 run: install
 	$(PY) -m lmcache.experiments.long_doc_qa $(ARGS)
+	$(PY) -m lmcache.experiments.serde_sweep -m remote_serde=naive,cachegen,kivi,fp8 $(SERDE_ARGS)
 
 # The interop suite: LMCache 0.5.6 from PyPI in its own venv (its numpy pin clashes with
 # ours), valkey-glide-sync for its valkey:// connector; lmcache's side runs in $(VENV).

@@ -247,7 +247,7 @@ def test_layers_come_from_the_disk_tier_after_the_cpu_tier_lost_them(tmp_path):
     toks, src, slots = tokens(8), r.random_cache(7), slots_for(8, 7)
     assert r.engine.store(toks, kvcaches=src, slot_mapping=slots) == 8
     assert r.disk.flush(timeout=60)
-    names = sorted(p.name for p in (tmp_path / "disk").rglob("*") if p.is_file())
+    names = sorted(p.name for p in (tmp_path / "disk").rglob("*.kvc") if p.is_file())
     assert len(names) == 2 * L
     keys = r.layer_keys(toks)
     r.backend.remove(keys[0][1]), r.backend.remove(keys[1][0])  # mixed tiers per chunk

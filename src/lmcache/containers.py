@@ -4,7 +4,7 @@ This is the only module that sees the whole graph. The containers wire **slots, 
 implementations**: each slot's option names its class with ``_target_`` and
 :func:`build` instantiates it, passing only the shared collaborators its constructor
 names (``metadata``, ``allocator``, ``policy``, ``allocator_backend``, ``serde``,
-``remote_connector``, ``layout``, ``token_database``, ``gpu_connector``,
+``local_disk_serde``, ``remote_connector``, ``layout``, ``token_database``, ``gpu_connector``,
 ``storage_manager``, ``engine``). Collaborators are built lazily: a tier that does not
 ask for ``serde`` never causes one to be built; each tier that asks for ``policy`` gets
 its own CachePolicy; every tier shares the one allocator.
@@ -172,11 +172,14 @@ class WorkerContainer(containers.DeclarativeContainer):
     allocator = _resource(build, config.allocator, metadata=metadata.provider)
     policy = providers.Factory(build, config.storage.policy)  # one per tier that asks
     serde = providers.Singleton(build, config.serde, metadata=metadata.provider)
+    local_disk_serde = providers.Singleton(build, config.local_disk_serde,
+                                           metadata=metadata.provider)
     remote_connector = _resource(build, config.remote_connector, metadata=metadata.provider)
     backends = _resource(
         build_tiers, config.storage.backends,
         metadata=metadata.provider, allocator=allocator.provider, policy=policy.provider,
         serde=serde.provider, remote_connector=remote_connector.provider,
+        local_disk_serde=local_disk_serde.provider,
     )
     allocator_backend = providers.Callable(find_allocator_backend, backends)
     storage_manager = _resource(StorageManager, backends=backends,

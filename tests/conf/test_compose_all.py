@@ -48,6 +48,7 @@ PROVIDER_OF_GROUP = {
     "storage/policy": "policy",
     "storage/backends": "backends",
     "serde": "serde",
+    "local_disk_serde": "local_disk_serde",
     "remote_connector": "remote_connector",
     "gpu_connector": "gpu_connector",
     "blend": "blender",

@@ -111,5 +111,6 @@ def teacher_forced(model, kv: torch.Tensor, last_id: int, ref: list[int]) -> tup
 def agreement(tokens: list[int], ref: list[int]) -> float:
     """Share of positions where ``tokens`` equals ``ref`` (0..1; lengths must match)."""
     if len(tokens) != len(ref) or not ref:
-        raise ValueError(f"agreement of {len(tokens)} tokens against {len(ref)}: expected equal, > 0")
+        raise ValueError(f"agreement of {len(tokens)} tokens against {len(ref)}: expected "
+                         "equal lengths > 0")
     return sum(a == b for a, b in zip(tokens, ref)) / len(ref)

@@ -42,7 +42,8 @@ from lmcache.experiments.lmcache_config import ExperimentConfigError
 
 CONFIG_PATH = "pkg://lmcache.conf"
 CONFIG_NAME = "experiment/serde_sweep"
-COLUMNS = ("remote_serde", "serde_overrides", "bytes_per_token", "x_smaller_than_bf16", "greedy_agreement_pct",
+COLUMNS = ("remote_serde", "serde_overrides", "bytes_per_token", "x_smaller_than_bf16",
+           "greedy_agreement_pct",
            "teacher_forced_top1_pct", "nll_naive_output", "ttft_ms", "ttft_prefill_ms",
            "max_rel_error", "documents", "tokens_per_document", "gen_tokens")
 
@@ -163,9 +164,10 @@ def run_job(cfg: DictConfig, output_dir: str | Path) -> dict:
             for rep in range(int(cfg.repeats) + 1):  # the first retrieve is an untimed warm-up
                 t0 = time.perf_counter()
                 got = remote.batched_get_blocking(keys)
-                if any(o is None for o in got):
-                    raise RuntimeError(f"remote_serde={cfg.remote_serde}: "
-                                       f"{sum(o is None for o in got)} of {len(keys)} chunks missed")
+                missed = sum(o is None for o in got)
+                if missed:
+                    raise RuntimeError(f"remote_serde={cfg.remote_serde}: {missed} of "
+                                       f"{len(keys)} chunks missed")
                 kv = torch.cat([o.tensor for o in got], dim=2)
                 with torch.no_grad():
                     model(torch.tensor([[last]]), past_key_values=kvq.cache_from_kv(model, kv),

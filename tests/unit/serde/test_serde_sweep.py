@@ -66,8 +66,8 @@ def test_sweep_table_values(sweep):
 
 
 def test_serde_overrides_reach_the_remote_tier(tmp_path):
-    row = serde_sweep.run_job(app_cfg(["remote_serde=kivi", "serde_overrides=['serde.group_size=64']"]),
-                              tmp_path)
+    cfg = app_cfg(["remote_serde=kivi", "serde_overrides=['serde.group_size=64']"])
+    row = serde_sweep.run_job(cfg, tmp_path)
     assert row["x_smaller_than_bf16"] == pytest.approx(6.4, abs=0.01)
     assert row["serde_overrides"] == "serde.group_size=64"
 

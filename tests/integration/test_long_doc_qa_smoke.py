@@ -28,14 +28,47 @@ def model_cache() -> Path:
     return root / "long-doc-qa-smoke-llama"
 
 
-def run_app(out_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def start_app(out_dir: Path, cache: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "lmcache.experiments.long_doc_qa", f"hydra.run.dir={out_dir}",
            f"model.cache_dir={cache}", *TINY, *overrides]
     if "-m" in overrides:  # a sweep: the flag first; hydra.run.dir does not apply
         cmd = [*cmd[:3], "-m", *(c for c in cmd[3:] if c not in ("-m", f"hydra.run.dir={out_dir}"))]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def run_app(out_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return finish(start_app(out_dir, cache, *overrides))
+
+
+ERROR_CASES = [
+    (["documents.count=99"], "configuration error: documents.count=99"),
+    (["chunk_sise=128"], "chunk_sise"),  # Hydra's own error (no '+'): the same status
+]
+
+
+@pytest.fixture(scope="module")
+def failing_apps(tmp_path_factory, model_cache) -> dict:
+    """The apps that must fail before any engine starts, started together (each spends its
+    ~10 s importing torch on one core; they run side by side): {case: CompletedProcess}."""
+    started = {}
+    for i, (overrides, _) in enumerate(ERROR_CASES):
+        started[i] = start_app(tmp_path_factory.mktemp(f"error{i}"), model_cache,
+                               "documents.min_tokens=512", f"documents.max_tokens={DOC_TOKENS}",
+                               *overrides)
+    sweep_dir = tmp_path_factory.mktemp("sweep-root")
+    started["sweep"] = start_app(sweep_dir, model_cache, "-m", f"hydra.sweep.dir={sweep_dir / 'sweep'}",
+                                 "documents.count=98,99", "documents.min_tokens=512")
+    done = {case: finish(proc) for case, proc in started.items()}
+    done["sweep_dir"] = sweep_dir / "sweep"
+    return done
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -91,22 +124,17 @@ def test_two_docs_two_questions_two_repeats_hit_on_warm_rounds_with_identical_ou
         assert float(base["load_ms"]) == float(base["store_ms"]) == 0  # no lmcache in that pass
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["documents.count=99"], "configuration error: documents.count=99"),
-    (["chunk_sise=128"], "chunk_sise"),  # Hydra's own error (no '+'): the same status
-])
-def test_configuration_errors_exit_2_before_any_engine_starts(tmp_path, model_cache, overrides, message):
-    proc = run_app(tmp_path, model_cache, "documents.min_tokens=512",
-                   f"documents.max_tokens={DOC_TOKENS}", *overrides)
+@pytest.mark.parametrize("case", range(len(ERROR_CASES)), ids=[o[0] for o, _ in ERROR_CASES])
+def test_configuration_errors_exit_2_before_any_engine_starts(failing_apps, case):
+    message = ERROR_CASES[case][1]
+    proc = failing_apps[case]
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert message in proc.stderr
     assert "starting vLLM" not in proc.stdout  # no engine started
 
 
-def test_sweep_of_failing_jobs_reports_and_exits_with_their_status(tmp_path, model_cache):
-    env_dir = tmp_path / "sweep"
-    proc = run_app(tmp_path, model_cache, "-m", f"hydra.sweep.dir={env_dir}",
-                   "documents.count=98,99", "documents.min_tokens=512")
+def test_sweep_of_failing_jobs_reports_and_exits_with_their_status(failing_apps):
+    proc, env_dir = failing_apps["sweep"], failing_apps["sweep_dir"]
     assert proc.returncode == 2, proc.stderr[-4000:]
     assert proc.stderr.count("configuration error: documents.count=9") == 2
     assert f"sweep: no job wrote long_doc_qa.csv under {env_dir}" in proc.stdout

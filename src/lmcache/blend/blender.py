@@ -14,8 +14,9 @@ cross-attention between segments. CacheBlend fixes the tokens that matter most:
    and their queries attend causally over the whole combined K/V of the layer.
 
 Gaps: LMCache zeroes the K/V of tokens no retrieved chunk covers (the separators between
-segments) before blending and relies on the top-k to pick them. Here those rows (``uncached``)
-are zeroed in the caller's buffers too, and always selected, so the output never holds zeros.
+segments) before blending and relies on the top-k to pick them (their deviation from zero is
+large). Here those rows (``uncached``, zero in the connector's buffers as in LMCache) are always
+selected, so the output never holds a zeroed gap.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class Blender:
                 ``[T, kv_size]`` in the model's dtype on its device, K already re-positioned
                 to ``positions``. It is read only from the check layer on, one layer at a
                 time, so a lazy sequence can load layers on demand. Rows of ``uncached``
-                tokens are ignored. **Modified in place** from the layer after the check
-                layer (uncached rows zeroed, recomputed rows overwritten) and yielded.
+                tokens are ignored (LMCache's buffers hold zeros there). **Modified in place**
+                from the layer after the check layer (every recomputed row, the uncached ones
+                included, overwritten) and yielded.
             uncached: bool ``[T]``, True = no cache for that token (separators, new text);
                 None = every token cached.
             positions: int64 ``[T]`` strictly increasing; None = ``0..T-1``.
@@ -134,9 +136,7 @@ class Blender:
                 attn = m.attention(i, q, sel_pos, k, v, pos)
             else:
                 old_k, old_v = self._cached(cached_kv, i, n)
-                old_k[uncached] = 0
-                old_v[uncached] = 0
-                old_k[selected] = k
+                old_k[selected] = k  # selected ⊇ uncached: no gap row stays as given
                 old_v[selected] = v
                 kv = (old_k, old_v)
                 attn = m.attention(i, q, sel_pos, old_k, old_v, pos)

@@ -25,6 +25,7 @@ help:
 	@echo "  make run      long-document QA through vLLM, TTFT without/with lmcache; overrides in ARGS,"
 	@echo "                e.g. make run ARGS=\"documents.count=2 deployment=cpu_disk local_disk=/tmp/kv\""
 	@echo "                sweep: make run ARGS=\"-m chunk_size=256,512\" (one table, CSV and plot)"
+	@echo "                then the serde sweep (naive, cachegen, kivi, fp8: size vs quality); its overrides in SERDE_ARGS"
 	@echo "  make test     the test suite (skip reasons and the 15 slowest tests are listed)"
 	@echo "  make interop  both-ways checks against the real LMCache 0.5.6 (own venv $(INTEROP_VENV));"
 	@echo "                writes docs/INTEROP.md (not part of make test)"

@@ -145,7 +145,7 @@ def _option_overrides(group: str, option: str, servers: Servers) -> list[str]:
     if group == "serde":
         return ["storage/backends=[local_cpu,remote]", f"serde={option}",
                 "remote_connector=valkey", "remote_url=" + override_value(servers.url("valkey"))]
-    if (group, option) == ("token_database", "segment"):
+    if (group, option) in (("token_database", "segment"), ("blend", "cacheblend")):
         # explicit separator ids: the test model name names no tokenizer to load
         return [f"{group}={option}", "token_database.separator_tokens=[29871,396,396]"]
     return [f"{group}={option}"]

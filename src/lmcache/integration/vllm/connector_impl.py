@@ -91,7 +91,10 @@ class LMCacheConnectorV1Impl:
         if self.kv_role == "kv_producer":
             return 0, False
         tokens = hash_tokens(request)
-        hit = self.lookup_client.lookup(tokens, request.request_id, _request_configs(request))
+        if self.cfg.get("blend") is not None and num_computed_tokens > 0:
+            hit = 0  # CacheBlend fills the context from token 0; vLLM's own prefix hit wins
+        else:
+            hit = self.lookup_client.lookup(tokens, request.request_id, _request_configs(request))
         need = self.planner.on_lookup(request.request_id, len(tokens), num_computed_tokens, hit)
         return need, False
 
@@ -175,14 +178,20 @@ class LMCacheConnectorV1Impl:
         except BaseException:
             self.shutdown()  # release what was built (e.g. the allocator) before reporting
             raise
-        if engine.is_layerwise:
+        runner = self._blend_runner(names)
+        lookup_target = engine if runner is None else runner
+        if runner is not None:
+            from lmcache.integration.vllm.blend_worker import BlendConnectorWorker
+
+            self.worker = BlendConnectorWorker(engine, tensors, layout.block_size, runner)
+        elif engine.is_layerwise:
             from lmcache.integration.vllm.layerwise_worker import LayerwiseConnectorWorker
 
             self.worker = self.layerwise_worker = LayerwiseConnectorWorker(
                 engine, tensors, layout.block_size, names)
         else:
             self.worker = ConnectorWorker(engine, tensors, layout.block_size)
-        self.lookup_server = LookupServer(engine, lookup_address(self.engine_id, rank))
+        self.lookup_server = LookupServer(lookup_target, lookup_address(self.engine_id, rank))
         from lmcache.containers import shutdown as shutdown_graph
         from lmcache.lmcache_manager import LMCacheManager
 
@@ -193,6 +202,29 @@ class LMCacheConnectorV1Impl:
         atexit.register(self.shutdown)
         logger.info("lmcache worker %d ready: %s, layout %s%s, lookup at %s", rank, metadata, layout.kind,
                     ", layerwise" if engine.is_layerwise else "", self.lookup_server.address)
+
+    def _blend_runner(self, layer_names: list[str]):
+        """The container's CacheBlendRunner (``blend=cacheblend``) with this worker's model
+        attached, or None without blending.
+
+        Raises:
+            ValueError: tensor parallelism > 1, or a model CacheBlend cannot run (named).
+        """
+        try:
+            runner = self.container.blender()
+            if runner is None:
+                return None
+            if self.tp_size != 1:
+                raise ValueError(f"blend=cacheblend needs tensor_parallel_size 1, got {self.tp_size} "
+                                 "(the Blender runs the model's layers on one worker)")
+            from lmcache.integration.vllm.blend_worker import find_vllm_model
+
+            layer = self._vllm_config.compilation_config.static_forward_context.get(layer_names[0])
+            runner.attach_model(find_vllm_model(layer))
+        except BaseException:
+            self.shutdown()
+            raise
+        return runner
 
     def _cpu_attention_isa(self, layer_name: str, kv_cache) -> str:
         """The ISA vLLM's CPU attention chose for ``layer_name`` (set on the layer by its metadata

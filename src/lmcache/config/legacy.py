@@ -256,7 +256,22 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
         groups.append(("storage/policy=" + _option("storage/policy", policy.lower(),
                                                    "cache_policy", policy, src("cache_policy")),
                        src("cache_policy")))
-    if get("use_layerwise"):
+    if get("enable_blending"):
+        # the blend option brings its own layerwise connector (vllm_buffer_layerwise) and the
+        # segment token database; LMCache's use_layerwise is implied
+        groups.append(("blend=" + _option("blend", "cacheblend", "enable_blending", True,
+                                          src("enable_blending")), src("enable_blending")))
+        for key, path in (("blend_recompute_ratios", "blend.blend_recompute_ratios"),
+                          ("blend_check_layers", "blend.blend_check_layers"),
+                          ("blend_min_tokens", "blend.blend_min_tokens"),
+                          ("blend_special_str", "token_database.blend_special_str")):
+            if values.get(key) is not None:
+                settings.append((f"++{path}={v.override_value(values[key])}", src(key)))
+    elif any(k in values for k in ("blend_recompute_ratios", "blend_check_layers",
+                                   "blend_min_tokens")):
+        logger.info("blend_* keys without enable_blending=True (from %s) are ignored, as in "
+                    "LMCache", ", ".join(src(k) for k in values if k.startswith("blend_")))
+    elif get("use_layerwise"):
         groups.append(("gpu_connector=" + _option("gpu_connector", "vllm_layerwise",
                                                   "use_layerwise", True, src("use_layerwise")),
                        src("use_layerwise")))

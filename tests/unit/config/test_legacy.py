@@ -280,10 +280,10 @@ def test_unavailable_features_are_refused_not_ignored(key):
 
 
 def test_unsupported_settings_only_at_their_default(tmp_path):
-    path = write_yaml(tmp_path, "blend_special_str: ' # # '\nnuma_mode: null\npy_enable_gc: true\n")
+    path = write_yaml(tmp_path, "blend_thresholds: null\nnuma_mode: null\npy_enable_gc: true\n")
     assert overrides_from_legacy(path, {}, {}) == []
-    with pytest.raises(ValueError, match=r"blend_recompute_ratios=\[0.15\].*not supported"):
-        overrides_from_legacy(write_yaml(tmp_path, "blend_recompute_ratios: [0.15]\n"), {}, {})
+    with pytest.raises(ValueError, match=r"blend_thresholds=\[0.5\].*not supported"):
+        overrides_from_legacy(write_yaml(tmp_path, "blend_thresholds: [0.5]\n"), {}, {})
     with pytest.raises(ValueError, match=r"p2p_host='10.0.0.1'.*default None"):
         overrides_from_legacy(None, {"LMCACHE_P2P_HOST": "10.0.0.1"}, {})
 

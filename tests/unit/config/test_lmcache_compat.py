@@ -109,7 +109,7 @@ def test_internal_api_server_keys_are_translated():
     ("nixl_role", "receiver", "disaggregated prefill (PD)"),  # LMCache's alias of pd_role
     ("p2p_host", "10.0.0.1", "P2P KV-cache sharing"),
     ("controller_url", "localhost:9001", "the cache controller"),  # alias of controller_pull_url
-    ("blend_min_tokens", "64", "CacheBlend"),
+    ("blend_thresholds", "0.5", "CacheBlend's threshold selection"),
     ("gds_path", "/mnt/gds", "GPUDirect Storage (GDS)"),
 ])
 def test_settings_of_missing_features_name_the_feature(key, value, feature):

@@ -29,7 +29,7 @@ EXPECTED = {
     "examples__docker__example.yaml": None,
     "examples__kv_cache_reuse__share_across_instances__centralized_sharing__example.yaml": None,
     "examples__storage_backends__cpu_redis.yaml": None,
-    "examples__blend_kv_v1__blending.yaml": "CacheBlend",
+    "examples__blend_kv_v1__blending.yaml": None,
     "examples__cache_controller__example.yaml": "the cache controller",
     "examples__kv_cache_reuse__share_across_instances__p2p_sharing__example1.yaml":
         "P2P KV-cache sharing",
@@ -82,7 +82,11 @@ def test_lmcache_example_starts_or_names_the_missing_feature(name, caplog):
         assert option_name(cfg.serde) == data.get("remote_serde", "naive")
     else:
         assert tiers == ["local_cpu"]
-    if data.get("use_layerwise"):
+    if data.get("enable_blending"):  # CacheBlend's own layerwise connector
+        assert (option_name(cfg.blend), option_name(cfg.gpu_connector)) == (
+            "cacheblend", "vllm_buffer_layerwise")
+        assert cfg.token_database.blend_special_str == data["blend_special_str"]
+    elif data.get("use_layerwise"):
         assert option_name(cfg.gpu_connector) == "vllm_layerwise"
     if "local_device" in data:  # ignored, as LMCache 0.5.6 ignores it, with a warning
         assert "ignoring LMCache config key local_device" in caplog.text
@@ -91,5 +95,5 @@ def test_lmcache_example_starts_or_names_the_missing_feature(name, caplog):
 def test_examples_outcome_table():
     """8.5's count: how many of LMCache's examples start, and why the others are refused."""
     started = [n for n, f in EXPECTED.items() if f is None]
-    assert len(EXPECTED) == 18 and len(started) == 11
+    assert len(EXPECTED) == 18 and len(started) == 12
     assert "cachegen" in list_options("serde")  # three examples use remote_serde: cachegen

@@ -1,6 +1,6 @@
 """BlendConnectorWorker: the vLLM worker side with ``blend=cacheblend``.
 
-Loads: a request whose lookup the :class:`~lmcache.integration.vllm.blend_runner.CacheBlendRunner`
+Loads: a request whose lookup the :class:`~lmcache.integration.vllm.cacheblend.CacheBlendRunner`
 answered takes its first ``N - 1`` tokens from lmcache; before the forward pass this worker
 blends them (all layers, written into vLLM's paged KV) and vLLM computes the last token.
 A blend that fails, or finds no cached segment any more, reports the request's blocks as

@@ -33,7 +33,7 @@ def find_vllm_model(attention_layer: Any) -> Any:
         ValueError: no such model object in this process (named with the layer's class).
     """
     for obj in gc.get_objects():
-        if not isinstance(obj, torch.nn.Module):
+        if not issubclass(type(obj), torch.nn.Module):  # type(): no __class__ lookups
             continue
         layers = getattr(getattr(obj, "model", None), "layers", None)
         try:

@@ -30,7 +30,8 @@ def rope_at(raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 def connector(**kw) -> VLLMBufferLayerwiseGPUConnector:
     kw.setdefault("rope_parameters", {"rope_theta": THETA})
-    return VLLMBufferLayerwiseGPUConnector(META, LAYOUT, device="cpu", **kw)
+    kw.setdefault("device", "cpu")
+    return VLLMBufferLayerwiseGPUConnector(META, LAYOUT, **kw)
 
 
 def segment(raw_k, v, old_start):

@@ -20,12 +20,10 @@ import torch
 from lmcache.blend.layerwise_model import LayerwiseModel
 from lmcache.config.compose import compose_config
 from lmcache.containers import build_worker_container, shutdown
-from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
 from lmcache.integration.vllm.cacheblend import CacheBlendRunner
 from lmcache.integration.vllm.blend_worker import BlendConnectorWorker
 from lmcache.integration.vllm.specs import LoadSpec, ReqMeta
-from lmcache.metadata import LMCacheMetadata
 
 _spec = importlib.util.spec_from_file_location(
     "blend_torch_model",
@@ -33,23 +31,11 @@ _spec = importlib.util.spec_from_file_location(
 torch_model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(torch_model)
 
-L, H, D, BS, BLOCKS = 4, 2, 16, 4, 40
-SEP = [1, 2]
-META = LMCacheMetadata("org/tiny", 1, 0, torch.float32, (L, 2, 16, H, D))
-LAYOUT = KVCacheLayout("cpu_packed", BS, H, D)
-GEN = torch.Generator().manual_seed(3)
-DOCS = [torch.randint(10, 256, (n,), generator=GEN).tolist() for n in (17, 12, 21)]
-SYSTEM, QUESTION = [5, 6, 7], [8, 9, 10, 11]
-
-
-def join(*parts):
-    out = []
-    for i, part in enumerate(parts):
-        out += (SEP if i else []) + part
-    return out
-
-
-PROMPT_A, PROMPT_B = join(*DOCS), join(SYSTEM, DOCS[2], DOCS[0], QUESTION)
+L, H, D = torch_model.L, torch_model.H, torch_model.D
+BS, BLOCKS = torch_model.BS, torch_model.BLOCKS
+SEP, META, LAYOUT = torch_model.SEP, torch_model.META, torch_model.LAYOUT
+DOCS, SYSTEM, QUESTION = torch_model.DOCS, torch_model.SYSTEM, torch_model.QUESTION
+join, PROMPT_A, PROMPT_B = torch_model.join, torch_model.PROMPT_A, torch_model.PROMPT_B
 
 
 def paged(kvs=None, slots=None):

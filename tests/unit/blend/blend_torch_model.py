@@ -12,6 +12,9 @@ import types
 import torch
 from torch import nn
 
+from lmcache.gpu_connector.kv_layout import KVCacheLayout
+from lmcache.metadata import LMCacheMetadata
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -104,3 +107,25 @@ def build(arch: str = "LlamaForCausalLM", vocab: int = 256, hidden: int = 64, la
     model.config = types.SimpleNamespace(rope_parameters={"rope_theta": 10000.0,
                                                           "rope_type": "default"})
     return model.to(device=device, dtype=dtype).eval()
+
+
+# The shared blend scenario of the engine and runner tests: 3 documents stored as prompt A
+# (joined by the separator ids SEP), then reused in another order inside prompt B.
+L, H, D, BS, BLOCKS = 4, 2, 16, 4, 40
+SEP = [1, 2]
+META = LMCacheMetadata("org/tiny", 1, 0, torch.float32, (L, 2, 16, H, D))
+LAYOUT = KVCacheLayout("cpu_packed", BS, H, D)
+_GEN = torch.Generator().manual_seed(3)
+DOCS = [torch.randint(10, 256, (n,), generator=_GEN).tolist() for n in (17, 12, 21)]
+SYSTEM, QUESTION = [5, 6, 7], [8, 9, 10, 11]
+
+
+def join(*parts: list[int]) -> list[int]:
+    """Token lists joined by SEP, as CacheBlend prompts are built."""
+    out: list[int] = []
+    for i, part in enumerate(parts):
+        out += (SEP if i else []) + part
+    return out
+
+
+PROMPT_A, PROMPT_B = join(*DOCS), join(SYSTEM, DOCS[2], DOCS[0], QUESTION)

@@ -116,12 +116,7 @@ class BlendRetriever:
                 raise
             sm.batched_put([key], [obj])  # drops the producer's reference
             stored += end - start
-        eng.stats.inc("stored_tokens", stored)
-        eng.stats.inc("store_skipped_tokens", skipped)
-        if failed:
-            eng._count_failed_store(failed, stored)
-        eng.stats.observe("store_seconds", time.perf_counter() - t0)
-        return stored
+        return eng._record_store(stored, skipped, failed, t0)
 
     # ---- lookup -------------------------------------------------------------------------
     def lookup(self, tokens, request_configs: Optional[dict] = None) -> torch.Tensor:

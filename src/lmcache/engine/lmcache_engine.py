@@ -143,7 +143,11 @@ class LMCacheEngine:
                 raise
             self.storage_manager.batched_put(keys, objs, store_location=store_location,
                                              prefix_parent=parent)
-        stored = sum(e - s for s, e in zip(starts, ends))
+        return self._record_store(sum(e - s for s, e in zip(starts, ends)), skipped, failed, t0)
+
+    def _record_store(self, stored: int, skipped: int, failed: int, t0: float) -> int:
+        """Counts a finished store (tokens stored/skipped, failures, seconds since ``t0``,
+        a ``time.perf_counter()`` value); returns ``stored``."""
         self.stats.inc("stored_tokens", stored)
         self.stats.inc("store_skipped_tokens", skipped)
         if failed:

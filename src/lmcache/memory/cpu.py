@@ -71,6 +71,14 @@ class CPUMemoryAllocator:
         return list(_LIVE)
 
     @property
+    def buffer(self) -> torch.Tensor:
+        """The whole preallocated uint8 CPU buffer (for registering with a transfer channel);
+        RuntimeError after close()."""
+        if self._buffer is None:
+            raise RuntimeError("CPUMemoryAllocator is closed")
+        return self._buffer
+
+    @property
     def capacity_bytes(self) -> int:
         """Buffer size in bytes."""
         return self._capacity

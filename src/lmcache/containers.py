@@ -35,6 +35,7 @@ from lmcache.engine.lmcache_engine import LMCacheEngine
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata
 from lmcache.storage.manager import StorageManager
+from lmcache.storage.prefetcher import Prefetcher
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +183,9 @@ class WorkerContainer(containers.DeclarativeContainer):
         local_disk_serde=local_disk_serde.provider,
     )
     allocator_backend = providers.Callable(find_allocator_backend, backends)
+    prefetcher = providers.Factory(Prefetcher)  # one per storage manager built
     storage_manager = _resource(StorageManager, backends=backends,
-                                allocator_backend=allocator_backend)
+                                allocator_backend=allocator_backend, prefetcher=prefetcher)
     gpu_connector = _resource(build, config.gpu_connector, metadata=metadata.provider,
                               layout=layout.provider)
     engine = _resource(LMCacheEngine, metadata=metadata, token_database=token_database,

@@ -1,11 +1,15 @@
-"""StorageManager: routes puts and gets over the ordered storage tiers (prefetch: Prefetcher)."""
+"""StorageManager: routes puts and gets over the ordered storage tiers.
+
+Collaborators: TierLookup (tier selection, prefix lookup, pins), Prefetcher (lookup-time
+prefetch), TierReader (reads, repair, write-back), TierStats (per-tier metrics).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Hashable, Sequence
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
@@ -18,11 +22,11 @@ from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.event_manager import EventManager
 from lmcache.storage.pin_ledger import PinLedger
 from lmcache.storage.prefetcher import Prefetcher
+from lmcache.storage.tier_lookup import Locations, TierLookup
 from lmcache.storage.tier_reader import Accept, TierReader
 
 logger = logging.getLogger(__name__)
 
-Locations = Union[str, Sequence[str], None]
 DEFAULT_BLOCKING_TIMEOUT_SECS = 10.0  # LMCache's blocking_timeout_secs default
 
 
@@ -36,28 +40,24 @@ class StorageManager:
       (``link_prefix``: a chunk is never evicted while later chunks of its prefix stay).
     * Lookup: :meth:`contains_prefix` counts the contiguous prefix of chunks held by any tier
       (the first chunk no tier holds ends it); with ``pin`` each counted chunk is pinned in the
-      tier that answered for it. With a ``lookup_id`` it also **prefetches** (the
-      :class:`~lmcache.storage.prefetcher.Prefetcher` collaborator): every counted chunk that
-      only a tier other than the allocator_backend holds is fetched in the background into
-      allocator memory reserved now; the promise shrinks to the chunks whose memory could be
-      reserved (``stats["prefetch_no_memory"]`` counts the rest, apart from misses).
+      tier that answered for it (:class:`~lmcache.storage.tier_lookup.TierLookup`). With a
+      ``lookup_id`` it also **prefetches** (:class:`~lmcache.storage.prefetcher.Prefetcher`)
+      the counted chunks only slower tiers hold, into allocator memory reserved now; the
+      promise shrinks to the chunks whose memory could be reserved.
     * Retrieve: :meth:`batched_get` serves each chunk of the contiguous hit prefix: a chunk
       prefetched under its ``lookup_id`` is taken from the prefetch (waiting only for the
       chunks it needs, all within one deadline of ``blocking_timeout_secs``); any other chunk is
       read from the first tier holding it, one ``batched_get_blocking`` per contiguous run of
       chunks of the same tier (a chunk gone from its tier meanwhile is tried in the others).
-    * **Repair** (an entry indexed but not servable): when a tier that answered ``contains``
-      for a chunk then fails to deliver it (None, an error, an object ``accept`` refuses), the
-      chunk is removed from that tier (``stats["repaired_entries"]``), so no later lookup
-      promises it and the engine's next store writes it again. A None while the
-      allocator_backend was short of memory is not repaired (the entry may be fine).
+    * **Repair** (an entry indexed but not servable): a chunk a tier answered ``contains`` for
+      and then failed to deliver is removed from that tier (``stats["repaired_entries"]``;
+      :class:`~lmcache.storage.tier_reader.TierReader`).
     * Write-back: chunks served by a slower tier are put into the allocator_backend when it is
       one of the tiers; a prefetched chunk as soon as it arrives (before its event completes),
       so a repeated lookup finds it in the CPU tier instead of fetching it again.
     * ``retrieve_locations`` (lookup, block mapping, retrieve) restricts the tiers searched to
-      those with the given backend names; ``store_location`` (store) restricts the tiers
-      written to the one with that name (LMCache semantics; names as ``backend.name``:
-      ``LocalCPUBackend``, ``LocalDiskBackend``, ``RemoteBackend``, ...).
+      those with the given backend names; ``store_location`` (store) the tiers written to the
+      one with that name (LMCache semantics; names as ``backend.name``: ``LocalCPUBackend``).
 
     A tier that raises costs hits only: the error is logged once per tier and the call
     continues as if the tier missed (``num_tier_errors`` counts them). A prefetched chunk that
@@ -76,11 +76,9 @@ class StorageManager:
             :mod:`lmcache.observability.tier_stats`).
 
     Attributes:
-        stats (property): ``prefetch_chunks`` (prefetches started), ``prefetch_hits``
-            (prefetched chunks a retrieve used), ``prefetch_misses`` (needed but failed or
-            late), ``prefetch_no_memory`` (chunks not promised: no memory could be reserved),
-            ``repaired_entries`` (unservable entries removed from their tier),
-            ``rejected_objects`` (objects ``accept`` refused), ``write_back_errors``.
+        stats (property): the Prefetcher's ``prefetch_chunks`` / ``prefetch_hits`` /
+            ``prefetch_misses`` / ``prefetch_no_memory`` and the TierReader's
+            ``repaired_entries`` / ``rejected_objects`` / ``write_back_errors``.
 
     Raises:
         ValueError: blocking_timeout_secs <= 0.
@@ -118,6 +116,7 @@ class StorageManager:
         self.reader = TierReader(self.backends, allocator_backend, self._write_back,
                                  self.tier_stats)
         self.pins = PinLedger()
+        self.lookup = TierLookup(self.backends, self._tier_error, self.pins)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -129,33 +128,11 @@ class StorageManager:
         """Tier calls that raised (each logged once per tier)."""
         return self.reader.num_tier_errors
 
-    # ---- tier selection -----------------------------------------------------------------
+    # ---- tier selection (the TierLookup collaborator) ------------------------------------
     @property
     def tier_names(self) -> list[str]:
         """``name`` of each tier, in tier order."""
-        return [b.name for b in self.backends]
-
-    def _tiers(self, locations: Locations, what: str = "retrieve_locations"
-               ) -> list[StorageBackendInterface]:
-        """The tiers named by ``locations`` (a name or a list of names), in tier order.
-
-        Raises:
-            TypeError: a name is not a str.  ValueError: empty, or a name no tier has.
-        """
-        if locations is None:
-            return self.backends
-        names = [locations] if isinstance(locations, str) else list(locations)
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise TypeError(f"{what} must be backend names (str), got {bad!r}")
-        if not names:
-            raise ValueError(f"{what} must name at least one tier; the tiers are "
-                             f"{self.tier_names}")
-        unknown = [n for n in names if n not in self.tier_names]
-        if unknown:
-            raise ValueError(f"{what} names unknown tier(s) {unknown}; the tiers are "
-                             f"{self.tier_names}")
-        return [b for b in self.backends if b.name in names]
+        return self.lookup.tier_names
 
     # ---- allocation ---------------------------------------------------------------------
     def allocate(
@@ -190,7 +167,7 @@ class StorageManager:
         if store_location is not None and not isinstance(store_location, str):
             raise TypeError(f"store_location must be one backend name (str), got "
                             f"{store_location!r}")
-        targets = self._tiers(store_location, "store_location")
+        targets = self.lookup.select(store_location, "store_location")
         try:
             for backend in targets:
                 try:
@@ -205,29 +182,6 @@ class StorageManager:
                 obj.ref_count_down()
 
     # ---- lookup -------------------------------------------------------------------------------
-    def _prefix_owners(self, keys: Sequence[CacheEngineKey], pin: bool,
-                       tiers: Sequence[StorageBackendInterface],
-                       lookup_id: Optional[Hashable] = None) -> list[StorageBackendInterface]:
-        """The tier answering for each chunk of the contiguous hit prefix."""
-        owners: list[StorageBackendInterface] = []
-        n = len(keys)
-        while len(owners) < n:
-            pos = len(owners)
-            for backend in tiers:
-                try:
-                    hit = backend.batched_contains(keys[pos:], pin=pin)
-                except Exception as e:  # noqa: BLE001
-                    self._tier_error(backend, "batched_contains", e)
-                    continue
-                if hit > 0:
-                    owners.extend([backend] * min(hit, n - pos))
-                    if pin:
-                        self.pins.record(keys[pos:pos + hit], backend, lookup_id)
-                    break
-            else:
-                break
-        return owners
-
     def contains_prefix(self, keys: Sequence[CacheEngineKey], pin: bool = False,
                         lookup_id: Optional[Hashable] = None,
                         retrieve_locations: Locations = None) -> int:
@@ -239,17 +193,17 @@ class StorageManager:
         Raises:
             TypeError: lookup_id is not hashable; bad retrieve_locations (see ``_tiers``).
         """
-        tiers = self._tiers(retrieve_locations)
+        tiers = self.lookup.select(retrieve_locations)
         if lookup_id is not None:
             hash(lookup_id)  # TypeError now, not after pinning
-        owners = self._prefix_owners(keys, pin, tiers, lookup_id)
+        owners = self.lookup.owners(keys, pin, tiers, lookup_id)
         if lookup_id is not None:
             count = self.prefetcher.start(lookup_id, keys, owners, self.allocator_backend,
                                           self.reader.put_back, self._tier_error,
                                           self.tier_stats.track_reads)
             if pin:
                 for key, owner in zip(keys[count:], owners[count:]):
-                    self._unpin_key(key, lookup_id)
+                    self.lookup.unpin_key(key, lookup_id)
             owners = owners[:count]
         if pin:  # a lookup (vLLM's scheduler pins), not a store's check: per-tier hit rates
             self.tier_stats.lookup(tiers, owners, len(keys))
@@ -259,7 +213,7 @@ class StorageManager:
                           retrieve_locations: Locations = None) -> dict[str, list[int]]:
         """``{backend name: [chunk indices]}`` over the contiguous hit prefix (no pinning)."""
         mapping: dict[str, list[int]] = {}
-        owners = self._prefix_owners(keys, False, self._tiers(retrieve_locations))
+        owners = self.lookup.owners(keys, False, self.lookup.select(retrieve_locations))
         for idx, owner in enumerate(owners):
             mapping.setdefault(owner.name, []).append(idx)
         return mapping
@@ -270,23 +224,7 @@ class StorageManager:
         (and per key without one), so a chunk pinned in the disk tier for one request is
         unpinned there even when a CPU copy of it is pinned for another."""
         for key in keys:
-            self._unpin_key(key, lookup_id)
-
-    def _unpin_key(self, key: CacheEngineKey, lookup_id: Optional[Hashable] = None) -> None:
-        backend = self.pins.pop(key, lookup_id)
-        if backend is not None:
-            self._unpin_in(backend, key)
-            return
-        for backend in self.backends:  # a pin taken past this manager: first tier holding one
-            if self._unpin_in(backend, key):
-                break
-
-    def _unpin_in(self, backend: StorageBackendInterface, key: CacheEngineKey) -> bool:
-        try:
-            return backend.unpin(key)
-        except Exception as e:  # noqa: BLE001
-            self._tier_error(backend, "unpin", e)
-            return False
+            self.lookup.unpin_key(key, lookup_id)
 
     # ---- prefetch (the Prefetcher collaborator) --------------------------------------------
     def discard_prefetch(self, lookup_id: Hashable) -> bool:
@@ -311,7 +249,7 @@ class StorageManager:
         returned: a refused object ends the prefix and is removed from the tier it came from
         (a prefetched one from every tier)."""
         keys = list(keys)
-        tiers = self._tiers(retrieve_locations)
+        tiers = self.lookup.select(retrieve_locations)
         prefetched = self.prefetcher.claim(lookup_id, keys)
         deadline = time.monotonic() + self.blocking_timeout_secs
         out: list[Optional[MemoryObj]] = [None] * len(keys)
@@ -332,7 +270,7 @@ class StorageManager:
                 end = pos
                 while end < n and keys[end] not in prefetched:
                     end += 1
-                owners = self._prefix_owners(keys[pos:end], False, tiers)
+                owners = self.lookup.owners(keys[pos:end], False, tiers)
                 got = self.reader.get_run(keys[pos:end], owners, tiers, accept, pos, parent)
                 out[pos:pos + len(got)] = got
                 if len(got) < end - pos:

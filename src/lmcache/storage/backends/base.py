@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Sequence
-from typing import Optional
+from typing import Callable, Optional
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
+
+logger = logging.getLogger(__name__)
+
+KV_ADMIT, KV_EVICT = 0, 1
+"""Operations of a KV event (:meth:`StorageBackendInterface.add_kv_listener`)."""
+
+KVListener = Callable[[str, int, CacheEngineKey], None]
+"""``listener(tier_name, KV_ADMIT|KV_EVICT, key)``: called when a tier starts or stops holding a
+key (e.g. the LMCacheWorker, which reports them to the CacheController). Called with the
+tier's lock held: it must only record the event (never call back into the tier)."""
 
 
 class StorageBackendInterface(abc.ABC):
@@ -25,6 +36,19 @@ class StorageBackendInterface(abc.ABC):
     """
 
     name: str = "StorageBackend"
+    _kv_listeners: tuple = ()
+
+    def add_kv_listener(self, listener: KVListener) -> None:
+        """Have ``listener`` told of every key this tier admits or evicts (tiers that keep an
+        index report them: LocalCPUBackend, LocalDiskBackend)."""
+        self._kv_listeners = (*self._kv_listeners, listener)
+
+    def _kv_event(self, op: int, key: CacheEngineKey) -> None:
+        for listener in self._kv_listeners:
+            try:
+                listener(self.name, op, key)
+            except Exception:  # noqa: BLE001 - a listener's failure never fails the tier
+                logger.exception("KV event listener failed")
 
     @abc.abstractmethod
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:

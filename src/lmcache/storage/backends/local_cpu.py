@@ -14,7 +14,7 @@ from lmcache.keys import CacheEngineKey
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
-from lmcache.storage.backends.base import StorageBackendInterface
+from lmcache.storage.backends.base import KV_ADMIT, KV_EVICT, StorageBackendInterface
 from lmcache.storage.policy.base import CachePolicy
 from lmcache.storage.policy.prefix_chain import PrefixChain
 
@@ -153,6 +153,8 @@ class LocalCPUBackend(StorageBackendInterface):
             obj.ref_count_up()
             self.hot_cache[key] = obj
             self._held_bytes += need
+            if old is None:
+                self._kv_event(KV_ADMIT, key)
             if old is not None:
                 while old.unpin():  # the pins move (the old object keeps none: it may come
                     obj.pin()       # back under this key later, e.g. from a disk write)
@@ -239,6 +241,7 @@ class LocalCPUBackend(StorageBackendInterface):
         self.chain.remove(key)
         if obj.is_valid:
             obj.ref_count_down()
+        self._kv_event(KV_EVICT, key)
         return True
 
     def _drop_freed(self, key: CacheEngineKey) -> None:

@@ -21,7 +21,7 @@ from lmcache.serde.base import Allocating, Serde
 from lmcache.serde.naive import NaiveSerde
 from lmcache.storage import name_limits
 from lmcache.storage.backends import disk_files, disk_links
-from lmcache.storage.backends.base import StorageBackendInterface
+from lmcache.storage.backends.base import KV_ADMIT, KV_EVICT, StorageBackendInterface
 from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.base import CachePolicy
 from lmcache.storage.policy.prefix_chain import PrefixChain
@@ -361,6 +361,7 @@ class LocalDiskBackend(StorageBackendInterface):
                     os.replace(tmp, self._file(key))
                     del self._pending[key]
                     self._index[key] = meta
+                    self._kv_event(KV_ADMIT, key)
                     self.used_bytes += wf.FILE_HEADER_SIZE + meta.length - size  # encoded size
                     if self.chain.parent(key) is not None:
                         self._log_link(key)
@@ -422,6 +423,11 @@ class LocalDiskBackend(StorageBackendInterface):
         with self._lock:
             self.links.close()
 
+    def keys(self) -> list[CacheEngineKey]:
+        """Snapshot of the keys whose files are written (not the pending writes)."""
+        with self._lock:
+            return list(self._index)
+
     def _remove_locked(self, key: CacheEngineKey) -> bool:
         self._pins.pop(key, None)
         obj = self._pending.pop(key, None)
@@ -435,6 +441,7 @@ class LocalDiskBackend(StorageBackendInterface):
         if meta is not None:
             self.used_bytes -= wf.FILE_HEADER_SIZE + meta.length
             disk_files.unlink(self._file(key))
+            self._kv_event(KV_EVICT, key)
         return True
 
     def _discard(self, key: CacheEngineKey, problem: str) -> None:

@@ -36,7 +36,8 @@ from typing import Callable
 import torch
 
 from lmcache.memory.memory_format import MemoryFormat
-from lmcache.storage.connectors import wire_format as wf
+from lmcache.serde.wire.metadata import encode_metadata, verify_payload
+from lmcache.serde.wire.remote_metadata import LEGACY_METADATA_SIZE, RemoteMetadata
 from lmcache.storage.connectors.lm import LMConnector
 
 HERE = Path(__file__).resolve().parent
@@ -99,9 +100,9 @@ def _lmcache_side(python: str, op: str, port: int, spec: list[dict]) -> dict:
 def _our_put(conn: LMConnector, spec: list[dict]) -> None:
     for item in spec:
         payload = _expected(item["key"], _nbytes(item))
-        meta = wf.RemoteMetadata(len(payload), MemoryFormat(item["fmt"]),
+        meta = RemoteMetadata(len(payload), MemoryFormat(item["fmt"]),
                                  DTYPES[item["dtype"]], tuple(item["shape"]))
-        assert conn.put(item["key"], wf.encode_metadata(meta, payload, item["key"]), payload)
+        assert conn.put(item["key"], encode_metadata(meta, payload, item["key"]), payload)
     # answered requests after the (possibly unanswered) PUTs: the server has them all
     assert conn.batched_exists([item["key"] for item in spec]) == [True] * len(spec)
 
@@ -115,12 +116,12 @@ def _our_get(conn: LMConnector, spec: list[dict], checksum: bool) -> dict:
             continue
         metadata, payload = got
         try:
-            meta = wf.verify_payload(metadata, payload, key=item["key"])
+            meta = verify_payload(metadata, payload, key=item["key"])
         except ValueError as e:
             out[item["key"]] = f"metadata rejected: {e}"
             continue
         want = (tuple(item["shape"]), DTYPES[item["dtype"]], MemoryFormat(item["fmt"]))
-        has_checksum = len(metadata) > wf.LEGACY_METADATA_SIZE
+        has_checksum = len(metadata) > LEGACY_METADATA_SIZE
         if (meta.shape, meta.dtype, meta.fmt) != want:
             out[item["key"]] = f"metadata {(meta.shape, meta.dtype, meta.fmt)} != {want}"
         elif bytes(payload) != _expected(item["key"], _nbytes(item)):

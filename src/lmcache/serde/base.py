@@ -9,7 +9,7 @@ import torch
 
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
-from lmcache.serde.wire_format import RemoteMetadata
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -27,7 +27,7 @@ class Serde(ABC):
 
     The metadata is what goes into the 28-byte wire header (DESIGN.md §4.5); the trailer
     (KV layout, checksum over key, header and payload) is added and checked by
-    :mod:`lmcache.serde.wire_format`, not by the Serde: ``deserialize`` only sees bytes that
+    :mod:`lmcache.serde.wire`, not by the Serde: ``deserialize`` only sees bytes that
     passed those checks.
     """
 

@@ -9,7 +9,7 @@ import torch
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.serde.base import Allocating, Buffer, Serde
-from lmcache.serde.wire_format import RemoteMetadata
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 
 
 class NaiveSerde(Serde):

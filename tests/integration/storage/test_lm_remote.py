@@ -13,8 +13,10 @@ import time
 import pytest
 import torch
 
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde.wire.metadata import encode_metadata
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 from lmcache.server import protocol
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.lm import LMConnector
 from storage_servers import LMServerProcess, chunk_key, eventually, free_port
 
@@ -68,8 +70,8 @@ def test_size_limits_on_both_sides(make_remote, put_chunks, fetch, cpu):
         put_chunks(remote, [1])  # a 16 KiB chunk is refused (TOO_LARGE), nothing raised
         assert remote.stats["put_failures"] == 1 and not remote.contains(chunk_key(1))
         conn = remote.connector
-        assert conn.put("small", wf.encode_metadata(
-            wf.RemoteMetadata(4, wf.MemoryFormat.BINARY, None, (4,)), b"abcd"), b"abcd")
+        assert conn.put("small", encode_metadata(
+            RemoteMetadata(4, MemoryFormat.BINARY, None, (4,)), b"abcd"), b"abcd")
         assert conn.get("small")[1] == b"abcd"  # the connection survived the refusal
     finally:
         server.kill()
@@ -180,7 +182,7 @@ def test_retry_on_a_reused_socket_that_breaks_mid_request(lm_server):
     """A pooled socket that passes the staleness check but fails when used is retried once on
     a fresh connection (the server is stopped so that it cannot close the socket first)."""
     conn = LMConnector(url(lm_server), retry_interval_secs=60, blocking_timeout_secs=5)
-    meta = wf.encode_metadata(wf.RemoteMetadata(4, wf.MemoryFormat.BINARY, None, (4,)), b"abcd")
+    meta = encode_metadata(RemoteMetadata(4, MemoryFormat.BINARY, None, (4,)), b"abcd")
     assert conn.put("k@1@0@1@half", meta, b"abcd")
     pooled = conn._pool.get_nowait()
     lm_server.pause()

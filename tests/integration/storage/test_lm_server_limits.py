@@ -15,9 +15,11 @@ from typing import Optional
 
 import pytest
 
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde.wire.metadata import encode_metadata
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 from lmcache.server import protocol as p
 from lmcache.server.__main__ import main as server_main
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.lm import LMConnector
 from storage_servers import eventually, free_port, wait_for_port
 
@@ -75,8 +77,8 @@ def servers(tmp_path):
 def blob(n: int, seed: int = 0) -> tuple[bytes, bytes]:
     """(36-byte metadata, payload) of an n-byte raw value."""
     payload = bytes((seed + i) % 251 for i in range(256)) * (n // 256) + bytes(n % 256)
-    meta = wf.RemoteMetadata(n, wf.MemoryFormat.BINARY, None, (n,))
-    return wf.encode_metadata(meta, payload), payload
+    meta = RemoteMetadata(n, MemoryFormat.BINARY, None, (n,))
+    return encode_metadata(meta, payload), payload
 
 
 def connect(port: int) -> socket.socket:

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from lmcache.keys import CacheEngineKey, LayerCacheEngineKey
 from lmcache.storage.backends.disk_files import SUFFIX
-from lmcache.storage.connectors.wire_format import filename_to_key
+from lmcache.storage.backends.disk_names import filename_to_key
 
 CHUNK = 64
 NUM_LAYERS = 2  # the tiny_model fixture's num_hidden_layers

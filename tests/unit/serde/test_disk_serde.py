@@ -22,10 +22,11 @@ from lmcache.serde.cachegen import CacheGenSerde
 from lmcache.serde.fp8 import FP8Serde
 from lmcache.serde.kivi import KIVISerde
 from lmcache.serde.naive import NaiveSerde
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
 from lmcache.storage.backends import disk_files
+from lmcache.storage.backends.disk_names import key_to_filename
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.lru import LRUCachePolicy
 
 SHAPE = (2, 3, 64, 32)  # [2, L, T, D], D = 2 heads x 16
@@ -114,7 +115,7 @@ def test_each_serde_round_trips_through_the_disk_tier(cpu, tmp_path, name):
         put(cpu, tier, key(0), x)
         (f,) = files(tmp_path / "d")
         ref, nbytes = serde_round_trip(cpu, serde, x)
-        assert f.stat().st_size == wf.FILE_HEADER_SIZE + nbytes == tier.used_bytes
+        assert f.stat().st_size == FILE_HEADER_SIZE + nbytes == tier.used_bytes
         got = tier.get_blocking(key(0))
         assert (got.shape, got.dtype, got.fmt) == (x.shape, x.dtype, MemoryFormat.KV_2LTD)
         assert torch.equal(got.tensor, ref)  # the tier is a byte store: exactly the serde's output
@@ -137,7 +138,7 @@ def test_naive_serde_writes_todays_bytes(cpu, tmp_path):
         tier.close()
     (a,), (b,) = files(tmp_path / "none"), files(tmp_path / "naive")
     assert a.read_bytes() == b.read_bytes()
-    assert a.stat().st_size == wf.FILE_HEADER_SIZE + x.numel() * 2
+    assert a.stat().st_size == FILE_HEADER_SIZE + x.numel() * 2
 
 
 @pytest.mark.parametrize("writer, reader", [("cachegen", "naive"), ("fp8", "kivi"),
@@ -167,7 +168,7 @@ def test_a_newer_or_foreign_stream_is_a_miss_and_deleted(cpu, tmp_path):
         obj.ref_count_down()
         stream = bytearray(payload)
         stream[4] = compressed.VERSION + 1  # a newer writer's stream, with a valid checksum
-        name = wf.key_to_filename(key(1).to_string(), disk_files.SUFFIX)
+        name = key_to_filename(key(1).to_string(), disk_files.SUFFIX)
         disk_files.write_file(str(tmp_path / "d" / name), meta, memoryview(bytes(stream)),
                               key(1).to_string(), tier.layout)
     finally:
@@ -198,7 +199,7 @@ def test_config_key_reaches_the_disk_tier_through_the_container(tmp_path):
         put(cpu, tier, key(0), kv(5))
         (f,) = files(tmp_path / "d")
         _, nbytes = serde_round_trip(cpu, KIVISerde(group_size=64), kv(5))
-        assert os.path.getsize(f) == wf.FILE_HEADER_SIZE + nbytes < kv(5).numel() * 2 / 4
+        assert os.path.getsize(f) == FILE_HEADER_SIZE + nbytes < kv(5).numel() * 2 / 4
     finally:
         shutdown(container)
 

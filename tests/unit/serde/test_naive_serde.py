@@ -8,8 +8,8 @@ import torch
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde.naive import NaiveSerde
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.lru import LRUCachePolicy
 
 
@@ -47,7 +47,7 @@ def test_round_trip_is_bit_exact(cpu, dtype, shape, fmt):
 
 
 def test_raw_bytes_dtype_none_become_uint8(cpu):
-    meta = wf.RemoteMetadata(5, MemoryFormat.BINARY, None, (5,))
+    meta = RemoteMetadata(5, MemoryFormat.BINARY, None, (5,))
     back = NaiveSerde().deserialize(meta, b"hello", cpu)
     assert back.dtype == torch.uint8 and bytes(back.byte_array) == b"hello"
     back.ref_count_down()
@@ -55,8 +55,8 @@ def test_raw_bytes_dtype_none_become_uint8(cpu):
 
 def test_no_memory_is_none_and_bad_length_is_valueerror(cpu):
     serde = NaiveSerde()
-    big = wf.RemoteMetadata(4 << 20, MemoryFormat.BINARY, torch.uint8, (4 << 20,))
+    big = RemoteMetadata(4 << 20, MemoryFormat.BINARY, torch.uint8, (4 << 20,))
     assert serde.deserialize(big, bytes(4 << 20), cpu) is None
-    meta = wf.RemoteMetadata(8, MemoryFormat.BINARY, torch.uint8, (8,))
+    meta = RemoteMetadata(8, MemoryFormat.BINARY, torch.uint8, (8,))
     with pytest.raises(ValueError, match="payload is 7 bytes, metadata says 8"):
         serde.deserialize(meta, b"1234567", cpu)

@@ -1,5 +1,5 @@
 """The remote wire format (DESIGN.md §4.5 + lmcache's trailer: layout and a checksum covering the
-key) and key file names."""
+key): lmcache.serde.wire."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import torch
 import xxhash
 
 from lmcache.memory.memory_format import MemoryFormat
-from lmcache.serde import wire_format as wf
-from lmcache.storage.connectors import wire_format as old_path_wf
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE, decode_blob, encode_file_header
+from lmcache.serde.wire.chunk_layout import ChunkLayout
+from lmcache.serde.wire.metadata import (
+    METADATA_SIZE,
+    decode_metadata,
+    encode_metadata,
+    verify_payload,
+)
+from lmcache.serde.wire.remote_metadata import RemoteMetadata, WireFormatError, dtype_to_code
 
 
 def _payload(n: int = 64) -> bytes:
@@ -22,9 +29,9 @@ def test_header_is_seven_little_endian_int32_with_design_dtype_codes():
     expected = {None: 0, torch.float16: 2, torch.bfloat16: 3, torch.float32: 4,
                 torch.float64: 5, torch.uint8: 6, torch.float8_e4m3fn: 7, torch.float8_e5m2: 8}
     for dtype, code in expected.items():
-        assert wf.dtype_to_code(dtype) == code
+        assert dtype_to_code(dtype) == code
         itemsize = 1 if dtype is None else dtype.itemsize
-        meta = wf.RemoteMetadata(2 * 3 * 4 * 5 * itemsize, MemoryFormat.KV_2LTD, dtype,
+        meta = RemoteMetadata(2 * 3 * 4 * 5 * itemsize, MemoryFormat.KV_2LTD, dtype,
                                  (2, 3, 4, 5))
         header = meta.header_bytes()
         assert len(header) == 28
@@ -32,99 +39,95 @@ def test_header_is_seven_little_endian_int32_with_design_dtype_codes():
     assert torch.half is torch.float16  # "half 1" and "float16 2" name the same dtype
     for code in (1, 2):
         header = struct.pack("<7i", 8, 1, code, 1, 1, 1, 4)
-        assert wf.decode_metadata(header)[0].dtype == torch.float16
+        assert decode_metadata(header)[0].dtype == torch.float16
 
 
-LAYOUT = wf.ChunkLayout(4, 1, 2, torch.bfloat16, False, 8)
-
-
-def test_old_import_path_is_the_same_module():
-    assert old_path_wf is wf
+LAYOUT = ChunkLayout(4, 1, 2, torch.bfloat16, False, 8)
 
 
 def test_metadata_is_header_then_trailer_with_layout_and_xxh3_of_key_header_payload():
     payload = _payload(2 * 4 * 8 * 2 * 2)
     key = "m@1@0@ab@bfloat16"
-    meta = wf.RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, torch.bfloat16, (2, 4, 8, 2))
-    data = wf.encode_metadata(meta, payload, key, LAYOUT)
-    assert len(data) == wf.METADATA_SIZE == 56
+    meta = RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, torch.bfloat16, (2, 4, 8, 2))
+    data = encode_metadata(meta, payload, key, LAYOUT)
+    assert len(data) == METADATA_SIZE == 56
     assert data[:28] == meta.header_bytes()
     fields = struct.unpack("<4sIIIBBBB", data[28:48])
     assert fields == (b"LMc\x02", 4, 1, 2, 3, 3, 1, 0)  # layers, heads, head size, dtypes, flags
     digest = struct.unpack("<Q", data[48:])[0]
     assert digest == xxhash.xxh3_64_intdigest(key.encode() + b"\0" + data[:48] + payload)
-    assert wf.verify_payload(data, payload, key=key, expect=LAYOUT) == meta
-    decoded, trailer = wf.decode_metadata(data)
+    assert verify_payload(data, payload, key=key, expect=LAYOUT) == meta
+    decoded, trailer = decode_metadata(data)
     assert decoded == meta and trailer.checksum == digest
-    assert trailer.layout == wf.ChunkLayout(4, 1, 2, torch.bfloat16, False)
+    assert trailer.layout == ChunkLayout(4, 1, 2, torch.bfloat16, False)
 
 
 def test_checksum_covers_the_key():
     payload = _payload(64)
-    meta = wf.RemoteMetadata(64, MemoryFormat.BINARY, None, (64,))
-    data = wf.encode_metadata(meta, payload, "model@1@0@aa@half")
-    assert wf.verify_payload(data, payload, key="model@1@0@aa@half") == meta
-    with pytest.raises(wf.WireFormatError, match="checksum"):
-        wf.verify_payload(data, payload, key="model@1@0@ab@half")
+    meta = RemoteMetadata(64, MemoryFormat.BINARY, None, (64,))
+    data = encode_metadata(meta, payload, "model@1@0@aa@half")
+    assert verify_payload(data, payload, key="model@1@0@aa@half") == meta
+    with pytest.raises(WireFormatError, match="checksum"):
+        verify_payload(data, payload, key="model@1@0@ab@half")
 
 
 @pytest.mark.parametrize("other", [
-    wf.ChunkLayout(4, 2, 1, torch.bfloat16, False),    # same D = 2, heads and head size swapped
-    wf.ChunkLayout(4, 1, 2, torch.float16, False),     # other dtype, same byte size
-    wf.ChunkLayout(4, 1, 2, torch.bfloat16, True),     # MLA
-    wf.ChunkLayout(2, 1, 2, torch.bfloat16, False),    # other layer count
+    ChunkLayout(4, 2, 1, torch.bfloat16, False),    # same D = 2, heads and head size swapped
+    ChunkLayout(4, 1, 2, torch.float16, False),     # other dtype, same byte size
+    ChunkLayout(4, 1, 2, torch.bfloat16, True),     # MLA
+    ChunkLayout(2, 1, 2, torch.bfloat16, False),    # other layer count
 ])
 def test_a_chunk_of_another_layout_is_rejected_even_with_the_same_byte_size(other):
     payload = _payload(2 * 4 * 8 * 2 * 2)
-    meta = wf.RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, torch.bfloat16, (2, 4, 8, 2))
-    data = wf.encode_metadata(meta, payload, "k", other)
-    with pytest.raises(wf.WireFormatError, match="another KV layout"):
-        wf.verify_payload(data, payload, key="k", expect=LAYOUT)
+    meta = RemoteMetadata(len(payload), MemoryFormat.KV_2LTD, torch.bfloat16, (2, 4, 8, 2))
+    data = encode_metadata(meta, payload, "k", other)
+    with pytest.raises(WireFormatError, match="another KV layout"):
+        verify_payload(data, payload, key="k", expect=LAYOUT)
 
 
 def test_lmcache_header_without_trailer_is_checked_against_the_layout():
     payload = _payload(2 * 4 * 8 * 2 * 2)
     ok = struct.pack("<7i", len(payload), 1, 3, 2, 4, 8, 2)
-    assert wf.verify_payload(ok, payload, key="k", expect=LAYOUT).shape == (2, 4, 8, 2)
+    assert verify_payload(ok, payload, key="k", expect=LAYOUT).shape == (2, 4, 8, 2)
     for fields, what in [((len(payload), 1, 2, 2, 4, 8, 2), "dtype"),          # fp16
                          ((len(payload), 1, 3, 2, 2, 16, 2), "shape"),         # 2 layers
                          ((len(payload), 6, 3, 1, 4, 16, 2), "shape"),         # MLA fmt
                          ((len(payload), 1, 3, 2, 4, 4, 4), "shape"),          # D = 4
                          ((len(payload) * 2, 1, 3, 2, 4, 16, 2), "payload is")]:
-        with pytest.raises(wf.WireFormatError, match=what):
-            wf.verify_payload(struct.pack("<7i", *fields), payload, expect=LAYOUT)
-    big = wf.ChunkLayout(4, 1, 2, torch.bfloat16, False, 4)  # chunk_size 4 < 8 tokens
-    with pytest.raises(wf.WireFormatError, match="tokens"):
-        wf.verify_payload(ok, payload, expect=big)
+        with pytest.raises(WireFormatError, match=what):
+            verify_payload(struct.pack("<7i", *fields), payload, expect=LAYOUT)
+    big = ChunkLayout(4, 1, 2, torch.bfloat16, False, 4)  # chunk_size 4 < 8 tokens
+    with pytest.raises(WireFormatError, match="tokens"):
+        verify_payload(ok, payload, expect=big)
 
 
 def test_one_byte_dtypes_without_lmcache_code_go_as_uint8_with_exact_dtype_in_trailer():
     for dtype in (torch.int8, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.bool):
         t = torch.zeros(2, 1, 4, 6, dtype=dtype)
-        meta = wf.RemoteMetadata.for_tensor(t, MemoryFormat.KV_2LTD)
-        data = wf.encode_metadata(meta, bytes(48), "k")
+        meta = RemoteMetadata.for_tensor(t, MemoryFormat.KV_2LTD)
+        data = encode_metadata(meta, bytes(48), "k")
         assert struct.unpack_from("<7i", data)[2] == 6
-        assert wf.decode_metadata(data)[0].dtype == dtype
-        assert wf.decode_metadata(data[:28])[0].dtype == torch.uint8
+        assert decode_metadata(data)[0].dtype == dtype
+        assert decode_metadata(data[:28])[0].dtype == torch.uint8
 
 
 def test_fewer_than_four_dims_pad_with_zero_as_lmcache():
     t = torch.zeros(16, 2, 8, dtype=torch.float16)  # KV_T2D [T, 2, D]
-    meta = wf.RemoteMetadata.for_tensor(t, MemoryFormat.KV_T2D)
+    meta = RemoteMetadata.for_tensor(t, MemoryFormat.KV_T2D)
     header = meta.header_bytes()
     assert struct.unpack("<7i", header) == (512, 2, 2, 16, 2, 8, 0)
-    assert wf.decode_metadata(header)[0].shape == (16, 2, 8)
+    assert decode_metadata(header)[0].shape == (16, 2, 8)
     binary = struct.pack("<7i", 10, int(MemoryFormat.BINARY), 6, 10, 0, 0, 0)  # LMCache's
-    assert wf.decode_metadata(binary)[0].shape == (10,)
+    assert decode_metadata(binary)[0].shape == (10,)
 
 
 def test_lmcache_written_28_byte_metadata_is_accepted_by_length():
     payload = _payload(4 * 4)
     header = struct.pack("<7i", 16, 1, 4, 1, 1, 1, 4)
-    meta = wf.verify_payload(header, payload)
+    meta = verify_payload(header, payload)
     assert (meta.length, meta.dtype, meta.shape) == (16, torch.float32, (1, 1, 1, 4))
-    with pytest.raises(wf.WireFormatError, match="payload is 15 bytes"):
-        wf.verify_payload(header, payload[:15])
+    with pytest.raises(WireFormatError, match="payload is 15 bytes"):
+        verify_payload(header, payload[:15])
 
 
 @pytest.mark.parametrize(
@@ -140,70 +143,47 @@ def test_lmcache_written_28_byte_metadata_is_accepted_by_length():
     ],
 )
 def test_inconsistent_headers_are_rejected(fields, message):
-    with pytest.raises(wf.WireFormatError, match=message):
-        wf.decode_metadata(struct.pack("<7i", *fields), max_payload_bytes=1 << 20)
+    with pytest.raises(WireFormatError, match=message):
+        decode_metadata(struct.pack("<7i", *fields), max_payload_bytes=1 << 20)
 
 
 def test_wrong_sizes_and_flipped_bits_are_rejected():
     payload = bytearray(_payload(64))
-    meta = wf.RemoteMetadata(64, MemoryFormat.BINARY, None, (64,))
-    data = bytearray(wf.encode_metadata(meta, payload))
-    with pytest.raises(wf.WireFormatError, match="expected 56 or 28"):
-        wf.decode_metadata(data[:36])
-    with pytest.raises(wf.WireFormatError, match="trailer magic"):
-        wf.decode_metadata(bytes(data[:28]) + b"XXXX" + bytes(data[32:]))
-    with pytest.raises(wf.WireFormatError, match="payload is 63 bytes but the header says 64"):
-        wf.verify_payload(data, payload[:63])
+    meta = RemoteMetadata(64, MemoryFormat.BINARY, None, (64,))
+    data = bytearray(encode_metadata(meta, payload))
+    with pytest.raises(WireFormatError, match="expected 56 or 28"):
+        decode_metadata(data[:36])
+    with pytest.raises(WireFormatError, match="trailer magic"):
+        decode_metadata(bytes(data[:28]) + b"XXXX" + bytes(data[32:]))
+    with pytest.raises(WireFormatError, match="payload is 63 bytes but the header says 64"):
+        verify_payload(data, payload[:63])
     payload[10] ^= 1
-    with pytest.raises(wf.WireFormatError, match="checksum"):
-        wf.verify_payload(data, payload)
+    with pytest.raises(WireFormatError, match="checksum"):
+        verify_payload(data, payload)
     payload[10] ^= 1
     data[4] = int(MemoryFormat.KV_2LTD)  # header field changed: checksum covers it too
-    with pytest.raises(wf.WireFormatError, match="checksum"):
-        wf.verify_payload(data, payload)
+    with pytest.raises(WireFormatError, match="checksum"):
+        verify_payload(data, payload)
 
 
 def test_encode_metadata_rejects_payload_of_other_length():
-    meta = wf.RemoteMetadata(8, MemoryFormat.BINARY, None, (8,))
+    meta = RemoteMetadata(8, MemoryFormat.BINARY, None, (8,))
     with pytest.raises(ValueError, match="payload has 7 bytes, metadata says 8"):
-        wf.encode_metadata(meta, b"1234567")
+        encode_metadata(meta, b"1234567")
     with pytest.raises(ValueError, match="has no remote wire code"):
-        wf.RemoteMetadata.for_tensor(torch.zeros(2, dtype=torch.int32), MemoryFormat.KV_2LTD)
+        RemoteMetadata.for_tensor(torch.zeros(2, dtype=torch.int32), MemoryFormat.KV_2LTD)
     with pytest.raises(ValueError, match="holds 4"):
-        wf.RemoteMetadata.for_tensor(torch.zeros(1, 1, 1, 1, 1), MemoryFormat.KV_2LTD)
+        RemoteMetadata.for_tensor(torch.zeros(1, 1, 1, 1, 1), MemoryFormat.KV_2LTD)
 
 
 def test_blob_layout_magic_metadata_payload():
     payload = _payload(32)
-    meta = wf.RemoteMetadata(32, MemoryFormat.BINARY, torch.uint8, (32,))
-    blob = wf.encode_file_header(meta, payload) + payload
-    assert blob[:8] == b"LMCACHE2" and len(blob) == wf.FILE_HEADER_SIZE + 32 == 96
-    got, view = wf.decode_blob(blob)
+    meta = RemoteMetadata(32, MemoryFormat.BINARY, torch.uint8, (32,))
+    blob = encode_file_header(meta, payload) + payload
+    assert blob[:8] == b"LMCACHE2" and len(blob) == FILE_HEADER_SIZE + 32 == 96
+    got, view = decode_blob(blob)
     assert got == meta and bytes(view) == payload
-    with pytest.raises(wf.WireFormatError, match="bad magic"):
-        wf.decode_blob(b"X" + blob[1:])
-    with pytest.raises(wf.WireFormatError, match="payload is 31 bytes"):
-        wf.decode_blob(blob[:-1])
-
-
-@pytest.mark.parametrize("key", [
-    "meta-llama/Llama-3.1-8B@1@0@b8a960cfcc69e7a5@bfloat16",
-    "a%2Fb/c%25@1@0@-1f@half@tag%x%2F",
-    ".hidden/..@1@0@0@half",
-    "%2E",
-])
-def test_key_file_names_round_trip_and_hold_no_slash(key):
-    name = wf.key_to_filename(key, ".kvc")
-    assert "/" not in name and not name.startswith(".") and name.endswith(".kvc")
-    assert wf.filename_to_key(name, ".kvc") == key
-
-
-def test_bad_file_names_are_rejected():
-    with pytest.raises(ValueError, match="bad escape"):
-        wf.filename_to_key("a%41b.kvc", ".kvc")
-    with pytest.raises(ValueError, match="does not end with"):
-        wf.filename_to_key("abc.tmp", ".kvc")
-    with pytest.raises(ValueError, match="longer than 255"):
-        wf.key_to_filename("m" * 300)
-    with pytest.raises(ValueError, match="empty or contains NUL"):
-        wf.key_to_filename("")
+    with pytest.raises(WireFormatError, match="bad magic"):
+        decode_blob(b"X" + blob[1:])
+    with pytest.raises(WireFormatError, match="payload is 31 bytes"):
+        decode_blob(blob[:-1])

@@ -11,8 +11,11 @@ import torch
 
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE, FILE_MAGIC
+from lmcache.serde.wire.chunk_layout import ChunkLayout
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 from lmcache.storage.backends import disk_files
-from lmcache.serde import wire_format as wf
+from lmcache.storage.backends.disk_names import filename_to_key
 
 SHAPE = (2, 5, 256, 1024)  # 5 MiB of bf16: the header read, 5 BLOCK reads (last one partial)
 
@@ -31,14 +34,14 @@ def new_obj(alloc, fill=None):
     return obj
 
 
-LAYOUT = wf.ChunkLayout(5, 8, 128, torch.bfloat16, False, 256)  # D = 1024
+LAYOUT = ChunkLayout(5, 8, 128, torch.bfloat16, False, 256)  # D = 1024
 
 
 def written(alloc, path, layout=None):
     value = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     src = new_obj(alloc, value)
-    key = wf.filename_to_key(os.path.basename(path), disk_files.SUFFIX)
-    disk_files.write_file(str(path), wf.RemoteMetadata.for_tensor(src.tensor, src.fmt),
+    key = filename_to_key(os.path.basename(path), disk_files.SUFFIX)
+    disk_files.write_file(str(path), RemoteMetadata.for_tensor(src.tensor, src.fmt),
                           src.byte_array, key, layout)
     src.ref_count_down()
     return value
@@ -56,15 +59,15 @@ def read(alloc, path, layout=None):
 def test_multi_block_round_trip(alloc, tmp_path):
     path = tmp_path / "c.kvc"
     value = written(alloc, path)
-    assert os.path.getsize(path) == wf.FILE_HEADER_SIZE + 5 * (1 << 20)
+    assert os.path.getsize(path) == FILE_HEADER_SIZE + 5 * (1 << 20)
     assert disk_files.BLOCK == 1 << 20
     problem, got = read(alloc, path)
     assert problem is None and torch.equal(got, value)
 
 
-@pytest.mark.parametrize("offset", [wf.FILE_HEADER_SIZE, disk_files.BLOCK - 1,
+@pytest.mark.parametrize("offset", [FILE_HEADER_SIZE, disk_files.BLOCK - 1,
                                     disk_files.BLOCK, 3 * disk_files.BLOCK + 7,
-                                    wf.FILE_HEADER_SIZE + 5 * (1 << 20) - 1])
+                                    FILE_HEADER_SIZE + 5 * (1 << 20) - 1])
 def test_a_flipped_payload_byte_anywhere_is_caught(alloc, tmp_path, offset):
     path = tmp_path / "c.kvc"
     written(alloc, path)
@@ -87,13 +90,13 @@ def test_damaged_headers_and_sizes(alloc, tmp_path):
     assert read(alloc, path)[0].startswith("corrupt (not an lmcache chunk file")
     path.write_bytes(data[:-5])  # torn payload
     assert read(alloc, path)[0] == f"truncated or mismatched ({len(data) - 5} bytes)"
-    shape_field = len(wf.FILE_MAGIC) + 12  # shape[0] of the 28-byte header
+    shape_field = len(FILE_MAGIC) + 12  # shape[0] of the 28-byte header
     other = bytearray(data)
     other[shape_field:shape_field + 4] = struct.pack("<i", 1)  # header of another shape
     path.write_bytes(bytes(other))
     assert read(alloc, path)[0].startswith("corrupt")  # length/shape disagree
     legacy = bytearray(data)
-    legacy[wf.FILE_HEADER_SIZE - 8:wf.FILE_HEADER_SIZE] = bytes(8)  # checksum zeroed
+    legacy[FILE_HEADER_SIZE - 8:FILE_HEADER_SIZE] = bytes(8)  # checksum zeroed
     path.write_bytes(bytes(legacy))
     assert read(alloc, path)[0] == "corrupt (checksum mismatch)"
 
@@ -116,7 +119,7 @@ def test_a_valid_file_under_another_key_name_is_a_miss(alloc, tmp_path):
 
 def test_a_file_of_another_layout_is_a_miss_and_not_indexed(alloc, tmp_path):
     path = tmp_path / "m@1@0@aa@bfloat16.kvc"
-    other = wf.ChunkLayout(5, 16, 64, torch.bfloat16, False, 256)  # same D, same byte size
+    other = ChunkLayout(5, 16, 64, torch.bfloat16, False, 256)  # same D, same byte size
     written(alloc, path, other)
     problem, _ = read(alloc, path, LAYOUT)
     assert problem.startswith("corrupt (chunk of another KV layout: num_kv_heads is 16")

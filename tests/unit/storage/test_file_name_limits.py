@@ -19,10 +19,10 @@ from lmcache.memory.memory_format import MemoryFormat
 from lmcache.metadata import LMCacheMetadata
 from lmcache.storage import name_limits
 from lmcache.storage.backends import disk_files
+from lmcache.storage.backends.disk_names import key_to_filename
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.connectors import fs
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.lru import LRUCachePolicy
 
 def meta(model: str = "org/model", layers: int = 4) -> LMCacheMetadata:
@@ -73,7 +73,7 @@ def test_disk_tier_in_a_directory_too_deep_for_path_max_is_refused(cpu, tmp_path
     name_max, path_max = name_limits.limits(str(tmp_path))
     assert (name_max, path_max) == (255, 4096)  # Linux
     metadata = meta()
-    name = wf.key_to_filename(name_limits.longest_keys(metadata)[1], disk_files.SUFFIX)
+    name = key_to_filename(name_limits.longest_keys(metadata)[1], disk_files.SUFFIX)
     where = deep_dir(tmp_path, free=len(name) + 5)  # room for "/rank1of2" but not the name
     with pytest.raises(ValueError) as err:
         disk(cpu, where, metadata)

@@ -10,13 +10,15 @@ import torch
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_format import MemoryFormat
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE, FILE_MAGIC
+from lmcache.serde.wire.metadata import verify_payload
+from lmcache.storage.backends.disk_names import key_to_filename
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.policy.lru import LRUCachePolicy
 
 SHAPE = (2, 2, 16, 32)  # [2, L, T, D] bf16: 4 KiB per chunk
-CHUNK_FILE = wf.FILE_HEADER_SIZE + 2 * 2 * 16 * 32 * 2
+CHUNK_FILE = FILE_HEADER_SIZE + 2 * 2 * 16 * 32 * 2
 MODEL = "meta-llama/Llama-3.1-8B"
 
 
@@ -73,9 +75,9 @@ def test_round_trip_file_name_and_layout(cpu, make_disk, tmp_path):
     files = os.listdir(tmp_path / "disk")
     assert files == ["meta-llama%2FLlama-3.1-8B@1@0@abc001@bfloat16.kvc"]
     data = (tmp_path / "disk" / files[0]).read_bytes()
-    assert len(data) == CHUNK_FILE and data[:8] == wf.FILE_MAGIC
-    h = wf.FILE_HEADER_SIZE
-    meta = wf.verify_payload(data[8:h], data[h:], key=key(1).to_string())
+    assert len(data) == CHUNK_FILE and data[:8] == FILE_MAGIC
+    h = FILE_HEADER_SIZE
+    meta = verify_payload(data[8:h], data[h:], key=key(1).to_string())
     assert (meta.fmt, meta.dtype, meta.shape) == (MemoryFormat.KV_2LTD, torch.bfloat16, SHAPE)
     assert data[h:] == ref[1].view(torch.uint8).numpy().tobytes()
     assert disk.contains(key(1)) and not disk.contains(key(2))
@@ -96,10 +98,10 @@ def test_restart_rebuilds_index_and_usage(cpu, make_disk, tmp_path):
     (d / ".tmp-deadbeef").write_bytes(b"another program's")      # left alone (7.12)
     (d / "notes.txt").write_text("not ours")                     # left alone
     (d / "junk.kvc").write_bytes(b"x" * 100)                     # not an encoded key: left alone
-    os.truncate(d / wf.key_to_filename(key(4).to_string(), ".kvc"), CHUNK_FILE - 10)  # torn
+    os.truncate(d / key_to_filename(key(4).to_string(), ".kvc"), CHUNK_FILE - 10)  # torn
     again = make_disk()
     assert sorted(os.listdir(d)) == sorted(
-        [wf.key_to_filename(key(i).to_string(), ".kvc") for i in range(4)]
+        [key_to_filename(key(i).to_string(), ".kvc") for i in range(4)]
         + ["notes.txt", ".tmp-deadbeef", "junk.kvc"])
     assert len(again) == 4 and again.used_bytes == 4 * CHUNK_FILE
     assert again.batched_contains([key(i) for i in range(6)]) == 4
@@ -111,7 +113,7 @@ def test_restart_rebuilds_index_and_usage(cpu, make_disk, tmp_path):
 def test_corrupt_byte_is_a_miss_and_file_is_removed(cpu, make_disk, tmp_path, caplog):
     disk = make_disk()
     store(disk, cpu, [7])
-    path = tmp_path / "disk" / wf.key_to_filename(key(7).to_string(), ".kvc")
+    path = tmp_path / "disk" / key_to_filename(key(7).to_string(), ".kvc")
     data = bytearray(path.read_bytes())
     data[1000] ^= 0x40
     path.write_bytes(bytes(data))
@@ -125,7 +127,7 @@ def test_corrupt_byte_is_a_miss_and_file_is_removed(cpu, make_disk, tmp_path, ca
 def test_file_truncated_while_running_is_a_miss(cpu, make_disk, tmp_path):
     disk = make_disk()
     store(disk, cpu, [3])
-    path = tmp_path / "disk" / wf.key_to_filename(key(3).to_string(), ".kvc")
+    path = tmp_path / "disk" / key_to_filename(key(3).to_string(), ".kvc")
     os.truncate(path, 100)
     assert disk.get_blocking(key(3)) is None
     assert not path.exists() and disk.stats["corrupt"] == 1

@@ -11,7 +11,7 @@ import torch
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.cpu import CPUMemoryAllocator
-from lmcache.storage.backends import local_disk
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.manager import StorageManager
@@ -127,7 +127,7 @@ def test_a_stored_continuation_links_to_the_cached_prefix(cpu_tier):
 def test_disk_tier_evicts_from_the_tail(tmp_path, policy):
     allocator = CPUMemoryAllocator(64 * CHUNK, pin_memory=False)
     cpu = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=64 * CHUNK / 2**30)
-    file_size = local_disk.wf.FILE_HEADER_SIZE + CHUNK
+    file_size = FILE_HEADER_SIZE + CHUNK
     disk = LocalDiskBackend(cpu, POLICIES[policy](), local_disk=str(tmp_path),
                             max_local_disk_size=10 * file_size / 2**30)
     sm = StorageManager([disk], allocator_backend=cpu)  # the disk tier alone

@@ -12,10 +12,11 @@ import torch
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.cpu import CPUMemoryAllocator
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
 from lmcache.storage.backends import disk_links
+from lmcache.storage.backends.disk_names import key_to_filename
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.manager import StorageManager
 from lmcache.storage.policy import (FIFOCachePolicy, LFUCachePolicy, LRUCachePolicy,
                                     MRUCachePolicy)
@@ -38,7 +39,7 @@ def tiers(tmp_path):
 
     def open_disk(policy: str = "lru") -> tuple[LocalDiskBackend, StorageManager]:
         disk = LocalDiskBackend(cpu, POLICIES[policy](), local_disk=str(tmp_path),
-                                max_local_disk_size=10 * (wf.FILE_HEADER_SIZE + CHUNK) / 2**30)
+                                max_local_disk_size=10 * (FILE_HEADER_SIZE + CHUNK) / 2**30)
         sm = StorageManager([disk], allocator_backend=cpu)  # the disk tier alone
         made.append(sm)
         return disk, sm
@@ -99,5 +100,5 @@ def test_the_link_log_keeps_only_live_links_and_skips_torn_lines(tiers, tmp_path
     assert log.read_text() == json.dumps([a[1].to_string(), a[0].to_string()]) + "\n"
     assert disk.links.errors == 0
     assert sorted(os.listdir(tmp_path)) == sorted(
-        [disk_links.NAME] + [wf.key_to_filename(k.to_string(), ".kvc") for k in (a[0], a[1], a[3])])
+        [disk_links.NAME] + [key_to_filename(k.to_string(), ".kvc") for k in (a[0], a[1], a[3])])
     assert disk.clear() == 3 and not log.exists()

@@ -13,7 +13,7 @@ import torch
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
-from lmcache.storage.backends import local_disk
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.manager import StorageManager
@@ -54,7 +54,7 @@ def test_cpu_tier_refusals_are_counted_and_logged_once(allocator, caplog):
 
 def test_disk_tier_refusals_are_counted_and_logged_once(allocator, tmp_path, caplog):
     cpu = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=1 / 1024)
-    file_size = local_disk.wf.FILE_HEADER_SIZE + 4096
+    file_size = FILE_HEADER_SIZE + 4096
     disk = LocalDiskBackend(cpu, LRUCachePolicy(), local_disk=str(tmp_path),
                             max_local_disk_size=1.5 * file_size / 2**30)
     obj = cpu.allocate(SHAPE, torch.bfloat16)

@@ -13,8 +13,8 @@ import torch
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde.naive import NaiveSerde
+from lmcache.serde.wire.metadata import TRAILER_MAGIC, verify_payload
 from lmcache.storage.backends.remote import RemoteBackend
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.blackhole import BlackholeConnector
 from lmcache.storage.connectors.fs import FSConnector, file_name
 
@@ -102,9 +102,9 @@ def test_lmcache_legacy_28_byte_header_is_read(fs_remote, cpu, tmp_path):
     data = path.read_bytes()
     payload = data[28:-28]
     header = struct.pack("<7i", len(payload), 1, 2, *SHAPE)
-    assert data[:28] == header and data[-28:-24] == wf.TRAILER_MAGIC
+    assert data[:28] == header and data[-28:-24] == TRAILER_MAGIC
     # a value whose metadata carries no checksum is still checked by length
-    got = fs_remote.serde.deserialize(wf.verify_payload(header, payload), payload, cpu)
+    got = fs_remote.serde.deserialize(verify_payload(header, payload), payload, cpu)
     assert bytes(got.byte_array) == payload
     got.ref_count_down()
 

@@ -1,10 +1,10 @@
 """Chunk files of the LocalDiskBackend (and of any tier that keeps one file per chunk).
 
-A chunk file is ``wire_format``'s single-value layout: ``b"LMCACHE2"`` | 56-byte metadata
-(28-byte LMCache header + lmcache's trailer: the writer's KV layout and the xxh3_64 of key,
-header, trailer and payload) | payload. Its name is the key string encoded with
-:func:`wire_format.key_to_filename` plus ``.kvc``; the checksum covers that key, so a valid
-file copied or renamed to another key's name is a miss, and a file of another KV layout
+A chunk file is the single-value layout of :mod:`lmcache.serde.wire.chunk_file`:
+``b"LMCACHE2"`` | 56-byte metadata (28-byte LMCache header + lmcache's trailer: the writer's KV
+layout and the xxh3_64 of key, header, trailer and payload) | payload. Its name is the key string
+encoded with :func:`~lmcache.storage.backends.disk_names.key_to_filename` plus ``.kvc``; the
+checksum covers that key, so a valid file copied or renamed to another key's name is a miss, and a file of another KV layout
 (layers, heads, head size, dtype, MLA) is never loaded. Files are written to a
 ``.tmp-*`` name and renamed into place, so a complete name never holds a half-written file
 unless the machine itself crashed — which the checksum then catches.
@@ -23,7 +23,16 @@ from typing import Optional, Union
 
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
-from lmcache.serde import wire_format as wf
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE, FILE_MAGIC, split_file_header
+from lmcache.serde.wire.chunk_layout import ChunkLayout, check_layout
+from lmcache.serde.wire.metadata import (
+    decode_metadata,
+    finish_metadata,
+    start_checksum,
+    verify_state,
+)
+from lmcache.serde.wire.remote_metadata import RemoteMetadata, WireFormatError
+from lmcache.storage.backends.disk_names import filename_to_key
 
 logger = logging.getLogger(__name__)
 Buffer = Union[bytes, bytearray, memoryview]
@@ -44,8 +53,8 @@ def is_tmp_name(name: str) -> bool:
 BLOCK = 1 << 20  # bytes read/written (and hashed) at a time: stays in cache between the two
 
 
-def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview, key: str = "",
-               layout: Optional[wf.ChunkLayout] = None) -> None:
+def write_file(path: str, meta: RemoteMetadata, payload: memoryview, key: str = "",
+               layout: Optional[ChunkLayout] = None) -> None:
     """Write a chunk file to ``path`` (a new file): the payload in BLOCK-sized pieces, each
     hashed just before it is written (cache-hot), then the header with the checksum at offset 0.
 
@@ -57,16 +66,16 @@ def write_file(path: str, meta: wf.RemoteMetadata, payload: memoryview, key: str
         OSError: as raised by the OS (ENOSPC on a full disk, ...).
     """
     view = memoryview(payload).cast("B")
-    state = wf.start_checksum(meta, key, layout)
+    state = start_checksum(meta, key, layout)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        offset = wf.FILE_HEADER_SIZE
+        offset = FILE_HEADER_SIZE
         for start in range(0, view.nbytes, BLOCK):
             block = view[start : start + BLOCK]
             state.update(block)
             _pwrite_all(fd, block, offset)
             offset += block.nbytes
-        _pwrite_all(fd, wf.FILE_MAGIC + wf.finish_metadata(meta, state, layout), 0)
+        _pwrite_all(fd, FILE_MAGIC + finish_metadata(meta, state, layout), 0)
     finally:
         os.close(fd)
 
@@ -79,8 +88,8 @@ def _pwrite_all(fd: int, data: Buffer, offset: int) -> None:
 
 
 def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
-              layout: Optional[wf.ChunkLayout] = None,
-              expect: Optional[wf.RemoteMetadata] = None) -> Optional[str]:
+              layout: Optional[ChunkLayout] = None,
+              expect: Optional[RemoteMetadata] = None) -> Optional[str]:
     """Fill ``obj`` (a CPU MemoryObj of the chunk's size) from ``path``, verifying every byte
     and that the file belongs to the key its name encodes and (when given) to ``layout``, and
     that its header describes the same format, dtype and shape as ``expect`` (when given).
@@ -100,21 +109,21 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
         OSError: the file cannot be opened or read (FileNotFoundError when it is gone).
     """
     view = obj.byte_array
-    header = bytearray(wf.FILE_HEADER_SIZE)
+    header = bytearray(FILE_HEADER_SIZE)
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         got = os.readv(f.fileno(), [header, view[: min(BLOCK - len(header), obj.nbytes)]])
         try:
             if got < len(header):
-                raise wf.WireFormatError(f"file of {size} bytes has no complete header")
-            metadata = wf.split_file_header(header)
-            meta, trailer = wf.decode_metadata(metadata, max_payload_bytes)
+                raise WireFormatError(f"file of {size} bytes has no complete header")
+            metadata = split_file_header(header)
+            meta, trailer = decode_metadata(metadata, max_payload_bytes)
             if layout is not None:
-                wf.check_layout(meta, trailer, layout)
-            key = wf.filename_to_key(os.path.basename(path), SUFFIX)
+                check_layout(meta, trailer, layout)
+            key = filename_to_key(os.path.basename(path), SUFFIX)
         except ValueError as e:
             return f"corrupt ({e})"
-        if meta.length != obj.nbytes or size != wf.FILE_HEADER_SIZE + obj.nbytes:
+        if meta.length != obj.nbytes or size != FILE_HEADER_SIZE + obj.nbytes:
             return f"truncated or mismatched ({size} bytes)"
         if expect is not None and (meta.fmt, meta.dtype, tuple(meta.shape)) != (
                 expect.fmt, expect.dtype, tuple(expect.shape)):
@@ -123,7 +132,7 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
         if trailer is None:
             return "corrupt (no checksum)"
         digest = trailer.checksum
-        state = wf.verify_state(metadata, key)
+        state = verify_state(metadata, key)
         got -= len(header)
         state.update(view[:got])
         while got < obj.nbytes:
@@ -138,8 +147,8 @@ def read_into(path: str, obj: MemoryObj, max_payload_bytes: int,
 
 
 def scan(
-    directory: str, max_payload_bytes: int, layout: Optional[wf.ChunkLayout] = None
-) -> list[tuple[CacheEngineKey, wf.RemoteMetadata, int]]:
+    directory: str, max_payload_bytes: int, layout: Optional[ChunkLayout] = None
+) -> list[tuple[CacheEngineKey, RemoteMetadata, int]]:
     """Index the chunk files of ``directory``, oldest first: (key, metadata, file size).
 
     Reads only the 64-byte headers. Touches only lmcache's own files: deletes leftover
@@ -157,23 +166,23 @@ def scan(
         if not entry.name.endswith(SUFFIX) or not entry.is_file():
             continue
         try:
-            key = CacheEngineKey.from_string(wf.filename_to_key(entry.name, SUFFIX))
+            key = CacheEngineKey.from_string(filename_to_key(entry.name, SUFFIX))
         except ValueError:
             continue  # not a name lmcache writes: not ours
         try:
             with open(entry.path, "rb") as f:
-                header = f.read(wf.FILE_HEADER_SIZE)
-            meta, trailer = wf.decode_metadata(wf.split_file_header(header), max_payload_bytes)
+                header = f.read(FILE_HEADER_SIZE)
+            meta, trailer = decode_metadata(split_file_header(header), max_payload_bytes)
             if layout is not None:
                 try:
-                    wf.check_layout(meta, trailer, layout)
-                except wf.WireFormatError as e:
+                    check_layout(meta, trailer, layout)
+                except WireFormatError as e:
                     logger.warning("disk chunk file %s is not indexed: %s", entry.name, e)
                     continue
             st = entry.stat()
-            if st.st_size != wf.FILE_HEADER_SIZE + meta.length:
-                raise wf.WireFormatError(
-                    f"file is {st.st_size} bytes, header says {wf.FILE_HEADER_SIZE + meta.length}"
+            if st.st_size != FILE_HEADER_SIZE + meta.length:
+                raise WireFormatError(
+                    f"file is {st.st_size} bytes, header says {FILE_HEADER_SIZE + meta.length}"
                 )
         except (ValueError, OSError) as e:
             logger.warning("removing bad disk chunk file %s: %s", entry.name, e)

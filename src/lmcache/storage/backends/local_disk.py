@@ -13,16 +13,19 @@ from typing import Optional, Union
 import torch
 
 from lmcache.keys import CacheEngineKey
+from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
-from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde import compressed
 from lmcache.serde.base import Allocating, Serde
 from lmcache.serde.naive import NaiveSerde
+from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
+from lmcache.serde.wire.chunk_layout import ChunkLayout
+from lmcache.serde.wire.remote_metadata import RemoteMetadata
 from lmcache.storage import name_limits
 from lmcache.storage.backends import disk_files, disk_links
 from lmcache.storage.backends.base import KV_ADMIT, KV_EVICT, StorageBackendInterface
-from lmcache.storage.connectors import wire_format as wf
+from lmcache.storage.backends.disk_names import key_to_filename
 from lmcache.storage.policy.base import CachePolicy
 from lmcache.storage.policy.prefix_chain import PrefixChain
 
@@ -30,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 class LocalDiskBackend(StorageBackendInterface):
-    """KV chunks as files ``<local_disk>/<encoded key>.kvc`` (layout: ``wire_format`` file =
-    magic, 36-byte metadata with xxh3_64 checksum, payload).
+    """KV chunks as files ``<local_disk>/<encoded key>.kvc`` (layout:
+    :mod:`lmcache.serde.wire.chunk_file` = magic, 56-byte metadata with xxh3_64 checksum, payload).
 
     * Stores never wait for the disk: ``put`` takes the tier's own reference on the MemoryObj
       and queues the write (temporary file, then atomic rename) on ``num_writers`` threads,
@@ -114,19 +117,19 @@ class LocalDiskBackend(StorageBackendInterface):
         if metadata is not None:  # names the file system cannot hold: refused now, by name
             name_limits.check_file_names(
                 self.path, name_limits.longest_keys(metadata),
-                lambda k: wf.key_to_filename(k, disk_files.SUFFIX), [disk_files.tmp_name()],
+                lambda k: key_to_filename(k, disk_files.SUFFIX), [disk_files.tmp_name()],
                 "local_disk")
         os.makedirs(self.path, exist_ok=True)
         self.allocator_backend = allocator_backend
         self.serde = None if isinstance(local_disk_serde, NaiveSerde) else local_disk_serde
         self._decode_device = getattr(local_disk_serde, "device", "cpu")
-        self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
+        self.layout = ChunkLayout.from_metadata(metadata) if metadata is not None else None
         self.policy = type(policy)()
         self.capacity_bytes = int(max_local_disk_size * (1 << 30))
         self.max_pending_writes = max_pending_writes
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
-        self._index: dict[CacheEngineKey, wf.RemoteMetadata] = {}
+        self._index: dict[CacheEngineKey, RemoteMetadata] = {}
         self._pending: dict[CacheEngineKey, MemoryObj] = {}
         self._pins: dict[CacheEngineKey, int] = {}
         self._writing = 0  # write jobs queued or running, cleanup included
@@ -145,7 +148,7 @@ class LocalDiskBackend(StorageBackendInterface):
         self._rebuild_index()
 
     def _file(self, key: CacheEngineKey) -> str:
-        return os.path.join(self.path, wf.key_to_filename(key.to_string(), disk_files.SUFFIX))
+        return os.path.join(self.path, key_to_filename(key.to_string(), disk_files.SUFFIX))
 
     def __len__(self) -> int:  # chunks stored or being written
         return len(self._index) + len(self._pending)
@@ -159,7 +162,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 if meta is None:
                     return False
                 try:
-                    intact = os.stat(self._file(key)).st_size == wf.FILE_HEADER_SIZE + meta.length
+                    intact = os.stat(self._file(key)).st_size == FILE_HEADER_SIZE + meta.length
                 except OSError:
                     intact = False
                 if not intact:
@@ -188,7 +191,7 @@ class LocalDiskBackend(StorageBackendInterface):
         obj = self._allocate(found)
         return None if obj is None else self._read(key, found, obj)
 
-    def _lookup(self, key: CacheEngineKey) -> Union[None, MemoryObj, wf.RemoteMetadata]:
+    def _lookup(self, key: CacheEngineKey) -> Union[None, MemoryObj, RemoteMetadata]:
         """The pending object (+1 ref), the file's metadata, or None (a miss, counted)."""
         with self._lock:
             obj = self._pending.get(key)
@@ -203,7 +206,7 @@ class LocalDiskBackend(StorageBackendInterface):
             self.policy.on_hit(key)
             return meta
 
-    def _allocate(self, meta: wf.RemoteMetadata) -> Optional[MemoryObj]:
+    def _allocate(self, meta: RemoteMetadata) -> Optional[MemoryObj]:
         dtype = meta.dtype if meta.dtype is not None else torch.uint8
         obj = self.allocator_backend.allocate(torch.Size(meta.shape), dtype, meta.fmt)
         if obj is None:
@@ -212,7 +215,7 @@ class LocalDiskBackend(StorageBackendInterface):
                             "no_memory)")
         return obj
 
-    def _read(self, key: CacheEngineKey, meta: wf.RemoteMetadata,
+    def _read(self, key: CacheEngineKey, meta: RemoteMetadata,
               obj: MemoryObj) -> Optional[MemoryObj]:
         """Fill ``obj`` (ref owned by the caller of this) from the file; ``obj`` or None."""
         try:
@@ -286,13 +289,13 @@ class LocalDiskBackend(StorageBackendInterface):
                             "ones only counted)", key)
             return
         try:
-            meta = wf.RemoteMetadata.for_tensor(obj.tensor, obj.fmt)
+            meta = RemoteMetadata.for_tensor(obj.tensor, obj.fmt)
             self._file(key)
         except ValueError as e:
             self.stats["dropped_unwritable"] += 1
             self._warn_once("bad", "chunk %s not written to disk: %s", key, e)
             return
-        size = wf.FILE_HEADER_SIZE + meta.length
+        size = FILE_HEADER_SIZE + meta.length
         with self._lock:
             if key in self._index or key in self._pending:
                 return
@@ -334,7 +337,7 @@ class LocalDiskBackend(StorageBackendInterface):
         if self.links.lines > 2 * len(self._index) + 1024:
             self.links.rewrite(self.chain.links())
 
-    def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata, size: int):
+    def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: RemoteMetadata, size: int):
         """Writer job: the file (temporary name, then rename) or its cleanup; counts down
         ``_writing`` only when nothing of it is left on disk (:meth:`flush` waits for that)."""
         try:
@@ -345,7 +348,7 @@ class LocalDiskBackend(StorageBackendInterface):
                 self._writing -= 1
                 self._idle.notify_all()
 
-    def _write_file(self, key: CacheEngineKey, obj: MemoryObj, meta: wf.RemoteMetadata,
+    def _write_file(self, key: CacheEngineKey, obj: MemoryObj, meta: RemoteMetadata,
                     size: int) -> None:
         tmp = os.path.join(self.path, disk_files.tmp_name())
         try:
@@ -362,7 +365,7 @@ class LocalDiskBackend(StorageBackendInterface):
                     del self._pending[key]
                     self._index[key] = meta
                     self._kv_event(KV_ADMIT, key)
-                    self.used_bytes += wf.FILE_HEADER_SIZE + meta.length - size  # encoded size
+                    self.used_bytes += FILE_HEADER_SIZE + meta.length - size  # encoded size
                     if self.chain.parent(key) is not None:
                         self._log_link(key)
                     self.stats["writes"] += 1
@@ -437,9 +440,9 @@ class LocalDiskBackend(StorageBackendInterface):
         self.chain.remove(key)
         self.policy.on_remove(key)
         if obj is not None:  # the writer sees it is gone and drops its file
-            self.used_bytes -= wf.FILE_HEADER_SIZE + obj.nbytes
+            self.used_bytes -= FILE_HEADER_SIZE + obj.nbytes
         if meta is not None:
-            self.used_bytes -= wf.FILE_HEADER_SIZE + meta.length
+            self.used_bytes -= FILE_HEADER_SIZE + meta.length
             disk_files.unlink(self._file(key))
             self._kv_event(KV_EVICT, key)
         return True

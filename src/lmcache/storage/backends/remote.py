@@ -14,10 +14,12 @@ from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.serde.base import Allocating, Serde
+from lmcache.serde.wire.chunk_layout import ChunkLayout
+from lmcache.serde.wire.metadata import encode_metadata
+from lmcache.serde.wire.remote_metadata import dtype_to_code
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.circuit_breaker import CircuitBreaker
 from lmcache.storage.backends.remote_reads import RemoteReads, release_when_done
-from lmcache.storage.connectors import wire_format as wf
 from lmcache.storage.connectors.base import RemoteConnector
 
 logger = logging.getLogger(__name__)
@@ -43,9 +45,10 @@ class RemoteBackend(RemoteReads, StorageBackendInterface):
       ``dropped_open``, queued uploads are dropped too), so a hung remote never stalls a
       lookup or a store; a background probe (an ``exists`` every ``probe_interval_secs``
       that must answer within ``contains_timeout_secs``) closes it again. ``breaker.stats``
-      counts opens, closes, rejected calls and probes. Remote bytes are verified with :mod:`wire_format` (sizes, header, checksum;
-      a header whose length disagrees with the payload is a miss) before the Serde copies them
-      into memory from ``allocator_backend``.
+      counts opens, closes, rejected calls and probes. Remote bytes are verified with
+      :mod:`lmcache.serde.wire` (sizes, header, checksum; a header whose length disagrees with
+      the payload is a miss) before the Serde copies them into memory from
+      ``allocator_backend``.
     * A prefetch (:meth:`batched_get_non_blocking`) reserves the memory of every read when it
       starts (a full chunk of the layout each, :class:`Reservation`) and returns futures only
       for the chunks it could reserve memory for, so a lookup promises only what its retrieve
@@ -121,10 +124,10 @@ class RemoteBackend(RemoteReads, StorageBackendInterface):
                                       self._probe, probe_interval_secs)
         self._uploading: dict[int, float] = {}  # thread id -> start of its current upload
         self.max_pending_puts = max_pending_puts
-        self.layout = wf.ChunkLayout.from_metadata(metadata) if metadata is not None else None
+        self.layout = ChunkLayout.from_metadata(metadata) if metadata is not None else None
         if metadata is not None:
             try:  # checked at start: a dtype the wire cannot carry would drop every upload
-                wf.dtype_to_code(metadata.kv_dtype)
+                dtype_to_code(metadata.kv_dtype)
             except ValueError as e:
                 raise ValueError(f"the remote tier cannot hold KV of dtype {metadata.kv_dtype} "
                                  f"(LMCacheMetadata.kv_dtype): {e}") from e
@@ -236,7 +239,7 @@ class RemoteBackend(RemoteReads, StorageBackendInterface):
                 self.stats["dropped_open"] += 1
                 return
             meta, payload = self.serde.serialize(obj)
-            metadata = wf.encode_metadata(meta, payload, key.to_string(), self.layout)
+            metadata = encode_metadata(meta, payload, key.to_string(), self.layout)
             me = threading.get_ident()
             self._uploading[me] = started = time.monotonic()
             try:

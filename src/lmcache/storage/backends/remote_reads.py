@@ -11,8 +11,8 @@ from typing import Optional
 
 from lmcache.keys import CacheEngineKey, LayerCacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
+from lmcache.serde.wire.metadata import verify_payload
 from lmcache.storage.backends.reservation import Reservation
-from lmcache.storage.connectors import wire_format as wf
 
 
 def release_when_done(future: "Future[Optional[MemoryObj]]") -> None:
@@ -129,7 +129,7 @@ class RemoteReads:
             return None
         metadata, payload = raw
         try:
-            meta = wf.verify_payload(metadata, payload, self.connector.max_payload_bytes,
+            meta = verify_payload(metadata, payload, self.connector.max_payload_bytes,
                                      key.to_string(), self.layout)
             obj = self.serde.deserialize(meta, payload, reservation or self.allocator_backend)
         except ValueError as e:

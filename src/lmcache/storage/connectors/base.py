@@ -1,7 +1,7 @@
 """RemoteConnector: a remote key → (metadata, payload) store that fails into misses.
 
 A connector moves opaque bytes; the layout of those bytes is defined in
-:mod:`lmcache.storage.connectors.wire_format` and checked by the RemoteBackend. Each public
+:mod:`lmcache.serde.wire` and checked by the RemoteBackend. Each public
 method here is fault-tolerant: a server that is down, slow, killed or restarted empty turns into
 ``False`` / ``None`` / a miss, never an exception, and costs at most one failed attempt every
 ``retry_interval_secs`` while it stays down (a simple circuit breaker). A connection that was
@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Callable, Optional, Sequence, TypeVar, Union
 
-from lmcache.serde.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
+from lmcache.serde.wire.remote_metadata import DEFAULT_MAX_PAYLOAD_BYTES
 
 logger = logging.getLogger(__name__)
 

@@ -8,12 +8,11 @@ import uuid
 from typing import TYPE_CHECKING, Optional
 
 from lmcache.keys import CacheEngineKey
-from lmcache.serde.wire_format import (
+from lmcache.serde.wire.metadata import TRAILER_SIZE, trailer_bytes
+from lmcache.serde.wire.remote_metadata import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     HEADER,
     LMCACHE_METADATA_SIZE,
-    TRAILER_SIZE,
-    trailer_bytes,
 )
 from lmcache.storage import name_limits
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
@@ -52,7 +51,7 @@ class FSConnector(RemoteConnector):
     """Chunks as files, as LMCache's FSConnector (with its default ``save_chunk_meta: true``)
     writes them: ``<path>/<key, / → -SEP->.data`` holding LMCache's 28-byte header, then the
     payload. lmcache appends its 28-byte trailer (layout and checksum, see
-    :mod:`lmcache.serde.wire_format`) after the payload: LMCache reads exactly the header's
+    :mod:`lmcache.serde.wire`) after the payload: LMCache reads exactly the header's
     length of payload and ignores it. A file without the trailer (LMCache's) is checked by
     size only.
 

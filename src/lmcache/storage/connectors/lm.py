@@ -9,6 +9,7 @@ import struct
 from typing import Callable, Optional, TypeVar
 from urllib.parse import urlsplit
 
+from lmcache.serde.wire.remote_metadata import DEFAULT_MAX_PAYLOAD_BYTES
 from lmcache.server.protocol import (
     EXT_MAGIC,
     MAX_EXTRA_BYTES,
@@ -25,7 +26,6 @@ from lmcache.server.protocol import (
     unpack_reply,
 )
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
-from lmcache.storage.connectors.wire_format import DEFAULT_MAX_PAYLOAD_BYTES
 
 T = TypeVar("T")
 # LMCache's one-group RemoteMetadata: length, fmt, dtype code, shape[0..3] (int32 each)

@@ -11,7 +11,8 @@ import valkey.exceptions as vexc
 from valkey.connection import ConnectionPool, SSLConnection, parse_url
 
 from lmcache.keys import CacheEngineKey, LayerCacheEngineKey
-from lmcache.serde.wire_format import DEFAULT_MAX_PAYLOAD_BYTES, ChunkLayout, RemoteMetadata
+from lmcache.serde.wire.chunk_layout import ChunkLayout
+from lmcache.serde.wire.remote_metadata import DEFAULT_MAX_PAYLOAD_BYTES, RemoteMetadata
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
 
 if TYPE_CHECKING:

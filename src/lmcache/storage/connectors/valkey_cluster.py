@@ -9,7 +9,8 @@ from urllib.parse import unquote
 import valkey.exceptions as vexc
 from valkey.cluster import ClusterNode, ValkeyCluster
 
-from lmcache.serde.wire_format import DEFAULT_MAX_PAYLOAD_BYTES, ChunkLayout
+from lmcache.serde.wire.chunk_layout import ChunkLayout
+from lmcache.serde.wire.remote_metadata import DEFAULT_MAX_PAYLOAD_BYTES
 from lmcache.storage.connectors.base import Buffer, RemoteConnector
 from lmcache.storage.connectors.valkey import (
     METADATA_SUFFIX,

@@ -4,14 +4,19 @@ A prompt made of segments cached separately (documents computed alone, at other 
 after re-positioning (:class:`~lmcache.blend.rotary.FusedRotaryEmb`), K/V that lack the
 cross-attention between segments. CacheBlend fixes the tokens that matter most:
 
-1. Layers ``0 .. c`` (``c`` = the check layer, ``blend_check_layers``) are computed for all
+1. Layers ``0 .. c1`` (``c1`` = the first of ``blend_check_layers``) are computed for all
    tokens; their K/V are the fresh ones (layer 0's K depends only on token and position, so this
    costs what LMCache's layer-0 recompute costs, and those layers come out exact).
-2. At layer ``c`` each token's deviation ``sum((k_fresh - k_cached)**2)`` is measured and the
-   top ``blend_recompute_ratios`` fraction of the cached tokens, plus every token without a
-   cache, is selected (:func:`~lmcache.blend.selection.select_recompute_tokens`).
-3. Layers after ``c`` compute only the selected tokens: their fresh K/V replace the cached rows,
-   and their queries attend causally over the whole combined K/V of the layer.
+2. At each check layer each token still computed there gets its deviation
+   ``sum((k_fresh - k_cached)**2)``; the top ``ratio`` fraction of those of them that have a
+   cache, plus every token without one, go on being computed
+   (:func:`~lmcache.blend.selection.select_recompute_tokens`). As in LMCache's
+   ``process_qkv``, the fraction is of the tokens that reach the check layer: with
+   ``blend_check_layers=[1, 8]`` and ratios ``[0.3, 0.5]`` layers 2..8 recompute 30 % of the
+   cached tokens and layers 9.. 15 %. One ratio is used at every check layer (LMCache reads
+   ``blend_recompute_ratios[0]`` at each); a list gives one per check layer.
+3. Other layers compute only the selected tokens: their fresh K/V replace the cached rows, and
+   their queries attend causally over the whole combined K/V of the layer.
 
 Gaps: LMCache zeroes the K/V of tokens no retrieved chunk covers (the separators between
 segments) before blending and relies on the top-k to pick them (their deviation from zero is
@@ -27,7 +32,8 @@ from typing import Any, Optional, Union
 import torch
 
 from lmcache.blend.layerwise_model import LayerwiseModel, check_tokens
-from lmcache.blend.selection import k_deviation, num_recomputed, select_recompute_tokens
+from lmcache.blend.selection import (check_layers, check_ratios, k_deviation,
+                                     select_recompute_tokens)
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,37 +44,35 @@ class Blender:
     Args:
         model: the :class:`LayerwiseModel` over the worker's vLLM model (its weights, its
             ``fused_rotary_emb`` for re-positioning cached K before a blend).
-        blend_check_layers: the layer(s) where tokens are selected; LMCache's list form with
-            one layer in ``[0, num_layers)`` (or an int). Default ``[1]``.
-        blend_recompute_ratios: fraction in ``[0, 1]`` of the cached tokens recomputed after
-            the check layer; a list with one value (LMCache uses the first) or a float.
+        blend_check_layers: the layers where tokens are selected: LMCache's list form
+            (non-empty, strictly increasing layer indices in ``[0, num_layers)``) or one int.
+            Default ``[1]``.
+        blend_recompute_ratios: fraction in ``[0, 1]`` of the cached tokens reaching a check
+            layer that go on being recomputed after it: one value for every check layer (a
+            float or a one-element list, as LMCache uses its first) or one per check layer.
+
+    Attributes:
+        check_layers: the check layers (list of int); ratios: one ratio per check layer;
+        ratio: the first check layer's ratio.
 
     Raises:
-        ValueError: more or less than one check layer, a layer out of range, a ratio outside
-            [0, 1], or a ratio list of another length (all named).
+        ValueError: an empty, unsorted or repeated layer list, a layer out of range or not
+            an int, a ratio outside [0, 1], or a ratio list whose length is neither 1 nor the
+            number of check layers (each names the value and what was expected).
     """
 
     def __init__(self, model: LayerwiseModel,
                  blend_check_layers: Union[int, Sequence[int]] = (1,),
                  blend_recompute_ratios: Union[float, Sequence[float]] = (0.15,)) -> None:
-        layers = [blend_check_layers] if isinstance(blend_check_layers, int) else list(
-            blend_check_layers)
-        ratios = ([blend_recompute_ratios] if isinstance(blend_recompute_ratios, (int, float))
-                  else list(blend_recompute_ratios))
-        if len(layers) != 1 or isinstance(layers[0], bool) or not isinstance(layers[0], int):
-            raise ValueError(f"blend_check_layers must hold exactly one layer index, got "
-                             f"{blend_check_layers!r} (several check layers are not supported)")
-        if not 0 <= layers[0] < model.num_layers:
-            raise ValueError(f"blend_check_layers={layers} is outside the model's layers "
-                             f"0..{model.num_layers - 1}")
-        if len(ratios) != 1:
-            raise ValueError(f"blend_recompute_ratios must hold one ratio per check layer "
-                             f"({len(layers)}), got {blend_recompute_ratios!r}")
-        num_recomputed(0, ratios[0])  # validates the ratio
-        self.model, self.check_layer, self.ratio = model, layers[0], float(ratios[0])
-        #: indices (int64, ascending) of the tokens the last blend recomputed after the check
-        #: layer; None before the first blend.
+        self.model = model
+        self.check_layers = check_layers(blend_check_layers, model.num_layers)
+        self.ratios = check_ratios(blend_recompute_ratios, len(self.check_layers))
+        self.ratio = self.ratios[0]
+        #: indices (int64, ascending) of the tokens the last blend recomputed after its last
+        #: check layer; None before the first blend.
         self.last_recomputed: Optional[torch.Tensor] = None
+        #: per check layer, the indices selected there by the last blend.
+        self.last_selections: list[torch.Tensor] = []
 
     @classmethod
     def from_vllm_model(cls, vllm_model: Any, blend_check_layers: Union[int, Sequence[int]] = (1,),
@@ -88,18 +92,18 @@ class Blender:
                 first token); on any device.
             cached_kv: indexable by layer id; ``cached_kv[i]`` is ``(k, v)``, each
                 ``[T, kv_size]`` in the model's dtype on its device, K already re-positioned
-                to ``positions``. It is read only from the check layer on, one layer at a
-                time, so a lazy sequence can load layers on demand. Rows of ``uncached``
+                to ``positions``. It is read only from the first check layer on, one layer at
+                a time, so a lazy sequence can load layers on demand. Rows of ``uncached``
                 tokens are ignored (LMCache's buffers hold zeros there). **Modified in place**
-                from the layer after the check layer (every recomputed row, the uncached ones
-                included, overwritten) and yielded.
+                from the layer after the first check layer (every recomputed row, the
+                uncached ones included, overwritten) and yielded.
             uncached: bool ``[T]``, True = no cache for that token (separators, new text);
                 None = every token cached.
             positions: int64 ``[T]`` strictly increasing; None = ``0..T-1``.
 
         Yields:
             ``(i, (k_i, v_i))`` for ``i = 0 .. num_layers-1``, ``[T, kv_size]`` each: fresh K/V
-            up to the check layer, the combined K/V after it — what the connector writes into
+            up to the first check layer, the combined K/V after it — what the connector writes into
             vLLM's paged KV for these tokens.
 
         Raises:
@@ -116,32 +120,41 @@ class Blender:
             raise ValueError(f"uncached must be a bool tensor of shape ({n},), got "
                              f"{getattr(uncached, 'shape', uncached)!r}")
         uncached = uncached.to(m.device)
+        checks = dict(zip(self.check_layers, self.ratios))
         hidden, residual = m.embed(ids), None
         sel_pos = pos
-        selected: Optional[torch.Tensor] = None
+        selected: Optional[torch.Tensor] = None   # None: every token is computed
+        self.last_selections = []
         for i in range(m.num_layers):
             if selected is not None and not selected.numel():  # pure reuse from here on
                 yield i, self._cached(cached_kv, i, n)
                 continue
             q, k, v, residual = m.qkv(i, hidden, residual, sel_pos)
-            if i < self.check_layer:
-                kv = (k, v)
-                attn = m.attention(i, q, pos, k, v, pos)
-            elif i == self.check_layer:
-                old_k, _ = self._cached(cached_kv, i, n)
-                selected = select_recompute_tokens(k_deviation(k, old_k), uncached, self.ratio)
-                self.last_recomputed = selected
-                kv = (k, v)
-                sel_pos, q, residual = pos[selected], q[selected], residual[selected]
-                attn = m.attention(i, q, sel_pos, k, v, pos)
+            if selected is None:
+                kv, keys, values = (k, v), k, v
+                if i in checks:
+                    old_k, _ = self._cached(cached_kv, i, n)
+                    selected = select_recompute_tokens(k_deviation(k, old_k), uncached,
+                                                       checks[i])
+                    keep = selected
             else:
                 old_k, old_v = self._cached(cached_kv, i, n)
+                if i in checks:  # narrow the selection among the tokens computed here
+                    keep = select_recompute_tokens(k_deviation(k, old_k[selected]),
+                                                   uncached[selected], checks[i])
                 old_k[selected] = k  # selected ⊇ uncached: no gap row stays as given
                 old_v[selected] = v
-                kv = (old_k, old_v)
-                attn = m.attention(i, q, sel_pos, old_k, old_v, pos)
+                kv, keys, values = (old_k, old_v), old_k, old_v
+                if i in checks:
+                    selected = selected[keep]
+            if i in checks:
+                self.last_selections.append(selected)
+                self.last_recomputed = selected
+                sel_pos, q, residual = sel_pos[keep], q[keep], residual[keep]
+            more = i + 1 < m.num_layers and sel_pos.numel()
+            attn = m.attention(i, q, sel_pos, keys, values, pos) if more else None
             yield i, kv
-            if i + 1 < m.num_layers and sel_pos.numel():
+            if more:
                 hidden, residual = m.finish(i, attn, residual)
 
     def blend(self, token_ids: Union[torch.Tensor, list[int]], cached_kv: Sequence[KV],

@@ -11,6 +11,8 @@ ratio 0 is pure reuse.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -60,3 +62,59 @@ def select_recompute_tokens(deviation: torch.Tensor, uncached: torch.Tensor,
     order = torch.sort(deviation[cached_idx].float(), descending=True, stable=True).indices
     chosen = torch.cat([torch.nonzero(uncached).flatten(), cached_idx[order[:k]]])
     return torch.sort(chosen).values
+
+
+def check_layers(blend_check_layers: Union[int, Sequence[int]], num_layers: int) -> list[int]:
+    """``blend_check_layers`` (an int or LMCache's list) as a list, checked.
+
+    Raises:
+        ValueError: not an int or a sequence of ints, empty, not strictly increasing, or a
+            layer outside ``[0, num_layers)`` (the value and the range are named).
+    """
+    if isinstance(blend_check_layers, bool) or not isinstance(blend_check_layers,
+                                                                 (int, Sequence)) \
+            or isinstance(blend_check_layers, str):
+        raise ValueError(f"blend_check_layers must be a layer index or a list of them, got "
+                         f"{blend_check_layers!r}")
+    layers = [blend_check_layers] if isinstance(blend_check_layers, int) else list(
+        blend_check_layers)
+    if not layers:
+        raise ValueError("blend_check_layers is empty: name at least one layer (LMCache's "
+                         "default is [1])")
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int)]
+    if bad:
+        raise ValueError(f"blend_check_layers must hold ints, got {bad[0]!r} in {layers}")
+    outside = [x for x in layers if not 0 <= x < num_layers]
+    if outside:
+        raise ValueError(f"blend_check_layers={layers}: layer {outside[0]} is outside the "
+                         f"model's layers 0..{num_layers - 1}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"blend_check_layers={layers} must be strictly increasing (sorted, "
+                         "no repeats)")
+    return layers
+
+
+def check_ratios(blend_recompute_ratios: Union[float, Sequence[float]],
+                 num_check_layers: int) -> list[float]:
+    """``blend_recompute_ratios`` as one float per check layer (one value is used at every
+    check layer, as LMCache uses its first).
+
+    Raises:
+        ValueError: empty, a length other than 1 or ``num_check_layers``, or a ratio outside
+            [0, 1] (named).
+    """
+    if isinstance(blend_recompute_ratios, (int, float)) and not isinstance(
+            blend_recompute_ratios, bool):
+        ratios = [blend_recompute_ratios]
+    elif isinstance(blend_recompute_ratios, Sequence) and not isinstance(
+            blend_recompute_ratios, str):
+        ratios = list(blend_recompute_ratios)
+    else:
+        raise ValueError(f"blend_recompute_ratios must be a number or a list of numbers, got "
+                         f"{blend_recompute_ratios!r}")
+    if len(ratios) not in (1, num_check_layers):
+        raise ValueError(f"blend_recompute_ratios={ratios} must hold one ratio, or one per "
+                         f"check layer ({num_check_layers})")
+    for r in ratios:
+        num_recomputed(0, r)  # validates
+    return [float(r) for r in ratios] * (num_check_layers if len(ratios) == 1 else 1)

@@ -141,12 +141,24 @@ def test_bad_blender_arguments_are_refused():
     model, ids = _setup("LlamaForCausalLM", "cpu")
     with pytest.raises(ValueError, match="outside the model's layers 0..3"):
         Blender(model, [4], [0.1])
-    with pytest.raises(ValueError, match="exactly one layer"):
-        Blender(model, [1, 2], [0.1, 0.1])
+    with pytest.raises(ValueError, match=r"blend_check_layers=\[2, 1\] must be strictly increasing"):
+        Blender(model, [2, 1], [0.1])
+    with pytest.raises(ValueError, match=r"blend_check_layers=\[1, 1\] must be strictly increasing"):
+        Blender(model, [1, 1], [0.1])
+    with pytest.raises(ValueError, match="blend_check_layers is empty"):
+        Blender(model, [], [0.1])
+    with pytest.raises(ValueError, match="layer -1 is outside"):
+        Blender(model, [-1, 2], [0.1])
+    with pytest.raises(ValueError, match="must hold ints, got '1'"):
+        Blender(model, ["1"], [0.1])
     with pytest.raises(ValueError, match="ratio"):
         Blender(model, [1], [1.5])
-    with pytest.raises(ValueError, match="one ratio per check layer"):
+    with pytest.raises(ValueError, match=r"one ratio, or one per check layer \(1\)"):
         Blender(model, [1], [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"one ratio, or one per check layer \(2\)"):
+        Blender(model, [1, 2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="one ratio, or one per check layer"):
+        Blender(model, [1, 2], [])
     blender = Blender(model, [1], [0.1])
     cache = model.prefill(ids)
     with pytest.raises(ValueError, match=r"cached_kv\[1\] k must be \[48, 32\]"):
@@ -155,3 +167,60 @@ def test_bad_blender_arguments_are_refused():
         blender.blend(ids, cache, positions=torch.arange(T).flip(0))
     with pytest.raises(ValueError, match="uncached must be a bool tensor"):
         blender.blend(ids, cache, uncached=torch.zeros(T))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_check_layers_narrow_the_selection_at_each(device):
+    """Check layers [1, 2]: the cache is exact except tokens 5, 20, 33 from layer 2 on; layer 1
+    keeps half of the cached tokens, layer 2 keeps 3 of those, which must be the perturbed
+    ones (they are the only ones whose cached K deviates there) — and the blend then equals
+    the full prefill."""
+    model, ids = _setup("LlamaForCausalLM", device)
+    full = model.prefill(ids)
+    cache = _clone(full)
+    bad = torch.tensor([5, 20, 33])
+    for k, v in cache[2:]:
+        k[bad] += 3.0
+        v[bad] -= 3.0
+    for k, v in cache[:2]:   # layer 1 deviates everywhere a little, most at the bad tokens
+        k += 0.01 * torch.arange(T, device=device, dtype=k.dtype)[:, None]
+        k[bad] += 1.0
+    blender = Blender(model, [1, 2], [0.5, 3 / 24])
+    out = blender.blend(ids, cache)
+    first, second = blender.last_selections
+    assert first.numel() == T // 2 and set(bad.tolist()) <= set(first.tolist())
+    assert second.tolist() == [5, 20, 33]
+    assert blender.last_recomputed is second
+    for (k, v), (fk, fv) in zip(out, full):
+        torch.testing.assert_close(k, fk, **_tol(k.dtype))
+        torch.testing.assert_close(v, fv, **_tol(k.dtype))
+
+
+@pytest.mark.parametrize("ratios", [[0.25], [0.25, 1.0]])
+def test_a_second_check_layer_keeping_all_equals_one_check_layer(ratios):
+    """A second check layer at ratio 1 keeps every token it sees; one ratio is used at every
+    check layer (LMCache's first-ratio rule), so [0.25] at [1, 2] recomputes 25 % of 25 %."""
+    model, ids = _setup("Qwen3ForCausalLM", "cpu")
+    garbage = [(torch.randn_like(k), torch.randn_like(v)) for k, v in model.prefill(ids)]
+    one = Blender(model, [1], [0.25])
+    two = Blender(model, [1, 2], ratios)
+    out_one, out_two = one.blend(ids, _clone(garbage)), two.blend(ids, _clone(garbage))
+    assert one.last_recomputed.numel() == 12
+    if ratios == [0.25]:
+        assert two.last_recomputed.numel() == 3
+        assert set(two.last_recomputed.tolist()) <= set(one.last_recomputed.tolist())
+        return
+    assert torch.equal(two.last_recomputed, one.last_recomputed)
+    for a, b in zip(out_one, out_two):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_uncached_tokens_survive_every_check_layer():
+    model, ids = _setup("LlamaForCausalLM", "cpu")
+    cache = model.prefill(ids)
+    uncached = torch.zeros(T, dtype=torch.bool)
+    uncached[[0, 1, 40]] = True
+    blender = Blender(model, [0, 1, 3], 0.0)
+    out = blender.blend(ids, _clone(cache), uncached=uncached)
+    assert [s.tolist() for s in blender.last_selections] == [[0, 1, 40]] * 3
+    assert all(k[[0, 1, 40]].abs().sum() > 0 for k, _ in out)

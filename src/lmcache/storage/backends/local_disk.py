@@ -1,22 +1,23 @@
-"""LocalDiskBackend: the local-disk tier (L2), one file per chunk, restart-safe."""
+"""LocalDiskBackend: the local-disk tier (L2), one file per chunk, restart-safe.
+
+Its parts: the read path :class:`~lmcache.storage.backends.disk_reads.DiskReads`, the write
+path :class:`~lmcache.storage.backends.disk_writes.DiskWrites` (both base classes), the chunk
+files :mod:`~lmcache.storage.backends.disk_files`, the prefix-link log
+:mod:`~lmcache.storage.backends.disk_links`; this module keeps the index, pins, removal and the
+rebuild at start.
+"""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Sequence
-from typing import Optional, Union
-
-import torch
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 from lmcache.keys import CacheEngineKey
-from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
-from lmcache.serde import compressed
 from lmcache.serde.base import Allocating, Serde
 from lmcache.serde.naive import NaiveSerde
 from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
@@ -24,15 +25,17 @@ from lmcache.serde.wire.chunk_layout import ChunkLayout
 from lmcache.serde.wire.remote_metadata import RemoteMetadata
 from lmcache.storage import name_limits
 from lmcache.storage.backends import disk_files, disk_links
-from lmcache.storage.backends.base import KV_ADMIT, KV_EVICT, StorageBackendInterface
+from lmcache.storage.backends.base import KV_EVICT, StorageBackendInterface
 from lmcache.storage.backends.disk_names import key_to_filename
+from lmcache.storage.backends.disk_reads import DiskReads
+from lmcache.storage.backends.disk_writes import DiskWrites
 from lmcache.storage.policy.base import CachePolicy
 from lmcache.storage.policy.prefix_chain import PrefixChain
 
 logger = logging.getLogger(__name__)
 
 
-class LocalDiskBackend(StorageBackendInterface):
+class LocalDiskBackend(DiskReads, DiskWrites, StorageBackendInterface):
     """KV chunks as files ``<local_disk>/<encoded key>.kvc`` (layout:
     :mod:`lmcache.serde.wire.chunk_file` = magic, 56-byte metadata with xxh3_64 checksum, payload).
 
@@ -182,224 +185,6 @@ class LocalDiskBackend(StorageBackendInterface):
                 self._pins[key] = count - 1
             return count > 0
 
-    def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
-        """The chunk in new allocator memory (+1 ref for the caller), or None on a miss, when
-        memory is short (``stats["no_memory"]``), or when the file is bad (then it is deleted)."""
-        found = self._lookup(key)
-        if found is None or isinstance(found, MemoryObj):
-            return found
-        obj = self._allocate(found)
-        return None if obj is None else self._read(key, found, obj)
-
-    def _lookup(self, key: CacheEngineKey) -> Union[None, MemoryObj, RemoteMetadata]:
-        """The pending object (+1 ref), the file's metadata, or None (a miss, counted)."""
-        with self._lock:
-            obj = self._pending.get(key)
-            if obj is not None:
-                obj.ref_count_up()
-                self.stats["hits"] += 1
-                return obj
-            meta = self._index.get(key)
-            if meta is None:
-                self.stats["misses"] += 1
-                return None
-            self.policy.on_hit(key)
-            return meta
-
-    def _allocate(self, meta: RemoteMetadata) -> Optional[MemoryObj]:
-        dtype = meta.dtype if meta.dtype is not None else torch.uint8
-        obj = self.allocator_backend.allocate(torch.Size(meta.shape), dtype, meta.fmt)
-        if obj is None:
-            self.stats["no_memory"] += 1
-            self._warn_once("no_memory", "no memory to read disk chunks into (counted in "
-                            "no_memory)")
-        return obj
-
-    def _read(self, key: CacheEngineKey, meta: RemoteMetadata,
-              obj: MemoryObj) -> Optional[MemoryObj]:
-        """Fill ``obj`` (ref owned by the caller of this) from the file; ``obj`` or None."""
-        try:
-            problem = disk_files.read_into(self._file(key), obj, self.capacity_bytes,
-                                           self.layout, expect=meta)
-        except FileNotFoundError:
-            problem = "vanished"
-        except OSError as e:
-            problem = f"unreadable ({e})"
-        if problem is None and meta.fmt == MemoryFormat.BINARY and \
-                compressed.is_stream(obj.byte_array):
-            return self._decode(key, obj)
-        if problem is None:
-            self.stats["hits"] += 1
-            return obj
-        obj.ref_count_down()
-        self.stats["misses"] += 1
-        self._discard(key, problem)
-        return None
-
-    def _decode(self, key: CacheEngineKey, stream: MemoryObj) -> Optional[MemoryObj]:
-        """The KV of a verified compressed file (codec from its own header) in new memory, or
-        None: no memory (counted), or a foreign/newer/corrupt stream (a miss; deleted)."""
-        try:
-            obj = compressed.decode_stream(stream.byte_array, self.allocator_backend,
-                                           self._decode_device)
-        except ValueError as e:
-            self.stats["misses"] += 1
-            self._discard(key, f"undecodable ({e})")
-            return None
-        finally:
-            stream.ref_count_down()
-        if obj is None:
-            self.stats["no_memory"] += 1
-            return None
-        self.stats["hits"] += 1
-        return obj
-
-    def batched_get_non_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Future]:
-        """Futures of the chunks, read by the reader pool (each result as from get_blocking).
-
-        The memory of each read is reserved now, in key order: when it runs out, futures are
-        returned only for the chunks before (fewer futures than keys)."""
-        futures: list[Future] = []
-        for key in keys:
-            found = self._lookup(key)
-            if found is None or isinstance(found, MemoryObj):
-                done: Future = Future()
-                done.set_result(found)
-                futures.append(done)
-                continue
-            obj = self._allocate(found)
-            if obj is None:
-                break
-            futures.append(self._readers.submit(self._read, key, found, obj))
-        return futures
-
-    def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
-        """Reads the chunks in parallel on the reader pool."""
-        if len(keys) <= 1:
-            return [self.get_blocking(k) for k in keys]
-        out = [f.result() for f in self.batched_get_non_blocking(keys)]
-        return out + [None] * (len(keys) - len(out))
-
-    # ---- writes -------------------------------------------------------------------------
-    def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
-        """Queue a write of ``obj`` (skipped when already stored, full, or backlogged)."""
-        if self._closed:
-            self.stats["dropped_closed"] += 1
-            self._warn_once("closed", "disk tier is closed; chunk %s not written (further "
-                            "ones only counted)", key)
-            return
-        try:
-            meta = RemoteMetadata.for_tensor(obj.tensor, obj.fmt)
-            self._file(key)
-        except ValueError as e:
-            self.stats["dropped_unwritable"] += 1
-            self._warn_once("bad", "chunk %s not written to disk: %s", key, e)
-            return
-        size = FILE_HEADER_SIZE + meta.length
-        with self._lock:
-            if key in self._index or key in self._pending:
-                return
-            if not self._full_gate.admits(size):
-                self.stats["dropped_disk_full"] += 1
-                return
-            if len(self._pending) >= self.max_pending_writes:
-                self.stats["dropped_backlog"] += 1
-                self._warn_once("backlog", "disk writes backlogged (%d pending); dropping "
-                                "new chunks from the disk tier", len(self._pending))
-                return
-            self.chain.inserted(key)  # linked first: its parent is no victim of its room
-            if not self._make_room(size):
-                self.chain.remove(key)
-                self.stats["dropped_capacity"] += 1
-                self._warn_once("capacity", "disk tier cannot make room for %d bytes", size)
-                return
-            obj.ref_count_up()
-            self._pending[key] = obj
-            self.policy.on_put(key)  # in put order, not in the order writes finish
-            self.used_bytes += size
-            self._writing += 1
-        self._writers.submit(self._write, key, obj, meta, size)
-
-    def link_prefix(self, keys: Sequence[CacheEngineKey],
-                    parent: Optional[CacheEngineKey] = None) -> None:
-        with self._lock:
-            written = {k: self.chain.parent(k) for k in keys if k in self._index}
-            self.chain.link(keys, parent,
-                            lambda k: k in self._index or k in self._pending)
-            for key, old in written.items():  # (pending chunks: logged when written)
-                if self.chain.parent(key) not in (None, old):
-                    self._log_link(key)
-
-    def _log_link(self, key: CacheEngineKey) -> None:
-        """Persist the link of a written chunk (compacting the log when it grew far beyond the
-        live links); caller holds the lock."""
-        self.links.append(key, self.chain.parent(key))
-        if self.links.lines > 2 * len(self._index) + 1024:
-            self.links.rewrite(self.chain.links())
-
-    def _write(self, key: CacheEngineKey, obj: MemoryObj, meta: RemoteMetadata, size: int):
-        """Writer job: the file (temporary name, then rename) or its cleanup; counts down
-        ``_writing`` only when nothing of it is left on disk (:meth:`flush` waits for that)."""
-        try:
-            self._write_file(key, obj, meta, size)
-        finally:
-            obj.ref_count_down()
-            with self._lock:
-                self._writing -= 1
-                self._idle.notify_all()
-
-    def _write_file(self, key: CacheEngineKey, obj: MemoryObj, meta: RemoteMetadata,
-                    size: int) -> None:
-        tmp = os.path.join(self.path, disk_files.tmp_name())
-        try:
-            payload = obj.byte_array
-            if self.serde is not None:
-                try:
-                    meta, payload = self.serde.serialize(obj)
-                except ValueError as e:  # (a refusal, like an unwritable chunk)
-                    raise OSError(errno.EINVAL, f"local_disk_serde cannot encode it: {e}") from e
-            disk_files.write_file(tmp, meta, payload, key.to_string(), self.layout)
-            with self._lock:
-                if self._pending.get(key) is obj:  # not removed/cleared meanwhile
-                    os.replace(tmp, self._file(key))
-                    del self._pending[key]
-                    self._index[key] = meta
-                    self._kv_event(KV_ADMIT, key)
-                    self.used_bytes += FILE_HEADER_SIZE + meta.length - size  # encoded size
-                    if self.chain.parent(key) is not None:
-                        self._log_link(key)
-                    self.stats["writes"] += 1
-                    return
-            os.unlink(tmp)
-        except OSError as e:
-            disk_files.unlink(tmp)  # before anyone can see the write as finished
-            self._write_failed(key, obj, size, e)
-
-    def _write_failed(self, key: CacheEngineKey, obj: MemoryObj, size: int, e: OSError) -> None:
-        with self._lock:
-            self.stats["write_errors"] += 1
-            if self._pending.get(key) is obj:
-                del self._pending[key]
-                self.used_bytes -= size
-                self.chain.remove(key)
-                self.policy.on_remove(key)
-        if not self._full_gate.trip(e):
-            self._warn_once(f"errno{e.errno}", "disk write of %s failed: %s", key, e)
-
-    def _make_room(self, size: int) -> bool:
-        if size > self.capacity_bytes:
-            return False
-        if self.used_bytes + size <= self.capacity_bytes:
-            return True
-        for key in self.chain.victims(list(self.policy.victims(list(self._index)))):
-            if self._pins.get(key):
-                continue
-            self._remove_locked(key)
-            self.stats["evictions"] += 1
-            if self.used_bytes + size <= self.capacity_bytes:
-                return True
-        return False
-
     def remove(self, key: CacheEngineKey) -> bool:
         with self._lock:
             return self._remove_locked(key)
@@ -411,12 +196,6 @@ class LocalDiskBackend(StorageBackendInterface):
                 self._remove_locked(key)
             self.links.rewrite(())
             return len(keys)
-
-    def flush(self, timeout: Optional[float] = None) -> bool:
-        """Wait until every queued write has finished (or failed), its cleanup included (no
-        temporary file of it is left); False on ``timeout`` (seconds; None = no limit)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: not self._writing, timeout)
 
     def close(self) -> None:
         """Finish queued writes (so they survive a restart), then stop the thread pools."""

@@ -136,7 +136,7 @@ class BlendRetriever:
     # ---- retrieve -----------------------------------------------------------------------
     def retrieve_layers(self, tokens, new_positions: Optional[torch.Tensor] = None,
                         request_configs: Optional[dict] = None,
-                        device=None) -> Generator:
+                        device=None, rotary=None) -> Generator:
         """The retrieve generator (module docstring); arguments are checked now.
 
         Args:
@@ -144,6 +144,8 @@ class BlendRetriever:
             new_positions: int ``[N]``, each token's position now; None = ``arange(N)``.
             request_configs: as for store (tags, LoRA, cache salt).
             device: buffer device (default: the connector's).
+            rotary: FusedRotaryEmb re-positioning K (the Blender's model's); None = the
+                connector's own.
 
         Raises:
             ValueError: bad tokens or positions.  RuntimeError: the engine is closed.
@@ -158,7 +160,7 @@ class BlendRetriever:
                              f"{new_positions!r:.80}")
         if n and int(new_positions.min()) < 0:
             raise ValueError("new_positions must be >= 0")
-        return self._retrieve(segs, n, new_positions, device)
+        return self._retrieve(segs, n, new_positions, device, rotary)
 
     def _fetch(self, start: int, end: int, key) -> Optional[tuple[MemoryObj, int, torch.Tensor]]:
         n = end - start
@@ -173,7 +175,7 @@ class BlendRetriever:
         return obj, decoded[0], decoded[1]
 
     def _retrieve(self, segs: list, n: int, new_positions: torch.Tensor,
-                  device) -> Generator:
+                  device, rotary) -> Generator:
         eng = self.engine
         t0 = time.perf_counter()
         objs: list[MemoryObj] = []
@@ -195,7 +197,7 @@ class BlendRetriever:
             eng.stats.inc("retrieve_requested_tokens", sum(e - s for s, e, _ in segs))
             eng.stats.inc("retrieve_hit_tokens", int(mask.sum()))
             layers = eng.gpu_connector.load_layers(sources, starts, ends, olds, new_positions,
-                                                   device=device)
+                                                   device=device, rotary=rotary)
             eng.stats.observe("retrieve_seconds", time.perf_counter() - t0)
             yield mask
             yield from layers

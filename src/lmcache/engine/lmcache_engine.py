@@ -279,11 +279,13 @@ class LMCacheEngine:
 
     def retrieve_layers_for_blend(self, tokens: Tokens, new_positions=None,
                                   request_configs: Optional[dict] = None,
-                                  device=None) -> Generator:
+                                  device=None, rotary=None) -> Generator:
         """Generator: first the cached-token mask (CPU bool ``[N]``), then per layer the
         buffer ``[2, N, H, D]`` of reused KV at ``new_positions`` (default ``arange(N)``),
-        gaps zero (BlendRetriever.retrieve_layers). TypeError without the CacheBlend path."""
-        return self._blend_path().retrieve_layers(tokens, new_positions, request_configs, device)
+        K re-positioned by ``rotary`` (default: the connector's), gaps zero
+        (BlendRetriever.retrieve_layers). TypeError without the CacheBlend path."""
+        return self._blend_path().retrieve_layers(tokens, new_positions, request_configs, device,
+                                                  rotary)
 
     def _blend_path(self) -> BlendRetriever:
         if self._blend is None:

@@ -134,7 +134,9 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
     # ---- load -------------------------------------------------------------------------
     def load_layers(self, sources: Sequence[torch.Tensor], starts: Sequence[int],
                     ends: Sequence[int], old_starts: Sequence[int], new_positions: torch.Tensor,
-                    device: Optional[torch.device] = None) -> Generator[torch.Tensor, None, None]:
+                    device: Optional[torch.device] = None,
+                    rotary: Optional[FusedRotaryEmb] = None
+                    ) -> Generator[torch.Tensor, None, None]:
         """Generator of L buffers ``[2, N, H, D]`` (layer order), double-buffered.
 
         Args:
@@ -145,15 +147,23 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             old_starts: the position each segment's first token was computed at (stored).
             new_positions: int ``[N]``, the position of every prompt token now (vLLM: arange).
             device: buffer device (default: the connector's).
+            rotary: the RoPE that re-positions K for this call (the Blender passes its
+                model's); None = the connector's own (from ``rope_parameters``).
 
         Yields:
             layer i's buffer (``kv_dtype``, on ``device``): K re-positioned, gaps zero. Valid
             until the next ``next()`` (module docstring); copy it to keep it.
 
-        Raises (at the call): ValueError naming the bad argument, or no RoPE configured.
+        Raises (at the call): ValueError naming the bad argument, or no RoPE (neither
+        ``rotary`` nor the connector's own).
         """
         dev = torch.device(device) if device is not None else self.device
-        n = self._check_load(sources, starts, ends, old_starts, new_positions)
+        rotary = self.rotary if rotary is None else rotary
+        if rotary is not None and (not isinstance(rotary, FusedRotaryEmb)
+                                   or rotary.head_size != self.metadata.head_size):
+            raise ValueError(f"rotary must be a FusedRotaryEmb of head_size "
+                             f"{self.metadata.head_size}, got {rotary!r:.80}")
+        n = self._check_load(sources, starts, ends, old_starts, new_positions, rotary)
         new_pos = new_positions.to(device=dev, dtype=torch.int64)
         old_pos = new_pos.clone()  # gaps: old == new, no rotation; zeroed afterwards
         gaps, prev = [], 0  # token ranges no segment covers: zeroed (memset per range)
@@ -163,10 +173,10 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             prev = e
         gaps += [(prev, n)] if n > prev else []
         spans = [(s, e) for s, e in zip(starts, ends)]
-        return self._pipeline(list(sources), spans, old_pos, new_pos, gaps, n, dev)
+        return self._pipeline(list(sources), spans, old_pos, new_pos, gaps, n, dev, rotary)
 
-    def _check_load(self, sources, starts, ends, old_starts, new_positions) -> int:
-        if self.rotary is None:
+    def _check_load(self, sources, starts, ends, old_starts, new_positions, rotary) -> int:
+        if rotary is None:
             raise ValueError("VLLMBufferLayerwiseGPUConnector has no RoPE: give rope_parameters "
                              "(the model's) or rotary, else cached K cannot be re-positioned")
         if not isinstance(new_positions, torch.Tensor) or new_positions.dim() != 1 \
@@ -190,7 +200,7 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             prev = e
         return n
 
-    def _pipeline(self, sources, spans, old_pos, new_pos, gaps, n, dev):
+    def _pipeline(self, sources, spans, old_pos, new_pos, gaps, n, dev, rotary):
         md = self.metadata
         bufs = [torch.empty((2, n, md.hidden_dim), dtype=md.kv_dtype, device=dev)
                 for _ in range(2 if md.num_layers > 1 else 1)]
@@ -203,11 +213,11 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             if cuda:
                 stream.wait_stream(torch.cuda.current_stream(dev))  # earlier users of buf
                 with torch.cuda.stream(stream):
-                    self._fill(buf, layer, sources, spans, old_pos, new_pos, gaps)
+                    self._fill(buf, layer, sources, spans, old_pos, new_pos, gaps, rotary)
                     events[layer] = torch.cuda.Event()
                     events[layer].record(stream)
             else:
-                self._fill(buf, layer, sources, spans, old_pos, new_pos, gaps)
+                self._fill(buf, layer, sources, spans, old_pos, new_pos, gaps, rotary)
 
         try:
             load(0)
@@ -221,13 +231,13 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             if cuda:
                 stream.synchronize()  # no copy may still read a source the caller releases
 
-    def _fill(self, buf, layer, sources, spans, old_pos, new_pos, gaps) -> None:
+    def _fill(self, buf, layer, sources, spans, old_pos, new_pos, gaps, rotary) -> None:
         for src, (s, e) in zip(sources, spans):
             layer_src = src[layer]
             buf[0, s:e].copy_(layer_src[0], non_blocking=True)
             buf[1, s:e].copy_(layer_src[1], non_blocking=True)
         if spans:
-            self.rotary(old_pos, new_pos, buf[0])
+            rotary(old_pos, new_pos, buf[0])
         for s, e in gaps:
             buf[:, s:e] = 0
 

@@ -56,8 +56,8 @@ def setup():
     runner = container.blender()
     engine = container.engine()
     assert isinstance(runner, CacheBlendRunner) and engine.gpu_connector.rotary is None
-    runner.attach_model(vllm_model)      # the connector takes the model's RoPE
-    assert engine.gpu_connector.rotary is runner.model.fused_rotary_emb
+    runner.attach_model(vllm_model)      # the one late-bound collaborator
+    assert engine.gpu_connector.rotary is None   # the model's RoPE is passed per retrieve
     slots = torch.arange(len(PROMPT_A)) + 7
     with torch.inference_mode():
         kvs = runner.model.prefill(torch.tensor(PROMPT_A))
@@ -132,3 +132,19 @@ def test_unsupported_model_is_refused_with_its_name(setup):
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         CacheBlendRunner(runner.engine, runner.gpu_connector).attach_model(GPT2LMHeadModel())
     assert isinstance(runner.model, LayerwiseModel)
+
+
+def test_model_is_bound_once_by_constructor_or_attach_model(setup):
+    runner, engine = setup
+    unbound = CacheBlendRunner(engine, engine.gpu_connector)
+    with pytest.raises(RuntimeError, match="no model: give vllm_model= or bind"):
+        unbound.blend(torch.tensor(PROMPT_B[:-1]), [], torch.arange(len(PROMPT_B) - 1))
+    with pytest.raises(RuntimeError, match="already has a model .LlamaForCausalLM."):
+        runner.attach_model(runner.model.vllm_model)
+    injected = CacheBlendRunner(engine, engine.gpu_connector, blend_check_layers=[1, 2],
+                                blend_recompute_ratios=[0.5, 0.5],
+                                vllm_model=runner.model.vllm_model)
+    assert injected.blender.check_layers == [1, 2] and injected.model.num_layers == L
+    with pytest.raises(ValueError, match="strictly increasing"):
+        CacheBlendRunner(engine, engine.gpu_connector, blend_check_layers=[2, 1],
+                         vllm_model=runner.model.vllm_model)

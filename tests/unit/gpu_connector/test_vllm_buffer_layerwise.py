@@ -161,6 +161,25 @@ def test_errors_name_the_value():
         connector(rope_parameters={"rope_type": "yarn", "factor": 2.0})
 
 
+def test_rotary_given_per_call_overrides_the_connectors_own():
+    """The Blender passes its model's RoPE per retrieve; a connector built without one
+    (rope_parameters null) loads with it and is not modified."""
+    gen = torch.Generator().manual_seed(4)
+    raw, v = torch.randn(L, 6, H, D, generator=gen), torch.randn(L, 6, H, D, generator=gen)
+    src = segment(raw, v, 100)
+    bare = VLLMBufferLayerwiseGPUConnector(META, LAYOUT, device="cpu")
+    got = [b.clone() for b in bare.load_layers([src], [1], [7], [100], torch.arange(8),
+                                               rotary=FusedRotaryEmb(D, base=THETA))]
+    assert bare.rotary is None
+    want = [b.clone() for b in connector().load_layers([src], [1], [7], [100], torch.arange(8))]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(got[2][0, 1:7], rope_at(raw[2], torch.arange(1, 7)),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rotary must be a FusedRotaryEmb of head_size 16"):
+        bare.load_layers([src], [1], [7], [100], torch.arange(8), rotary=FusedRotaryEmb(8))
+
+
 def test_write_layer_refuses_slots_outside_the_cache():
     with pytest.raises(ValueError, match="slots"):
         connector().write_layer(torch.zeros(2, 2, H, D), paged_cache(0)[0],

@@ -1,7 +1,12 @@
 """CacheBlendRunner: option ``blend=cacheblend`` — CacheBlend through vLLM (issue 9).
 
 The worker builds it with its LMCacheEngine and gpu_connector (the container's ``blender``
-slot), attaches the worker's vLLM model object (:meth:`attach_model`) and then uses it on both
+slot). The vLLM model object exists only once vLLM has loaded it, after lmcache's container is
+configured, so it is the one collaborator bound late: either given to the constructor
+(``vllm_model=``, where it is known, e.g. tests and benchmarks) or bound once with
+:meth:`attach_model` (the vLLM worker does this at start); :meth:`blend` before that raises
+RuntimeError. Nothing else is set after construction: the model's RoPE re-positions cached K by
+being passed to each retrieve (the connector itself is not modified). It is then used on both
 sides of a request:
 
 * scheduler lookup (served by the worker's LookupServer, to which the runner is handed in place
@@ -39,9 +44,13 @@ class CacheBlendRunner:
         engine: the worker's LMCacheEngine, with the CacheBlend data path
             (``gpu_connector=vllm_buffer_layerwise``, ``token_database=segment``).
         gpu_connector: that engine's VLLMBufferLayerwiseGPUConnector (writes finished layers).
-        blend_check_layers: LMCache's list form, one layer index (default ``[1]``).
-        blend_recompute_ratios: LMCache's list form, one ratio in [0, 1] (default ``[0.15]``).
+        blend_check_layers: LMCache's list form: strictly increasing layer indices where
+            tokens are selected (default ``[1]``; :class:`~lmcache.blend.blender.Blender`).
+        blend_recompute_ratios: LMCache's list form: one ratio in [0, 1] for every check
+            layer, or one per check layer (default ``[0.15]``).
         blend_min_tokens: prompts with fewer blendable tokens are not blended (LMCache: 256).
+        vllm_model: the worker's vLLM model object when it is known at construction (else
+            bind it with :meth:`attach_model`).
 
     Attributes (counters since start, for tests and metrics):
         blended_requests, reused_tokens (cached tokens of blended requests), recomputed_tokens
@@ -50,13 +59,14 @@ class CacheBlendRunner:
 
     Raises:
         TypeError: a connector without the CacheBlend data path.
-        ValueError: a bad ratio, layer list or ``blend_min_tokens`` (named).
+        ValueError: a bad ratio, layer list or ``blend_min_tokens`` (named); with
+            ``vllm_model``, whatever :meth:`attach_model` raises.
     """
 
     def __init__(self, engine: Any, gpu_connector: Any,
                  blend_check_layers: Union[int, Sequence[int]] = (1,),
                  blend_recompute_ratios: Union[float, Sequence[float]] = (0.15,),
-                 blend_min_tokens: int = 256) -> None:
+                 blend_min_tokens: int = 256, vllm_model: Any = None) -> None:
         if not is_blend_connector(gpu_connector):
             raise TypeError("blend=cacheblend needs gpu_connector=vllm_buffer_layerwise, got "
                             f"{type(gpu_connector).__name__}")
@@ -73,15 +83,22 @@ class CacheBlendRunner:
         self.blender: Optional[Blender] = None
         self.blended_requests = self.reused_tokens = self.recomputed_tokens = 0
         self.last_recomputed: Optional[torch.Tensor] = None
+        if vllm_model is not None:
+            self.attach_model(vllm_model)
 
     def attach_model(self, vllm_model: Any) -> None:
-        """Use ``vllm_model`` (the worker's model object) for blending.
+        """Bind ``vllm_model`` (the worker's model object) for blending: the one late-bound
+        collaborator, bound once.
 
         Raises:
+            RuntimeError: a model is already bound.
             ValueError: an architecture, parallelism or RoPE CacheBlend cannot run (from
                 :class:`LayerwiseModel`), a model whose layer count or KV width differs from
                 the engine's metadata, or bad check layers / ratios (from :class:`Blender`).
         """
+        if self.model is not None:
+            raise RuntimeError(f"CacheBlendRunner already has a model "
+                               f"({self.model.architecture}); it is bound once")
         model = LayerwiseModel(vllm_model)
         md = self.engine.metadata
         if model.num_layers != md.num_layers or model.kv_size != md.hidden_dim:
@@ -89,8 +106,6 @@ class CacheBlendRunner:
                 f"{model.architecture}: {model.num_layers} layers of KV width {model.kv_size}, but "
                 f"the KV caches have {md.num_layers} layers of width {md.hidden_dim}")
         blender = Blender(model, self.blend_check_layers, self.blend_recompute_ratios)
-        if self.gpu_connector.rotary is None:  # re-position cached K with the model's RoPE
-            self.gpu_connector.rotary = model.fused_rotary_emb
         self.model, self.blender = model, blender
 
     @property
@@ -133,14 +148,16 @@ class CacheBlendRunner:
             segment was found any more (nothing written; vLLM recomputes).
 
         Raises:
-            RuntimeError: no model attached. Errors of retrieve / blend / write propagate.
+            RuntimeError: no model bound yet (``vllm_model=`` or :meth:`attach_model`).
+                Errors of retrieve / blend / write propagate.
         """
         if self.blender is None:
-            raise RuntimeError("CacheBlendRunner has no model: attach_model() first")
+            raise RuntimeError("CacheBlendRunner has no model: give vllm_model= or bind the "
+                               "worker's model with attach_model() before blending")
         ids = torch.as_tensor(tokens, dtype=torch.long).cpu()
         kv = BlendLayerKV(self.engine.retrieve_layers_for_blend(
-            ids, request_configs=request_configs, device=self.model.device),
-                          self.model.num_layers)
+            ids, request_configs=request_configs, device=self.model.device,
+            rotary=self.model.fused_rotary_emb), self.model.num_layers)
         try:
             if not bool(kv.mask.any()):
                 return None

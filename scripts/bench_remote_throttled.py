@@ -207,7 +207,7 @@ def measure(serde: str, url: str, chunks: list[torch.Tensor], heads: int, head_s
             repeats: int, proxy: Optional[ThrottledProxy], tag: int, device: str = "cpu",
             extra: tuple[str, ...] = ()) -> dict:
     from lmcache.config import compose_config
-    from lmcache.config.values import override_value
+    from lmcache.config.overrides import override_value
     from lmcache.containers import build_worker_container, shutdown
     from lmcache.gpu_connector.kv_layout import KVCacheLayout
     from lmcache.keys import CacheEngineKey

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from lmcache.config import REMOTE_SCHEMES, compose_config, list_groups, list_options
 from lmcache.config.checks import option_name
-from lmcache.config.values import override_value
+from lmcache.config.overrides import override_value
 from lmcache.containers import build_worker_container, shutdown
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata

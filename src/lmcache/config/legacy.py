@@ -36,6 +36,7 @@ from lmcache.config.legacy_sources import (ENV_PREFIX, EXTRA_CONFIG_PREFIX, NON_
                                            old_env_prefix, old_key_hint, read_yaml)
 from lmcache.config.lmcache_keys import (ALIASES, FEATURES, HASH_ALGORITHMS, IGNORED_OLD_KEYS,
                                          KNOWN_KEYS, SUPPORTED, UNSUPPORTED, UNSUPPORTED_DEFAULTS)
+from lmcache.config.overrides import override_value
 from lmcache.config.remote_url import REMOTE_SCHEMES, redact, remote_connector_for
 
 __all__ = ["ALIASES", "FEATURES", "HASH_ALGORITHMS", "IGNORED_OLD_KEYS", "KNOWN_KEYS",
@@ -219,7 +220,7 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
                 f"LMCache config key local_disk={local_disk!r} (from {src('local_disk')}) needs "
                 f"max_local_disk_size > 0 GB, got {get('max_local_disk_size')!r} "
                 f"(from {src('max_local_disk_size')})")
-        settings.append((f"++local_disk={v.override_value(local_disk)}", src("local_disk")))
+        settings.append((f"++local_disk={override_value(local_disk)}", src("local_disk")))
     remote_url = get("remote_url")
     if remote_url is not None:
         try:
@@ -233,7 +234,7 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
         connector = _option("remote_connector", option, "remote_url", remote_url,
                             src("remote_url"))
         groups.append((f"remote_connector={connector}", src("remote_url")))
-        settings.append((f"++remote_url={v.override_value(remote_url)}", src("remote_url")))
+        settings.append((f"++remote_url={override_value(remote_url)}", src("remote_url")))
     if tiers != ["local_cpu"]:
         groups.insert(0, (f"storage/backends=[{','.join(tiers)}]",
                           "; ".join(dict.fromkeys(src(k) for k in tier_keys))))
@@ -266,7 +267,7 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
                           ("blend_min_tokens", "blend.blend_min_tokens"),
                           ("blend_special_str", "token_database.blend_special_str")):
             if values.get(key) is not None:
-                settings.append((f"++{path}={v.override_value(values[key])}", src(key)))
+                settings.append((f"++{path}={override_value(values[key])}", src(key)))
     elif any(k in values for k in ("blend_recompute_ratios", "blend_check_layers",
                                    "blend_min_tokens")):
         logger.info("blend_* keys without enable_blending=True (from %s) are ignored, as in "
@@ -293,7 +294,7 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
                 "internal_api_server_port_start", "extra_config"):
         if key in values:
             try:
-                settings.append((f"++{key}={v.override_value(values[key])}", src(key)))
+                settings.append((f"++{key}={override_value(values[key])}", src(key)))
             except ValueError as e:
                 raise ValueError(f"LMCache config key {key}={values[key]!r} (from "
                                  f"{src(key)}): {e}") from None

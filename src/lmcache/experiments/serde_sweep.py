@@ -107,7 +107,7 @@ def check(cfg: DictConfig) -> None:
 
 def _container(cfg: DictConfig, url: str, model):
     from lmcache.config import compose_config
-    from lmcache.config.values import override_value
+    from lmcache.config.overrides import override_value
     from lmcache.containers import build_worker_container
     from lmcache.gpu_connector.kv_layout import KVCacheLayout
     from lmcache.metadata import LMCacheMetadata

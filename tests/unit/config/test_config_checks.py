@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from lmcache.config import compose_config
 from lmcache.config.checks import (TOP_LEVEL_KEYS, check_config, check_directory, check_values,
                                    chunk_bytes, option_name)
-from lmcache.config.values import override_value
+from lmcache.config.overrides import override_value
 from lmcache.token_database.hashing import HASH_ALGORITHMS
 from lmcache.containers import build_scheduler_container, build_worker_container
 from lmcache.gpu_connector.kv_layout import KVCacheLayout

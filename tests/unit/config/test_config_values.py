@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from lmcache.config import compose_config
 from lmcache.config import values as v
+from lmcache.config.overrides import override_value
 
 
 @pytest.mark.parametrize("value", [
@@ -18,7 +19,7 @@ from lmcache.config import values as v
     True, False, None, [1, "a b", 2.5], {"a": 1, "b": "x y", "c-d": [True, None]},
 ])
 def test_override_value_round_trips_through_hydras_parser(value):
-    parsed = OverridesParser.create().parse_overrides([f"key={v.override_value(value)}"])[0]
+    parsed = OverridesParser.create().parse_overrides([f"key={override_value(value)}"])[0]
     assert parsed.value() == value
     if isinstance(value, float):
         assert isinstance(parsed.value(), float)
@@ -27,7 +28,7 @@ def test_override_value_round_trips_through_hydras_parser(value):
 @pytest.mark.parametrize("value", [math.inf, {"a.b": 1}, {1: 2}, object()])
 def test_override_value_rejects_what_overrides_cannot_carry(value):
     with pytest.raises(ValueError, match="cannot write"):
-        v.override_value(value)
+        override_value(value)
 
 
 def test_parsers():
@@ -71,8 +72,8 @@ LITERALS = ["/tmp/${oops}", "p${x}\\", "a\\${x}", "a\\\\${x}", "ab${cd", "$${x}"
 def test_override_value_is_taken_literally_not_interpolated(text):
     url = f"valkey://user:{text}@cache:6379"
     cfg = compose_config(["storage/backends=[local_cpu,remote]", "remote_connector=valkey",
-                          f"remote_url={v.override_value(url)}",
-                          f"++extra_config={v.override_value({'note': text, 'items': [text]})}"])
+                          f"remote_url={override_value(url)}",
+                          f"++extra_config={override_value({'note': text, 'items': [text]})}"])
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["remote_url"] == url
     assert resolved["remote_connector"]["url"] == url  # through the option's ${remote_url}

@@ -18,6 +18,8 @@ from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.metadata import LMCacheMetadata
 
+from reference_rope import rope_at
+
 L, H, D, BS, BLOCKS, VOCAB, THETA = 2, 2, 16, 4, 24, 64, 10000.0
 SEP = [1, 2]
 META = LMCacheMetadata("org/m", 1, 0, torch.float32, (L, 2, 16, H, D))
@@ -27,15 +29,6 @@ RAW_K = torch.randn(L, VOCAB, H, D, generator=GEN)   # pre-RoPE K of each token 
 VAL = torch.randn(L, VOCAB, H, D, generator=GEN)
 DOCS = [torch.randint(10, VOCAB, (n,), generator=GEN).tolist() for n in (9, 6, 11)]
 SYSTEM, QUESTION = [3, 4, 5, 6], [7, 8, 9]
-
-
-def rope_at(raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Independent neox RoPE (float64): ``raw`` [T, H, D] at ``positions``."""
-    inv = 1.0 / THETA ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    ang = positions.double()[:, None] * inv[None, :]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    x1, x2 = raw.double().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).float()
 
 
 def join(*parts):
@@ -48,7 +41,7 @@ def join(*parts):
 def expected_kv(tokens, positions):
     """[L, 2, N, H, D]: K of each token computed at ``positions`` (what the model would make)."""
     ids = torch.tensor(tokens)
-    k = torch.stack([rope_at(RAW_K[layer, ids], positions) for layer in range(L)])
+    k = torch.stack([rope_at(RAW_K[layer, ids], positions, THETA) for layer in range(L)])
     return torch.stack([k, VAL[:, ids]], dim=1)
 
 

@@ -13,19 +13,12 @@ from lmcache.gpu_connector.kv_transfer import gather_kv
 from lmcache.gpu_connector.vllm_buffer_layerwise import VLLMBufferLayerwiseGPUConnector
 from lmcache.metadata import LMCacheMetadata
 
+from reference_rope import rope_at
+
 L, H, D, BS, BLOCKS = 3, 2, 16, 4, 12
 THETA = 10000.0
 META = LMCacheMetadata("org/m", 1, 0, torch.float32, (L, 2, 16, H, D))
 LAYOUT = KVCacheLayout("cpu_packed", BS, H, D)
-
-
-def rope_at(raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Independent neox RoPE in float64: ``raw`` [T, H, D] (pre-RoPE K) at ``positions``."""
-    inv = 1.0 / THETA ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    ang = positions.double()[:, None] * inv[None, :]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
-    x1, x2 = raw.double().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).float()
 
 
 def connector(**kw) -> VLLMBufferLayerwiseGPUConnector:
@@ -38,7 +31,7 @@ def segment(raw_k, v, old_start):
     """Stored KV [L, 2, T, H*D] of a segment computed at old_start.. (K roped there)."""
     t = raw_k.shape[1]
     pos = torch.arange(old_start, old_start + t)
-    k = torch.stack([rope_at(raw_k[layer], pos) for layer in range(L)])
+    k = torch.stack([rope_at(raw_k[layer], pos, THETA) for layer in range(L)])
     return torch.stack([k.view(L, t, H * D), v.reshape(L, t, H * D)], dim=1).contiguous()
 
 
@@ -57,8 +50,8 @@ def test_repositioned_k_equals_k_at_new_positions_gaps_zero_v_unchanged():
     for layer, buf in enumerate(layers):  # a buffer is valid until the next next()
         seen += 1
         assert buf.shape == (2, n, H, D) and buf.dtype == torch.float32
-        want_a = rope_at(raw["a"][layer], new_positions[20:27])
-        want_b = rope_at(raw["b"][layer], new_positions[2:7])
+        want_a = rope_at(raw["a"][layer], new_positions[20:27], THETA)
+        want_b = rope_at(raw["b"][layer], new_positions[2:7], THETA)
         assert (buf[0, 20:27] - want_a).abs().max() < 1e-4   # float32 angles (as vLLM's)
         assert (buf[0, 2:7] - want_b).abs().max() < 1e-4
         assert torch.equal(buf[1, 20:27], vals["a"][layer])
@@ -174,7 +167,7 @@ def test_rotary_given_per_call_overrides_the_connectors_own():
     want = [b.clone() for b in connector().load_layers([src], [1], [7], [100], torch.arange(8))]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
-    torch.testing.assert_close(got[2][0, 1:7], rope_at(raw[2], torch.arange(1, 7)),
+    torch.testing.assert_close(got[2][0, 1:7], rope_at(raw[2], torch.arange(1, 7), THETA),
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="rotary must be a FusedRotaryEmb of head_size 16"):
         bare.load_layers([src], [1], [7], [100], torch.arange(8), rotary=FusedRotaryEmb(8))

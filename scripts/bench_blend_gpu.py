@@ -157,6 +157,8 @@ def main() -> int:
     ap.add_argument("--check-layers", type=int, nargs="+", default=[1])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stages", action="store_true", help="also time load / compute / write alone")
+    ap.add_argument("--ab-write", action="store_true",
+                    help="also time (c) with write_layer's torch path instead of the CUDA kernel")
     ap.add_argument("--profile", default=None,
                     help="write a torch.profiler table of one blend at the first ratio >0 here")
     ap.add_argument("--json", default=None)
@@ -235,6 +237,12 @@ def main() -> int:
             row["x_ceiling"] = t_blend / (t_retrieve + t_recompute)
             if args.stages:
                 row.update(stages(engine, runner, conn, caches, ids_b, slots_b, dev, args))
+            if args.ab_write and dev.type == "cuda":
+                conn.write_kernel = False
+                try:
+                    row["blend_torch_write_ms"] = timed(blend_once, dev, args.reps) * 1e3
+                finally:
+                    conn.write_kernel = True
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in row.items()}))
@@ -298,17 +306,17 @@ def stages(engine, runner, conn, caches, ids, slots, dev, args) -> dict:
     the device), write (write_layer of every layer)."""
     from lmcache.engine.blend_layers import BlendLayerKV
 
-    layers = args.layers
+    layers, rot = args.layers, runner.model.fused_rotary_emb
 
     def load():
-        kv = BlendLayerKV(engine.retrieve_layers_for_blend(ids, device=dev), layers)
+        kv = BlendLayerKV(engine.retrieve_layers_for_blend(ids, device=dev, rotary=rot), layers)
         try:
             for i in range(layers):
                 kv[i]
         finally:
             kv.close()
 
-    kv = BlendLayerKV(engine.retrieve_layers_for_blend(ids, device=dev), layers)
+    kv = BlendLayerKV(engine.retrieve_layers_for_blend(ids, device=dev, rotary=rot), layers)
     try:
         mask = kv.mask
         copies = [tuple(t.clone() for t in kv[i]) for i in range(layers)]
@@ -322,6 +330,7 @@ def stages(engine, runner, conn, caches, ids, slots, dev, args) -> dict:
     def write():
         for i, (k, v) in enumerate(copies):
             conn.write_layer(torch.stack((k, v)), caches[i], slot_mapping=slots)
+        conn.wait_writes()
 
     t_write = timed(write, dev, args.reps)
     return {"load_ms": t_load * 1e3, "compute_ms": t_compute * 1e3, "write_ms": t_write * 1e3}

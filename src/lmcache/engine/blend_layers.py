@@ -11,6 +11,7 @@ adapter gives it exactly that::
     for i, (k, v) in blender.blend_layerwise(tokens, kv, uncached=~kv.mask.to(dev), positions=pos):
         connector.write_layer(torch.stack((k, v)), kvcaches[i], slot_mapping=slots)
     kv.close()
+    connector.wait_writes()   # CUDA writes are enqueued; bad slots are reported here
 
 Layers skipped by the reader (before the check layer) are stepped over (loaded, not used).
 """

@@ -231,4 +231,5 @@ class BlendRetriever:
                     self.engine.gpu_connector.write_layer(buf, kvcaches[layer], ret_mask, **xfer)
         finally:
             gen.close()
+            self.engine.gpu_connector.wait_writes()
         return ret_mask

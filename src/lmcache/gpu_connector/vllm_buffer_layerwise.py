@@ -10,7 +10,10 @@ in which every reused segment's K/V sits at its NEW token range, its K re-positi
 ones, and every other token (separators, segments not cached, the question) is zero — LMCache's
 gap rule (``VLLMBufferLayerwiseGPUConnector.batched_to_gpu`` zeroes the tokens no retrieved
 chunk covers, after RoPE). The Blender recomputes what it needs and writes the finished layer
-into vLLM's paged cache with :meth:`write_layer` (the paged-write code of ``kv_transfer``).
+into vLLM's paged cache with :meth:`write_layer`: on CUDA with CuPy one launch of
+``csrc/vllm_layerwise.cu`` on the current stream (no host sync; slots outside the cache are
+skipped by the kernel and reported by :meth:`wait_writes`), otherwise the paged-write code of
+``kv_transfer`` (synchronous checks).
 
 Double buffering (:meth:`load_layers`): two buffers alternate; when layer i is yielded, layer
 i+1's copy, re-positioning and gap zeroing are already enqueued (on CUDA on a load stream that
@@ -33,6 +36,7 @@ import torch
 
 from lmcache.blend.rotary import FusedRotaryEmb
 from lmcache.gpu_connector.base import GPUConnectorInterface
+from lmcache.gpu_connector.cupy_kernels import cupy_available
 from lmcache.gpu_connector.kv_layout import KVCacheLayout, check_layer_tensors
 from lmcache.gpu_connector.kv_transfer import gather_kv, scatter_kv
 from lmcache.gpu_connector.vllm_paged import _slot_kwargs
@@ -83,6 +87,9 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.fmt = MemoryFormat.KV_2TD
         self._load_streams: dict[int, torch.cuda.Stream] = {}
+        #: CUDA paged writes through the CuPy kernel (False: kv_transfer's torch path).
+        self.write_kernel = True
+        self._writes: list = []  # TransferHandles of kernel writes not yet checked
 
     def get_shape(self, num_tokens: int) -> torch.Size:
         """``[2, num_tokens, H*D]``: one layer's buffer (LMCache's KV_2TD)."""
@@ -259,8 +266,13 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             kwargs: ``slot_mapping`` (int, -1 = padding: skipped), ``offset`` (tokens before
                 slot_mapping[0]; those are not written).
 
+        On a CUDA layer with CuPy the write is enqueued on the current stream and returns at
+        once; call :meth:`wait_writes` (once, after the last layer) to learn about slots
+        outside the cache (those tokens were skipped).
+
         Raises:
-            ValueError: wrong shapes / dtype, slots outside the cache.
+            ValueError: wrong shapes / dtype, slots outside the cache (torch path; the
+                kernel path reports them from :meth:`wait_writes`, or from a later call).
         """
         md = self.metadata
         self.layout.check_tensor(layer_tensor, md.kv_dtype)
@@ -279,10 +291,40 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
                 raise ValueError(f"token_mask must be bool [{n}], got {token_mask!r:.80}")
             keep = token_mask[offset:].to(slots.device)
             slots = torch.where(keep, slots, torch.full_like(slots, -1))
+        if layer_tensor.is_cuda and self.write_kernel and cupy_available():
+            from lmcache.gpu_connector.cupy_kernels import launch_transfer  # noqa: PLC0415
+
+            self._check_writes(block=False)
+            self._writes.append(launch_transfer(
+                [layer_tensor], self.layout, [flat.permute(1, 0, 2)], slots, [0], to_paged=True,
+                single_layer=True))
+            return
         if slots.numel() and int(slots.max()) >= self.layout.num_slots(layer_tensor):
             raise ValueError(f"slot_mapping holds slot {int(slots.max())}; the layer has "
                              f"{self.layout.num_slots(layer_tensor)} slots")
         scatter_kv([layer_tensor], slots, self.layout, flat.unsqueeze(1))
+
+    def wait_writes(self) -> None:
+        """Block until every kernel write of :meth:`write_layer` finished and check its slots.
+
+        Raises:
+            ValueError: a write met a slot outside the cache (that token was not written).
+        """
+        self._check_writes(block=True)
+
+    def _check_writes(self, block: bool) -> None:
+        pending, self._writes = self._writes, []
+        error = None
+        for i, handle in enumerate(pending):
+            if not block and not handle.query():
+                self._writes = pending[i:]
+                break
+            try:
+                handle.wait()
+            except ValueError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _slots(self, start: int, end: int, kwargs: dict) -> torch.Tensor:
         slot_mapping, offset = _slot_kwargs(kwargs)

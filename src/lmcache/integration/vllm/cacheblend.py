@@ -167,6 +167,7 @@ class CacheBlendRunner:
                                                slot_mapping=slot_mapping)
         finally:
             kv.close()
+            self.gpu_connector.wait_writes()  # CUDA: the one host sync; bad slots raise here
         self.blended_requests += 1
         self.reused_tokens += int(kv.mask.sum())
         self.last_recomputed = self.blender.last_recomputed

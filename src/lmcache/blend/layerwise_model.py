@@ -11,7 +11,8 @@ key whose position is not after its own (causal over the full K/V of the layer, 
 cached rows of tokens that are not recomputed).
 
 Supported: ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (the families LMCache
-blends), without tensor/pipeline parallelism or sliding windows, and with a RoPE that
+blends), without tensor/pipeline parallelism (a tensor-parallel shard, ``num_heads <
+total_num_heads``, is refused) or sliding windows, and with a RoPE that
 :class:`~lmcache.blend.rotary.FusedRotaryEmb` can re-position (its instance is
 :attr:`LayerwiseModel.fused_rotary_emb`, for moving cached K to new positions). Anything else is
 refused at construction with a ValueError naming the architecture.
@@ -53,8 +54,8 @@ class LayerwiseModel:
 
     Raises:
         ValueError: an architecture other than :data:`SUPPORTED_ARCHITECTURES` (named), a model
-            split by pipeline parallelism, missing attributes, sliding-window attention, or a
-            RoPE that cannot be re-positioned (named, with the architecture).
+            split by pipeline or tensor parallelism, missing attributes, sliding-window
+            attention, or a RoPE that cannot be re-positioned (named, with the architecture).
     """
 
     def __init__(self, vllm_model: Any) -> None:
@@ -85,6 +86,12 @@ class LayerwiseModel:
         attn = layers[0].self_attn
         self.num_layers = len(layers)
         self.num_heads, self.num_kv_heads = int(attn.num_heads), int(attn.num_kv_heads)
+        total = getattr(attn, "total_num_heads", self.num_heads)
+        if total != self.num_heads:
+            raise ValueError(
+                f"{arch}: a tensor-parallel shard ({self.num_heads} of {total} attention heads) "
+                "cannot be blended: each rank would select tokens from its own heads only; "
+                "run with tensor_parallel_size 1")
         self.head_size, self.kv_size = int(attn.head_dim), int(attn.kv_size)
         qk_norm = SUPPORTED_ARCHITECTURES[arch]
         self.qk_norm = bool(getattr(attn, "qk_norm", False)) if qk_norm is None else qk_norm

@@ -135,6 +135,10 @@ def test_unrepositionable_rope_and_sliding_window_are_refused():
     m.model.layers[2].self_attn.attn = types.SimpleNamespace(sliding_window=128)
     with pytest.raises(ValueError, match="Qwen3ForCausalLM: layer 2 uses sliding-window"):
         LayerwiseModel(m)
+    m = build()
+    m.model.layers[0].self_attn.total_num_heads = 8     # vLLM's attribute: a TP=2 shard
+    with pytest.raises(ValueError, match=r"tensor-parallel shard \(4 of 8 attention heads\)"):
+        LayerwiseModel(m)
 
 
 def test_bad_blender_arguments_are_refused():

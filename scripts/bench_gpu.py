@@ -170,34 +170,41 @@ def bench_layerwise(s: Setup, tokens: int, reps: int) -> tuple[float, float]:
     return nbytes / st, nbytes / ld
 
 
-def make_engine(s: Setup, transfer: str):
+def make_engine(s: Setup, transfer: str, allocator=None):
     from lmcache.engine.lmcache_engine import LMCacheEngine
     from lmcache.storage.backends.local_cpu import LocalCPUBackend
     from lmcache.storage.manager import StorageManager
     from lmcache.storage.policy.lru import LRUCachePolicy
     from lmcache.token_database.chunked import ChunkedTokenDatabase
 
-    backend = LocalCPUBackend(s.alloc, LRUCachePolicy(), max_local_cpu_size=s.alloc.capacity_bytes / 2**30)
+    alloc = allocator or s.alloc
+    backend = LocalCPUBackend(alloc, LRUCachePolicy(), max_local_cpu_size=alloc.capacity_bytes / 2**30)
     conn = VLLMPagedMemGPUConnectorV2(s.meta, s.layout, backend="cupy", transfer=transfer)
     return LMCacheEngine(s.meta, ChunkedTokenDatabase(s.meta, CHUNK), conn, StorageManager([backend]))
 
 
-def bench_engine(s: Setup, engine, tokens: int, reps: int) -> dict:
+def bench_engine(s: Setup, engine, tokens: int, reps: int, req_id=None) -> dict:
+    """Engine store / retrieve of ``tokens`` tokens. ``req_id``: the calls carry it (the
+    engine then reuses the request's chunk hashes, as after vLLM's lookup of the request);
+    None: every call hashes the tokens."""
     gen = torch.Generator().manual_seed(tokens)
     ids = torch.randint(0, 128000, (tokens,), generator=gen)
     src, dst = s.slots(tokens, 1), s.slots(tokens, 2)
+    kw = {} if req_id is None else {"req_id": req_id}
+    if req_id is not None:
+        engine.lookup(ids, lookup_id=req_id)  # the scheduler's lookup hashes the prompt
 
     def store() -> float:
         engine.clear()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        stored = engine.store(ids, kvcaches=s.kv, slot_mapping=src)
+        stored = engine.store(ids, kvcaches=s.kv, slot_mapping=src, **kw)
         torch.cuda.synchronize()
         assert stored == tokens, (stored, tokens)
         return time.perf_counter() - t0
 
     def retrieve():
-        mask = engine.retrieve(ids, kvcaches=s.kv, slot_mapping=dst)
+        mask = engine.retrieve(ids, kvcaches=s.kv, slot_mapping=dst, **kw)
         assert int(mask.sum()) == tokens
 
     store()  # warm-up
@@ -212,7 +219,8 @@ def bench_engine(s: Setup, engine, tokens: int, reps: int) -> dict:
             "retrieve_s": rt, "hash_s": hashing}
 
 
-def bench_prefill(tokens: int, reps: int) -> float:
+def build_model(tokens: int):
+    """A Llama-3-8B-shaped LlamaForCausalLM (random bf16 weights, sdpa) on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -232,17 +240,65 @@ def bench_prefill(tokens: int, reps: int) -> float:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def make_prefill(model, tokens: int):
     ids = torch.randint(0, 128000, (1, tokens), device="cuda")
 
-    def prefill():
+    def prefill():  # enqueues the forward pass; no host sync
         with torch.inference_mode():
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
         assert out.logits.shape[1] == 1
 
-    t = timed(prefill, reps)
-    del model
-    torch.cuda.empty_cache()
-    return t
+    return prefill
+
+
+def bench_prefill(model, tokens: int, reps: int) -> float:
+    return timed(make_prefill(model, tokens), reps)
+
+
+def bench_prefill_with_store(s: Setup, model, tokens: int, steps: int, rounds: int) -> dict:
+    """A loop of ``steps`` prefills of ``tokens`` tokens; before each step's forward pass the
+    engine stores the previous step's KV (``tokens`` tokens of the paged cache, new token ids
+    each step so every chunk is stored). Variants, interleaved ``rounds`` times: no store;
+    ``engine.store(..., wait=False)`` (the copy waits for the compute stream on the GPU and the
+    host goes on to launch the next forward pass); ``engine.store`` (the host waits for the
+    copy). Returns the median seconds per step of each variant."""
+
+    engine = make_engine(s, "dma", allocator=CPUMemoryAllocator(
+        3 * tokens * BYTES_PER_TOKEN + (64 << 20)))
+    prefill = make_prefill(model, tokens)
+    src = s.slots(tokens, 1)
+    gen = torch.Generator().manual_seed(7)
+    stored = {"async": 0, "sync": 0}
+
+    def loop(variant: str) -> float:
+        engine.clear()
+        ids = [torch.randint(0, 128000, (tokens,), generator=gen) for _ in range(steps)]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            if variant != "none" and i:
+                kw = {"wait": False} if variant == "async" else {}
+                stored[variant] += engine.store(ids[i - 1], kvcaches=s.kv, slot_mapping=src, **kw)
+            prefill()
+        if hasattr(engine, "wait_for_stores"):
+            engine.wait_for_stores()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
+
+    loop("none")  # warm-up
+    loop("async")
+    times: dict[str, list[float]] = {"none": [], "async": [], "sync": []}
+    for _ in range(rounds):
+        for variant in ("none", "async", "sync", "none"):
+            times[variant].append(loop(variant))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["stored_tokens"] = stored
+    out["steps"], out["rounds"], out["tokens"] = steps, rounds, tokens
+    engine.close()
+    return out
 
 
 def profile_engine(s: Setup, engine, tokens: int, reps: int) -> dict:
@@ -375,10 +431,16 @@ def main() -> None:
     ap.add_argument("--no-engine", action="store_true")
     ap.add_argument("--profile-engine", action="store_true",
                     help="time the engine's steps one by one at 8k and the largest size")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="repeat the size sweep this many times (the summary gives the spread)")
+    ap.add_argument("--engine-only", action="store_true",
+                    help="per size only the ceiling, the dma connector and the engine")
+    ap.add_argument("--store-steps", type=int, default=5, help="prefill loop steps (--prefill)")
     ap.add_argument("--json", help="write all numbers to this file")
     args = ap.parse_args()
     assert torch.cuda.is_available() and cupy_kernels.cupy_available(), "needs CUDA and CuPy"
-    result: dict = {"device": device_info(), "tuning": dict(cupy_kernels.TUNING), "sizes": []}
+    result: dict = {"device": device_info(), "tuning": dict(cupy_kernels.TUNING), "sizes": [],
+                    "runs": []}
     print(json.dumps(result["device"]), flush=True)
     sizes = sorted(set(args.tokens + ([args.prefill_tokens] if args.prefill else [])))
     s = Setup(max(sizes))
@@ -388,33 +450,88 @@ def main() -> None:
     engines = {}
     if not args.no_engine:
         try:
-            engines = {t: make_engine(s, t) for t in ("dma", "mapped")}
+            kinds = ("dma",) if args.engine_only else ("dma", "mapped")
+            engines = {t: make_engine(s, t) for t in kinds}
         except Exception as err:  # report, and measure through the connector only
             print(f"engine unavailable ({type(err).__name__}: {err}); connector only", flush=True)
             result["engine_error"] = repr(err)
     if args.sweep:
         result["sweep"] = sweep(s, args.reps)
-    for tokens in sizes:
-        row = {"tokens": tokens, "bytes": tokens * BYTES_PER_TOKEN}
-        row["ceil_h2d"], row["ceil_d2h"] = ceiling(tokens, args.reps)
-        row["dma_store"], row["dma_retrieve"] = bench_connector(s, dma, tokens, args.reps)
-        row["mapped_store"], row["mapped_retrieve"] = bench_connector(s, mapped, tokens, args.reps)
-        row["torch_store"], row["torch_retrieve"] = bench_connector(s, slow, tokens, max(1, args.reps // 2))
-        if tokens <= 8192:
-            row["lw_store"], row["lw_retrieve"] = bench_layerwise(s, tokens, args.reps)
-        for transfer, engine in engines.items():
-            row[f"engine_{transfer}"] = bench_engine(s, engine, tokens, args.reps)
-        result["sizes"].append(row)
-        print(json.dumps(row), flush=True)
+    for run in range(args.runs):
+        rows = []
+        for tokens in sizes:
+            row = {"tokens": tokens, "bytes": tokens * BYTES_PER_TOKEN, "run": run}
+            row["ceil_h2d"], row["ceil_d2h"] = ceiling(tokens, args.reps)
+            row["dma_store"], row["dma_retrieve"] = bench_connector(s, dma, tokens, args.reps)
+            if not args.engine_only:
+                row["mapped_store"], row["mapped_retrieve"] = bench_connector(s, mapped, tokens,
+                                                                              args.reps)
+                row["torch_store"], row["torch_retrieve"] = bench_connector(
+                    s, slow, tokens, max(1, args.reps // 2))
+                if tokens <= 8192:
+                    row["lw_store"], row["lw_retrieve"] = bench_layerwise(s, tokens, args.reps)
+            for transfer, engine in engines.items():
+                row[f"engine_{transfer}"] = bench_engine(s, engine, tokens, args.reps)
+                if transfer == "dma":
+                    row["engine_dma_req"] = bench_engine(s, engine, tokens, args.reps,
+                                                         req_id=f"bench-{run}-{tokens}")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        result["runs"].append(rows)
+    result["sizes"] = result["runs"][-1]
     if args.profile_engine and "dma" in engines:
         result["engine_breakdown"] = {
             t: profile_engine(s, engines["dma"], t, args.reps) for t in (8192, max(sizes))}
     if args.prefill:
-        result["prefill_s"] = bench_prefill(args.prefill_tokens, max(2, args.reps // 2))
+        model = build_model(args.prefill_tokens)
+        result["prefill_s"] = bench_prefill(model, args.prefill_tokens, max(2, args.reps // 2))
+        if engines:
+            result["prefill_store"] = bench_prefill_with_store(
+                s, model, args.prefill_tokens, args.store_steps, max(1, args.runs))
+        del model
+        torch.cuda.empty_cache()
+    for rows in result["runs"][:-1]:
+        result["sizes"] = rows
+        print_table({k: v for k, v in result.items() if k not in ("prefill_s", "prefill_store")},
+                    args)
+    result["sizes"] = result["runs"][-1]
     print_table(result, args)
+    print_spread(result)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def print_spread(result: dict) -> None:
+    """Engine fractions of the ceiling over every run: min-max per size and direction."""
+    if len(result["runs"]) < 2 and "prefill_store" not in result:
+        return
+    print(f"\nengine (dma) fraction of the ceiling over {len(result['runs'])} run(s), min-max:")
+    print("| tokens | store (hash included) | retrieve (hash included) | store (request's hashes "
+          "cached) | retrieve (cached) |")
+    print("|---:|---:|---:|---:|---:|")
+    by: dict[int, dict[str, list[float]]] = {}
+    for rows in result["runs"]:
+        for r in rows:
+            for key in ("engine_dma", "engine_dma_req"):
+                e = r.get(key)
+                if e:
+                    d = by.setdefault(r["tokens"], {})
+                    d.setdefault(key + "_st", []).append(e["store_Bps"] / r["ceil_d2h"])
+                    d.setdefault(key + "_rt", []).append(e["retrieve_Bps"] / r["ceil_h2d"])
+    for tokens, d in sorted(by.items()):
+        cells = [f"{min(v):.1%}-{max(v):.1%}" if v else "-" for v in
+                 (d.get("engine_dma_st", []), d.get("engine_dma_rt", []),
+                  d.get("engine_dma_req_st", []), d.get("engine_dma_req_rt", []))]
+        print(f"| {tokens} | " + " | ".join(cells) + " |")
+    ps = result.get("prefill_store")
+    if ps:
+        base = ps["none"]
+        print(f"\nprefill loop, {ps['tokens']} tokens x {ps['steps']} steps, {ps['rounds']} "
+              f"round(s) (median s/step): no store {base * 1e3:.1f} ms; concurrent store of the "
+              f"previous step's KV, wait=False {ps['async'] * 1e3:.1f} ms "
+              f"({ps['async'] / base - 1:+.1%}); host-waiting store {ps['sync'] * 1e3:.1f} ms "
+              f"({ps['sync'] / base - 1:+.1%}); tokens stored {ps['stored_tokens']}")
 
 
 def print_table(result: dict, args) -> None:
@@ -437,8 +554,10 @@ def print_table(result: dict, args) -> None:
                          f"{cell(r, e['retrieve_Bps'], 'ceil_h2d'):>12}" if e else f"{'n/a':>30}")
         for t in ("dma", "mapped"):
             parts.append(f"{cell(r, r[t + '_store'], 'ceil_d2h'):>14} "
-                         f"{cell(r, r[t + '_retrieve'], 'ceil_h2d'):>12}")
-        parts.append(f"{r['torch_store'] / 1e9:5.1f}/{r['torch_retrieve'] / 1e9:5.1f}")
+                         f"{cell(r, r[t + '_retrieve'], 'ceil_h2d'):>12}" if t + "_store" in r
+                         else f"{'-':>27}")
+        parts.append(f"{r['torch_store'] / 1e9:5.1f}/{r['torch_retrieve'] / 1e9:5.1f}"
+                     if "torch_store" in r else f"{'-':>11}")
         parts.append(f"{r['lw_store'] / 1e9:7.1f}/{r['lw_retrieve'] / 1e9:5.1f}"
                      if "lw_store" in r else f"{'-':>15}")
         print(" | ".join(parts))

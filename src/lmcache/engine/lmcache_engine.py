@@ -13,6 +13,7 @@ import torch
 
 from lmcache.engine.blend_retriever import BlendRetriever, is_blend_connector
 from lmcache.engine.layerwise import LayerwisePath, drain, is_layerwise
+from lmcache.engine.store_path import StorePath
 from lmcache.gpu_connector.base import GPUConnectorInterface
 from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_format import MemoryFormat
@@ -20,12 +21,13 @@ from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.observability.stats import LMCStatsMonitor
 from lmcache.token_database.base import TokenDatabase, Tokens
+from lmcache.token_database.chunked import ChunkedTokenDatabase
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PIN_LEASE_SECS = 600.0
 _ENGINE_KWARGS = ("request_configs", "lookup_id", "req_id",  # not for the connector
-                  "store_location", "retrieve_locations")
+                  "store_location", "retrieve_locations", "wait")
 
 
 class LMCacheEngine:
@@ -46,6 +48,9 @@ class LMCacheEngine:
     ``lookup_id`` / ``req_id`` (retrieve takes that lookup's prefetched chunks and releases its
     pins), ``store_location`` (store: the one tier name to write to, e.g. "LocalDiskBackend")
     and ``retrieve_locations`` (retrieve: the tier names to read from) — see StorageManager.
+    ``req_id`` / ``lookup_id`` also name the request whose chunk hashes the token database
+    keeps (ChunkedTokenDatabase): a request's lookup, retrieve and store hash its tokens once.
+    ``wait`` (store, default True): False returns once the copy is enqueued (see :meth:`store`).
 
     Args:
         metadata: this worker's LMCacheMetadata.
@@ -97,6 +102,8 @@ class LMCacheEngine:
         self._lock = threading.Lock()
         self._warned: set[str] = set()  # log-once topics
         self._closed = False
+        self._hash_cache = isinstance(token_database, ChunkedTokenDatabase)
+        self._store_path = StorePath(self)
 
     # ---- store --------------------------------------------------------------------------
     def store(self, tokens: Tokens, mask: Optional[torch.Tensor] = None, **kwargs) -> int:
@@ -104,46 +111,35 @@ class LMCacheEngine:
 
         ``tokens``: 1-D int tensor or list of ints, the whole sequence; ``mask``: store_mask, 1-D
         bool, False prefix (already stored, a multiple of chunk_size); ``kwargs``: transfer
-        kwargs and ``request_configs`` (class docstring). Chunks already cached in some tier are
-        skipped. When memory runs out the prefix of chunks that fit is stored and the rest is
-        counted in ``failed_store_tokens`` (logged once); a store never blocks for memory.
+        kwargs, ``request_configs``, ``req_id`` and ``wait`` (class docstring). Chunks already
+        cached in some tier are skipped. When memory runs out the prefix of chunks that fit is
+        stored and the rest is counted in ``failed_store_tokens`` (logged once); a store never
+        blocks for memory.
+
+        Pipelined: chunks are hashed, allocated (one call per group) and copied in growing
+        groups; the copy of a group (on the connector's store_stream, after an event recorded on
+        the caller's current stream, so it reads the KV only after the compute enqueued before
+        this call wrote it) runs while the next group is hashed and allocated. ``wait=False``
+        (connectors with ``submit_from_gpu``): return once the copies are enqueued; the chunks
+        reach the tiers when they finish (a background thread), the return value counts them
+        already, and :meth:`wait_for_stores` waits for them. The caller must then keep the
+        stored pages unchanged until the store finished (vLLM: no block reuse before).
 
         Raises:
-            ValueError / TypeError: bad mask, tokens, kvcaches (naming shape/dtype) or slots.
+            ValueError / TypeError: bad mask, tokens, kvcaches (naming shape/dtype) or slots
+                (with ``wait=False`` a bad slot found by the copy is logged and counted in
+                ``failed_stores`` instead).
             RuntimeError: the engine is closed.
         """
         if self._layerwise is not None:
             return drain(self.store_layer(tokens, mask, **kwargs))
         if self._blend is not None:
             return self._blend.store(tokens, mask, kwargs)
-        t0 = time.perf_counter()
-        xfer, chunks = self._begin("store", tokens, mask, kwargs)
-        store_location = kwargs.get("store_location")  # only that tier is checked and written
-        where = None if store_location is None else [store_location]
-        keys, objs, starts, ends = [], [], [], []
-        failed = 0
-        # One batched query (one round trip per tier): the chained hash makes the cached chunks
-        # a prefix; a chunk after the first miss is stored again (a put replaces it).
-        present = self.storage_manager.contains_prefix([k for _, _, k in chunks], retrieve_locations=where)
-        parent = chunks[present - 1][2] if present else self._key_before(tokens, chunks, kwargs)
-        skipped = sum(end - start for start, end, _ in chunks[:present])
-        for start, end, key in chunks[present:]:
-            obj = self.storage_manager.allocate(
-                self.gpu_connector.get_shape(end - start), self.metadata.kv_dtype, self.fmt)
-            if obj is None:
-                failed = chunks[-1][1] - start
-                break
-            keys.append(key), objs.append(obj), starts.append(start), ends.append(end)
-        if objs:
-            try:
-                self.gpu_connector.batched_from_gpu(objs, starts, ends, **xfer)
-            except BaseException:
-                for obj in objs:
-                    obj.ref_count_down()
-                raise
-            self.storage_manager.batched_put(keys, objs, store_location=store_location,
-                                             prefix_parent=parent)
-        return self._record_store(sum(e - s for s, e in zip(starts, ends)), skipped, failed, t0)
+        return self._store_path.store(tokens, mask, kwargs)
+
+    def wait_for_stores(self) -> None:
+        """Block until every ``store(..., wait=False)`` so far reached the tiers."""
+        self._store_path.wait()
 
     def _record_store(self, stored: int, skipped: int, failed: int, t0: float) -> int:
         """Counts a finished store (tokens stored/skipped, failures, seconds since ``t0``,
@@ -155,25 +151,37 @@ class LMCacheEngine:
         self.stats.observe("store_seconds", time.perf_counter() - t0)
         return stored
 
-    def _begin(self, op: str, tokens: Tokens, mask, kwargs: dict) -> tuple[dict, list]:
-        """(connector kwargs, chunks) of a store/retrieve (``op``), checked; counts the call."""
+    def _begin(self, op: str, tokens: Tokens, mask, kwargs: dict, lazy: bool = False):
+        """(connector kwargs, chunks) of a store/retrieve (``op``), checked; counts the call.
+        ``lazy``: chunks as an iterator hashed as it is consumed (the caller counts
+        ``<op>_requested_tokens``)."""
         self._check_open()
         self._check_locations(kwargs.get("store_location"), kwargs.get("retrieve_locations"))
         xfer = self._transfer_kwargs(kwargs)
         t0 = time.perf_counter()
-        chunks = list(self.token_database.process_tokens(
-            tokens, mask, request_configs=kwargs.get("request_configs")))
+        chunks = self._chunks(tokens, mask, kwargs.get("request_configs"),
+                              kwargs.get("req_id", kwargs.get("lookup_id")))
+        if not lazy:
+            chunks = list(chunks)
+            self.stats.inc(f"{op}_requested_tokens", sum(e - s for s, e, _ in chunks))
         self.stats.observe("process_tokens_seconds", time.perf_counter() - t0)
         self.stats.inc(f"{op}_requests")
-        self.stats.inc(f"{op}_requested_tokens", sum(e - s for s, e, _ in chunks))
         return xfer, chunks
 
-    def _key_before(self, tokens: Tokens, chunks: list, kwargs: dict) -> Optional[CacheEngineKey]:
-        """The key of the chunk before ``chunks[0]`` (the store_mask's prefix), or None."""
-        if not chunks or chunks[0][0] == 0:
+    def _chunks(self, tokens: Tokens, mask, request_configs, request_id):
+        """The token database's chunks, through its per-request hash cache when it has one."""
+        if self._hash_cache and request_id is not None:
+            return self.token_database.process_tokens(
+                tokens, mask, request_configs=request_configs, request_id=request_id)
+        return self.token_database.process_tokens(tokens, mask, request_configs=request_configs)
+
+    def _key_before(self, tokens: Tokens, start: int, kwargs: dict) -> Optional[CacheEngineKey]:
+        """The key of the chunk that ends at ``start`` (the store_mask's prefix), or None."""
+        if start == 0:
             return None
-        before = list(self.token_database.process_tokens(
-            tokens[:chunks[0][0]], request_configs=kwargs.get("request_configs")))
+        request_id = kwargs.get("req_id", kwargs.get("lookup_id"))
+        before = list(self._chunks(tokens[:start], None, kwargs.get("request_configs"),
+                                   request_id))
         return before[-1][2] if before else None
 
     def _count_failed_store(self, failed: int, stored: int) -> None:
@@ -316,7 +324,7 @@ class LMCacheEngine:
         if pin and lookup_id is None:
             raise ValueError("lookup(pin=True) needs a lookup_id to release the pins with")
         t0 = time.perf_counter()
-        chunks = list(self.token_database.process_tokens(tokens, request_configs=request_configs))
+        chunks = list(self._chunks(tokens, None, request_configs, lookup_id))
         self.stats.observe("process_tokens_seconds", time.perf_counter() - t0)
         keys = [key for _, _, key in chunks]
         self._check_locations(None, retrieve_locations)
@@ -420,7 +428,9 @@ class LMCacheEngine:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:
-        """Release every lookup pin and drop every stored chunk from every tier."""
+        """Release every lookup pin and drop every stored chunk from every tier (after the
+        pending stores finished)."""
+        self.wait_for_stores()
         self.lookup_unpin(list(self._lookup_pins))
         self.storage_manager.clear()
 
@@ -428,7 +438,9 @@ class LMCacheEngine:
         """Release pins and close the storage manager. Idempotent."""
         if self._closed:
             return
+        self.wait_for_stores()
         self._closed = True
+        self._store_path.close()
         self.lookup_unpin(list(self._lookup_pins))
         self.storage_manager.close()
 
@@ -457,3 +469,4 @@ class LMCacheEngine:
                 raise ValueError(f"kvcaches[{i}] has dtype {tensor.dtype} (shape "
                                  f"{tuple(tensor.shape)}), metadata kv_dtype is {md.kv_dtype}")
         return xfer
+

@@ -49,12 +49,15 @@ class StagingRing:
         self.buffer_bytes = buffer_bytes
         self._buffers: dict[int, list[torch.Tensor]] = {}
         self._copy_streams: dict[int, torch.cuda.Stream] = {}
+        self._free: dict[int, list] = {}  # per device: event after which buffer b is free
+        self._turn: dict[int, int] = {}  # per device: the buffer the next group takes
 
     def _ring(self, device: torch.device, need: int) -> list[torch.Tensor]:
         index = device.index
         ring = self._buffers.get(index)
         if ring is None or ring[0].numel() < need:
             torch.cuda.synchronize(device)  # an old buffer may still be in use by a copy
+            self._free.pop(index, None)
             size = max(self.buffer_bytes, need)
             ring = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(2)]
             self._buffers[index] = ring
@@ -77,18 +80,36 @@ class StagingRing:
         to_paged: bool,
         kernel_stream: torch.cuda.Stream,
     ) -> list[TransferHandle]:
-        """Enqueue a whole multi-layer transfer of ``objs`` (KV_2LTD host tensors) and block
-        until it finished.
-
-        ``kernel_stream`` must already wait for whatever the copy must follow (the compute
-        stream); the copy stream is ordered after ``kernel_stream`` at the start. Arguments are
-        as for ``cupy_kernels.launch_transfer``.
+        """:meth:`enqueue`, then block until the transfer finished (:meth:`StagedTransfer.wait`).
 
         Returns:
             The kernel handles, already waited for (``saw_padding`` is valid).
+        """
+        return self.enqueue(kvcaches, layout, objs, slot_mapping, slot_starts,
+                            to_paged=to_paged, kernel_stream=kernel_stream).wait()
+
+    def enqueue(
+        self,
+        kvcaches: Sequence[torch.Tensor],
+        layout: KVCacheLayout,
+        objs: Sequence[torch.Tensor],
+        slot_mapping: torch.Tensor,
+        slot_starts: Sequence[int],
+        *,
+        to_paged: bool,
+        kernel_stream: torch.cuda.Stream,
+    ) -> "StagedTransfer":
+        """Enqueue a whole multi-layer transfer of ``objs`` (KV_2LTD host tensors); no host wait.
+
+        ``kernel_stream`` must already wait for whatever the copy must follow (the compute
+        stream); the copy stream is ordered after ``kernel_stream`` at the start. Transfers
+        enqueued one after the other share the two buffers in turn (each waits, on the GPU,
+        until the buffer it takes is free). Arguments are as for
+        ``cupy_kernels.launch_transfer``. The host tensors must stay alive and unread (store) /
+        unchanged (retrieve) until :meth:`StagedTransfer.wait` returned.
 
         Raises:
-            ValueError: as ``launch_transfer`` / ``TransferHandle.wait``.
+            ValueError: as ``launch_transfer``.
         """
         device = kvcaches[0].device
         sizes = [_round(t.numel() * t.element_size()) for t in objs]
@@ -105,10 +126,11 @@ class StagingRing:
             groups[-1].append(i)
             used += size
         handles: list[TransferHandle] = []
-        free = [None, None]  # event after which buffer b may be overwritten
+        free = self._free.setdefault(device.index, [None, None])  # buffer b free after event
         last_copy = None
-        for g, members in enumerate(groups):
-            b = g % 2
+        for members in groups:
+            b = self._turn.get(device.index, 0)
+            self._turn[device.index] = 1 - b
             views, offset = [], 0
             for i in members:
                 t = objs[i]
@@ -140,14 +162,37 @@ class StagingRing:
                     for i, view in zip(members, views):
                         objs[i].copy_(view, non_blocking=True)
                     free[b] = last_copy = copy.record_event()
+        return StagedTransfer(handles, last_copy, list(objs))
+
+
+class StagedTransfer:
+    """A transfer :meth:`StagingRing.enqueue` put on the streams."""
+
+    def __init__(self, handles: list[TransferHandle], last_copy, keepalive: list) -> None:
+        self.handles = handles
+        self._last_copy = last_copy
+        self._keepalive = keepalive
+
+    def query(self) -> bool:
+        """True when every kernel and copy finished (non-blocking)."""
+        return all(h.query() for h in self.handles) and (
+            self._last_copy is None or self._last_copy.query())
+
+    def wait(self) -> list[TransferHandle]:
+        """Block until every kernel and copy finished; returns the kernel handles.
+
+        Raises:
+            ValueError: a kernel's error (see ``TransferHandle.wait``), after everything finished.
+        """
         error = None
-        for handle in handles:
+        for handle in self.handles:
             try:
                 handle.wait()
             except ValueError as err:
                 error = error or err
-        if last_copy is not None:
-            last_copy.synchronize()
+        if self._last_copy is not None:
+            self._last_copy.synchronize()
+        self._keepalive = []
         if error is not None:
             raise error
-        return handles
+        return self.handles

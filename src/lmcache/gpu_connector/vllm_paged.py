@@ -167,8 +167,29 @@ class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
             return super().batched_to_gpu(memory_objs, starts, ends, **kwargs)
         self._transfer(memory_objs, starts, ends, kwargs, to_paged=True)
 
+    def submit_from_gpu(
+        self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
+        **kwargs,
+    ) -> "PendingTransfer":
+        """:meth:`batched_from_gpu` without the host wait: the gather is enqueued on
+        ``store_stream`` after an event recorded on the caller's current (compute) stream, so it
+        reads the KV only after the compute enqueued before this call wrote it; the caller waits
+        with ``.wait()`` before reading the objects. The objects and the pages they are read
+        from must stay alive and unchanged until then. On the torch path (CPU caches, no CuPy)
+        the copy is done before this returns.
+
+        Raises:
+            ValueError: bad kwargs or objects (now); a slot outside the cache or a padding slot
+                (from ``.wait()`` on the kernel path).
+        """
+        kvcaches = kwargs.get("kvcaches")
+        if not (isinstance(kvcaches, (list, tuple)) and self.uses_kernels(kvcaches)):
+            super().batched_from_gpu(memory_objs, starts, ends, **kwargs)
+            return PendingTransfer(None, False)
+        return self._transfer(memory_objs, starts, ends, kwargs, to_paged=False, wait=False)
+
     # ---- kernel path ------------------------------------------------------------------
-    def _transfer(self, memory_objs, starts, ends, kwargs, *, to_paged: bool) -> None:
+    def _transfer(self, memory_objs, starts, ends, kwargs, *, to_paged: bool, wait: bool = True):
         kvcaches = kwargs["kvcaches"]
         self.validate_kvcaches(kvcaches)
         slot_mapping, offset = _slot_kwargs(kwargs)
@@ -181,15 +202,18 @@ class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
             slot_starts.append(start - offset)
         store_stream, load_stream = self.streams.get(device)
         stream = load_stream if to_paged else store_stream
-        stream.wait_stream(torch.cuda.current_stream(device))
+        # the copy follows everything enqueued so far on the compute stream (an event there)
+        stream.wait_event(torch.cuda.current_stream(device).record_event())
         if self.transfer == "dma" and not all(t.is_cuda for t in tensors):
-            handles = self.staging.transfer(kvcaches, self.layout, tensors, slot_mapping,
-                                            slot_starts, to_paged=to_paged, kernel_stream=stream)
+            pending = PendingTransfer(self.staging.enqueue(
+                kvcaches, self.layout, tensors, slot_mapping, slot_starts, to_paged=to_paged,
+                kernel_stream=stream), not to_paged)
         else:
-            handles = [self._mapped(kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream)]
-        if not to_paged and any(h.saw_padding for h in handles):
-            raise ValueError("slot_mapping holds padding slots (< 0) in a stored range: "
-                             "padding has no KV to store")
+            handle = self._mapped(kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream)
+            pending = PendingTransfer(_Done([handle]), not to_paged)
+        if wait:
+            pending.wait()
+        return pending
 
     def _mapped(self, kvcaches, tensors, slot_mapping, slot_starts, to_paged, stream):
         """One launch over every chunk; pageable objects go through device copies."""
@@ -224,6 +248,43 @@ class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
                 f"{tensor.dtype} fmt {obj.fmt.name}; expected {tuple(want)} "
                 f"{self.metadata.kv_dtype} {self.fmt.name}"
             )
+
+
+class _Done:
+    def __init__(self, handles) -> None:
+        self.handles = handles
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self):
+        return self.handles
+
+
+class PendingTransfer:
+    """A transfer enqueued by :meth:`VLLMPagedMemGPUConnectorV2.submit_from_gpu`."""
+
+    def __init__(self, staged, check_padding: bool) -> None:
+        self._staged = staged
+        self._check_padding = check_padding
+
+    def query(self) -> bool:
+        """True when the copy has finished (non-blocking)."""
+        return self._staged is None or self._staged.query()
+
+    def wait(self) -> None:
+        """Block until the copy finished.
+
+        Raises:
+            ValueError: a slot outside the cache; a padding slot (< 0) in a stored range.
+        """
+        if self._staged is None:
+            return
+        staged, self._staged = self._staged, None
+        handles = staged.wait()
+        if self._check_padding and any(h.saw_padding for h in handles):
+            raise ValueError("slot_mapping holds padding slots (< 0) in a stored range: "
+                             "padding has no KV to store")
 
 
 def _slot_kwargs(kwargs: dict) -> tuple[torch.Tensor, int]:

@@ -127,13 +127,23 @@ class CPUMemoryAllocator:
         n: int,
         fmt: MemoryFormat = MemoryFormat.KV_2LTD,
     ) -> Optional[list[MemoryObj]]:
-        """``n`` objects of the same shape, all or nothing (None when they do not all fit)."""
+        """``n`` objects of the same shape, all or nothing (None when they do not all fit).
+
+        One lock and, when a free block holds all ``n``, one cut of the free list (the objects
+        are then consecutive in the buffer); each object is freed on its own as usual.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be an int >= 0, got {n!r}")
         nbytes = self._nbytes(shape, dtype)
         size = self._round(nbytes)
         offsets: list[int] = []
         with self._lock:
+            if n > 1:
+                base = self._take(size * n)
+                if base is not None:  # one block for all: n objects of it
+                    self._active += n - 1
+                    offsets = [base + i * size for i in range(n)]
+                    n = 0
             for _ in range(n):
                 offset = self._take(size)
                 if offset is None:

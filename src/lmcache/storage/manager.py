@@ -150,6 +150,26 @@ class StorageManager:
             raise RuntimeError("StorageManager has no allocator_backend to allocate from")
         return self.allocator_backend.allocate(shape, dtype, fmt)
 
+    def batched_allocate(self, shape: Sequence[int], dtype: torch.dtype, n: int,
+                         fmt: MemoryFormat = MemoryFormat.KV_2LTD) -> list[MemoryObj]:
+        """Up to ``n`` new MemoryObjs of one shape in one call (a prefix when memory runs out).
+
+        Raises:
+            RuntimeError: no allocator_backend.
+        """
+        if self.allocator_backend is None:
+            raise RuntimeError("StorageManager has no allocator_backend to allocate from")
+        batched = getattr(self.allocator_backend, "batched_allocate", None)
+        if batched is not None:
+            return batched(shape, dtype, n, fmt)
+        objs = []
+        for _ in range(n):
+            obj = self.allocator_backend.allocate(shape, dtype, fmt)
+            if obj is None:
+                break
+            objs.append(obj)
+        return objs
+
     # ---- store -----------------------------------------------------------------------------
     def batched_put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj],
                     store_location: Optional[str] = None,

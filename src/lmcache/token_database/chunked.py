@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -17,6 +19,7 @@ from lmcache.token_database.base import (
     tokens_to_list,
 )
 from lmcache.token_database.hashing import (
+    cbor_chain,
     make_hash_fn,
     none_hash,
     random_root_in_lmcache,
@@ -54,6 +57,15 @@ class ChunkedTokenDatabase(TokenDatabase):
             world_size 1 and worker_id 0 on every rank (LMCache's keys with
             ``save_only_first_rank``): a TP=2 and a TP=1 instance name a chunk alike. None → on
             for MLA metadata. Ignored without MLA (as in LMCache).
+        request_cache_tokens: tokens (over all requests) whose chunk hashes are kept for calls
+            that pass a ``request_id`` (least recently used requests are dropped first); 0 turns
+            the cache off.
+
+    Request cache: a call with ``request_id`` reuses the hashes of that request's earlier calls
+    (lookup, retrieve, store of the same prompt hash it once): the tokens are compared with the
+    cached ones (one tensor comparison), the chain is resumed after the longest matching cached
+    prefix of whole chunks, and only new chunks are hashed. A request whose tokens changed is
+    hashed again. ``num_hashed_chunks`` counts every chunk hash computed (a metric and for tests).
 
     Raises:
         ValueError: bad chunk_size / algorithm / seed, or chunk_size disagrees with metadata.
@@ -67,6 +79,7 @@ class ChunkedTokenDatabase(TokenDatabase):
         save_unfull_chunk: bool = False,
         hash_seed: Optional[str] = None,
         save_only_first_rank: Optional[bool] = None,
+        request_cache_tokens: int = 1 << 21,
     ) -> None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -75,8 +88,16 @@ class ChunkedTokenDatabase(TokenDatabase):
                 f"chunk_size {chunk_size} differs from metadata kv_shape chunk size "
                 f"{metadata.chunk_size}"
             )
+        if isinstance(request_cache_tokens, bool) or not isinstance(request_cache_tokens, int) \
+                or request_cache_tokens < 0:
+            raise ValueError(f"request_cache_tokens must be an int >= 0, got {request_cache_tokens!r}")
         self.metadata = metadata
         self.chunk_size = chunk_size
+        self.request_cache_tokens = request_cache_tokens
+        self._requests: OrderedDict[Hashable, _Chain] = OrderedDict()
+        self._cached_tokens = 0
+        self._cache_lock = threading.Lock()
+        self.num_hashed_chunks = 0
         self.hash_algorithm = hash_algorithm
         self.save_unfull_chunk = bool(save_unfull_chunk)
         self._hash = make_hash_fn(hash_algorithm)
@@ -114,33 +135,164 @@ class ChunkedTokenDatabase(TokenDatabase):
         mask: Optional[torch.Tensor] = None,
         make_key: bool = True,
         request_configs: Optional[dict] = None,
+        request_id: Optional[Hashable] = None,
     ) -> Iterator[tuple[int, int, Union[CacheEngineKey, int]]]:
-        """See :meth:`TokenDatabase.process_tokens`. Validation happens before the first yield."""
-        toks = tokens_to_list(tokens)
-        skip = num_masked_prefix(mask, len(toks), self.chunk_size)
+        """See :meth:`TokenDatabase.process_tokens`. Validation happens before the first yield.
+
+        Lazy: chunks are hashed in growing blocks (4, 8, ... 64 chunks) as the iterator is
+        consumed, so a consumer can start on the first chunks while later ones are hashed.
+        ``request_id``: reuse (and extend) that request's cached chunk hashes (class docstring).
+        """
         tags = _tags(request_configs)
         extras = _extras(request_configs)
         if make_key and self.metadata is None:
             raise ValueError("ChunkedTokenDatabase without metadata cannot make keys")
-        return self._chunks(toks, skip, make_key, tags, extras)
+        toks = _as_tensor(tokens)
+        skip = num_masked_prefix(mask, toks.numel(), self.chunk_size)
+        return self._chunks(toks, skip, make_key, tags, extras, request_id)
 
-    def _chunks(self, toks: list[int], skip: int, make_key: bool, tags, extras):
-        n, c, hash_fn, parent = len(toks), self.chunk_size, self._hash, self.none_hash
-        every, first = extras
-        md = self.metadata
-        end_all = n if self.save_unfull_chunk else n - n % c
-        for start in range(0, end_all, c):
-            end = min(start + c, n)
-            extra = every + first if start == 0 else every
-            parent = hash_fn((parent, tuple(toks[start:end]), extra))
-            if start < skip:
+    def forget(self, request_id: Hashable) -> None:
+        """Drop the cached chunk hashes of ``request_id`` (unknown ids are ignored)."""
+        with self._cache_lock:
+            chain = self._requests.pop(request_id, None)
+            if chain is not None:
+                self._cached_tokens -= chain.tokens.numel()
+
+    # ---- hashing ------------------------------------------------------------------------
+    def _chunks(self, toks, skip, make_key, tags, extras, request_id):
+        n, c = toks.numel(), self.chunk_size
+        index = 0
+        for block in self._hash_blocks(toks, extras, request_id):
+            first = max(0, skip // c - index)
+            todo = block[first:]
+            base = index + first
+            index += len(block)
+            if not todo:
                 continue
-            if make_key:
-                yield start, end, CacheEngineKey(
-                    md.model_name, self._key_ws, self._key_wid, parent, md.kv_dtype, tags
-                )
-            else:
-                yield start, end, parent
+            items = self._keys(todo, tags) if make_key else todo
+            for i, item in enumerate(items, base):
+                yield i * c, min(i * c + c, n), item
+
+    def _hash_blocks(self, toks: torch.Tensor, extras, request_id) -> Iterator[list[int]]:
+        """Chain hashes of every chunk of ``toks`` (the trailing partial one when
+        save_unfull_chunk), in blocks, reusing and extending ``request_id``'s cache."""
+        n, c = toks.numel(), self.chunk_size
+        full = n - n % c
+        chain = None
+        if request_id is not None and self.request_cache_tokens:
+            chain = self._resume(toks, full, extras, request_id)
+            hashes = list(chain.hashes)
+            if hashes:
+                yield hashes
+            have = len(hashes) * c
+        else:
+            hashes, have = [], 0
+        parent = hashes[-1] if hashes else self.none_hash
+        size = 4
+        while have < full:
+            stop = min(full, have + size * c)
+            block = self._chain(toks, have, stop, parent, extras)
+            if chain is not None:
+                chain.hashes.extend(block)
+            parent, have = block[-1], stop
+            size = min(64, size * 2)
+            yield block
+        if self.save_unfull_chunk and full < n:
+            yield self._chain(toks, full, n, parent, extras)
+
+    def _resume(self, toks: torch.Tensor, full: int, extras, request_id) -> "_Chain":
+        """The cache entry for ``toks[:full]``: the request's cached hashes of the longest equal
+        prefix of whole chunks, to be extended by the caller (it becomes the request's entry)."""
+        c = self.chunk_size
+        with self._cache_lock:
+            old = self._requests.pop(request_id, None)
+            if old is not None:
+                self._cached_tokens -= old.tokens.numel()
+        known: list[int] = []
+        if old is not None and old.extras == extras:
+            have = min(len(old.hashes) * c, old.tokens.numel(), full)
+            same = old.tokens[:have] == toks[:have]
+            if not bool(same.all()):
+                have = int((~same).nonzero()[0, 0]) // c * c
+            known = old.hashes[:have // c]
+            if have == full:  # all known: the (maybe longer) cached chain stays as it is
+                with self._cache_lock:
+                    self._requests[request_id] = old
+                    self._cached_tokens += old.tokens.numel()
+                return _Chain(old.tokens, known, extras)  # detached: nothing to extend
+        chain = _Chain(toks[:full].clone(), known, extras)  # the caller may change its tensor
+        with self._cache_lock:
+            self._requests[request_id] = chain
+            self._cached_tokens += full
+            while self._cached_tokens > self.request_cache_tokens and self._requests:
+                _, dropped = self._requests.popitem(last=False)
+                self._cached_tokens -= dropped.tokens.numel()
+        return chain
+
+    def _chain(self, toks: torch.Tensor, start: int, end: int, parent: int, extras) -> list[int]:
+        """Hashes of the chunks of ``toks[start:end]`` (start a chunk boundary) after ``parent``."""
+        if end <= start:
+            return []
+        every, first = extras
+        n_chunks = -(-(end - start) // self.chunk_size)
+        if not every and not first:
+            fast = cbor_chain(self.hash_algorithm, parent, toks[start:end], self.chunk_size,
+                              end - start)
+            if fast is not None:
+                self.num_hashed_chunks += n_chunks
+                return fast
+        hash_fn, c = self._hash, self.chunk_size
+        values = toks[start:end].tolist()
+        out = []
+        for b in range(0, end - start, c):
+            extra = every + first if start + b == 0 else every
+            parent = hash_fn((parent, tuple(values[b:b + c]), extra))
+            out.append(parent)
+        self.num_hashed_chunks += n_chunks
+        return out
+
+    def _keys(self, hashes: list[int], tags) -> list[CacheEngineKey]:
+        """CacheEngineKeys of ``hashes``: one validated template key, copied per chunk."""
+        if not hashes:
+            return []
+        md = self.metadata
+        template = CacheEngineKey(md.model_name, self._key_ws, self._key_wid, hashes[0],
+                                  md.kv_dtype, tags)
+        fields = template.__dict__
+        new = object.__new__
+        out = [template]
+        for h in hashes[1:]:
+            key = new(CacheEngineKey)
+            key.__dict__.update(fields)
+            key.__dict__["chunk_hash"] = h
+            out.append(key)
+        return out
+
+
+class _Chain:
+    """One request's cached chain: tokens of its whole chunks, their hashes, the extra keys."""
+
+    __slots__ = ("tokens", "hashes", "extras")
+
+    def __init__(self, tokens: torch.Tensor, hashes: list[int], extras) -> None:
+        self.tokens, self.hashes, self.extras = tokens, hashes, extras
+
+
+def _as_tensor(tokens: Tokens) -> torch.Tensor:
+    """Tokens as a 1-D int64 CPU tensor (validated like ``tokens_to_list``).
+
+    Raises:
+        ValueError: a tensor that is not 1-D or not an integer dtype; a sequence of non-ints.
+    """
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be a 1-D tensor, got shape {tuple(tokens.shape)}")
+        tokens_to_list(tokens[:0])  # validates the dtype
+        return tokens.to(device="cpu", dtype=torch.int64)
+    try:
+        return torch.tensor(tokens_to_list(tokens), dtype=torch.int64)
+    except (TypeError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"tokens must be a sequence of ints: {err}") from None
 
 
 def _tags(request_configs: Optional[dict]) -> tuple[tuple[str, str], ...]:

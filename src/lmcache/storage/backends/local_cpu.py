@@ -216,6 +216,31 @@ class LocalCPUBackend(StorageBackendInterface):
             self.num_failed_allocations += 1
         return None
 
+    def batched_allocate(
+        self,
+        shape: Sequence[int],
+        dtype: torch.dtype,
+        n: int,
+        fmt: MemoryFormat = MemoryFormat.KV_2LTD,
+    ) -> list[MemoryObj]:
+        """Up to ``n`` new MemoryObjs of one shape: all of them in one allocator call when they
+        fit without eviction, else one by one (evicting as :meth:`allocate`) until one does not
+        fit; the list is then shorter (a prefix: the caller stores the chunks that fit)."""
+        size = self.allocator.reserved_size(shape, dtype)
+        many = getattr(self.allocator, "batched_allocate", None)
+        with self._lock:
+            if many is not None and n > 0 and self.allocator.used_bytes + n * size <= self.max_bytes:
+                objs = many(shape, dtype, n, fmt)
+                if objs is not None:
+                    return objs
+        objs = []
+        for _ in range(n):
+            obj = self.allocate(shape, dtype, fmt)
+            if obj is None:
+                break
+            objs.append(obj)
+        return objs
+
     # ---- internals ----------------------------------------------------------------------
     def _evict_until(self, done: Callable[[], bool], exclude: object = None) -> bool:
         """Evict evictable objects in policy order, leaves of the prefix chain only, until

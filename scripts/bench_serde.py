@@ -34,6 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from lmcache.experiments.kv_quality import (  # noqa: E402
+    greedy_from_kv, load_passages, prefill_kv, teacher_forced)
 from lmcache.memory.memory_format import MemoryFormat  # noqa: E402
 from lmcache.memory.memory_obj import MemoryObj  # noqa: E402
 from lmcache.serde import compressed  # noqa: E402
@@ -82,80 +84,13 @@ def round_trip(serde, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return back.tensor.clone(), len(wire)
 
 
-# ---- real KV from the trained model -------------------------------------------------------
-def _layers(cache):
-    if hasattr(cache, "layers"):
-        return [(lay.keys, lay.values) for lay in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))
-
-
-def _set_layers(cache, kvs):
-    for i, (k, v) in enumerate(kvs):
-        if hasattr(cache, "layers"):
-            cache.layers[i].keys, cache.layers[i].values = k, v
-        else:
-            cache.key_cache[i], cache.value_cache[i] = k, v
-
-
-def prompts(tok, n: int, tokens: int, corpus: str) -> list[torch.Tensor]:
-    from lmcache.experiments.tiny_model import corpus_files
-
-    files = corpus_files(corpus)
-    out = []
-    for path in files:
-        ids = tok(path.read_text(encoding="utf-8", errors="replace"))["input_ids"]
-        if len(ids) > tokens + 1:
-            out.append(torch.tensor(ids[: tokens + 1]))
-        if len(out) == n:
-            break
-    return out
-
-
-def to_chunks_layout(kvs) -> torch.Tensor:
-    """HF per-layer (k, v) [1, H, T, hd] -> [2, L, T, H*hd]."""
-    ks = torch.stack([k[0].permute(1, 0, 2).flatten(1) for k, _ in kvs])
-    vs = torch.stack([v[0].permute(1, 0, 2).flatten(1) for _, v in kvs])
-    return torch.stack([ks, vs])
-
-
-def from_chunks_layout(x: torch.Tensor, heads: int):
-    layers, tokens = x.shape[1], x.shape[2]
-    out = []
-    for layer in range(layers):
-        k = x[0, layer].view(tokens, heads, -1).permute(1, 0, 2)[None].contiguous()
-        v = x[1, layer].view(tokens, heads, -1).permute(1, 0, 2)[None].contiguous()
-        out.append((k, v))
-    return out
-
-
-def quality(model, ids: torch.Tensor, kv: torch.Tensor, heads: int, ref_tokens=None):
-    """Greedy 32 tokens from cache ``kv`` (+ the last prompt token), and the NLL of
-    ``ref_tokens`` (teacher forced) under the same cache."""
-    from transformers import DynamicCache
-
-    dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-
-    def fresh_cache():
-        cache = DynamicCache()
-        with torch.no_grad():
-            model(ids[None, :-1].to(dev), past_key_values=cache, use_cache=True)
-        _set_layers(cache, [(k.to(dev, dtype), v.to(dev, dtype))
-                            for k, v in from_chunks_layout(kv, heads)])
-        return cache
-
-    cache, nxt, out = fresh_cache(), ids[-1:].to(dev), []
-    with torch.no_grad():
-        for _ in range(GEN):
-            logits = model(nxt[None], past_key_values=cache, use_cache=True).logits[0, -1]
-            nxt = logits.argmax().view(1)
-            out.append(int(nxt))
-        ref = out if ref_tokens is None else ref_tokens
-        inp = torch.tensor([int(ids[-1])] + ref[:-1], device=dev)[None]
-        logits = model(inp, past_key_values=fresh_cache(), use_cache=True).logits[0].float()
-        target = torch.tensor(ref, device=dev)
-        nll = float(torch.nn.functional.cross_entropy(logits, target))
-        top1 = float((logits.argmax(-1) == target).float().mean())
+# ---- real KV from the trained model (helpers: lmcache.experiments.kv_quality) ------------
+def quality(model, ids: torch.Tensor, kv: torch.Tensor, ref_tokens=None):
+    """Greedy 32 tokens from cache ``kv`` (+ the last prompt token), and the NLL and
+    teacher-forced top-1 of ``ref_tokens`` (default: those 32) under the same cache."""
+    last = int(ids[-1])
+    out = greedy_from_kv(model, kv, last, GEN)
+    nll, top1 = teacher_forced(model, kv, last, out if ref_tokens is None else ref_tokens)
     return out, nll, top1
 
 
@@ -172,13 +107,8 @@ def size_and_quality(args):
     rows = {name: {"bytes": 0, "elems": 0, "agree": [], "nll": [], "top1": []}
             for name in serdes(head_size)}
     kv_chunks = []
-    for ids in prompts(tok, args.prompts, args.tokens, args.corpus):
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        with torch.no_grad():
-            model(ids[None, :-1].to(dev), past_key_values=cache, use_cache=True)
-        exact = to_chunks_layout(_layers(cache)).cpu()  # float32, as computed
+    for ids in load_passages(tok, args.corpus, args.prompts, args.tokens):
+        exact, _ = prefill_kv(model, ids)  # float32, as computed
         kv = exact.to(torch.bfloat16)
         chunks = list(kv.split(CHUNK, dim=2))
         kv_chunks += chunks
@@ -190,15 +120,14 @@ def size_and_quality(args):
                 decoded.append(out)
                 rows[name]["bytes"] += nbytes
                 rows[name]["elems"] += c.numel()
-            gen, nll, top1 = quality(model, ids, torch.cat(decoded, dim=2).float(), heads,
-                                     ref_tokens)
+            gen, nll, top1 = quality(model, ids, torch.cat(decoded, dim=2).float(), ref_tokens)
             if name == "naive":
                 ref_tokens, gen_ref = gen, gen
             rows[name]["agree"].append(sum(a == b for a, b in zip(gen, gen_ref)) / GEN)
             rows[name]["nll"].append(nll)
             rows[name]["top1"].append(top1)
         # noise floor of the metrics: the float32 KV as computed (no bf16 rounding at all)
-        gen, nll, top1 = quality(model, ids, exact, heads, ref_tokens)
+        gen, nll, top1 = quality(model, ids, exact, ref_tokens)
         floor = rows.setdefault("fp32-unrounded", {"bytes": 0, "elems": 0, "agree": [],
                                                    "nll": [], "top1": []})
         floor["bytes"] += exact.numel() * 4

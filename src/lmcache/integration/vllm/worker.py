@@ -115,7 +115,8 @@ class ConnectorWorker:
                 where = {} if location is None else {"store_location": location}
                 try:
                     self.engine.store(tokens, store_mask, kvcaches=self.kv_caches, slot_mapping=slots,
-                                      request_configs=req.request_configs, **where)
+                                      request_configs=req.request_configs, req_id=req.req_id,
+                                      **where)
                 except Exception:  # a failed store costs future hits, never the request
                     self.failed_saves += 1
                     logger.exception("store for request %s failed", req.req_id)

@@ -5,7 +5,7 @@ implementations**: each slot's option names its class with ``_target_`` and
 :func:`build` instantiates it, passing only the shared collaborators its constructor
 names (``metadata``, ``allocator``, ``policy``, ``allocator_backend``, ``serde``,
 ``local_disk_serde``, ``remote_connector``, ``layout``, ``token_database``, ``gpu_connector``,
-``storage_manager``, ``engine``). Collaborators are built lazily: a tier that does not
+``storage_manager``, ``engine``, ``transfer_channel``). Collaborators are built lazily: a tier that does not
 ask for ``serde`` never causes one to be built; each tier that asks for ``policy`` gets
 its own CachePolicy; every tier shares the one allocator.
 
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
+import socket
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable
 
@@ -154,6 +156,16 @@ def _resource(factory: Callable[..., Any], *args: Any, **kwargs: Any) -> provide
     return providers.Resource(_built, factory, *args, **kwargs)
 
 
+def channel_agent_name(metadata: LMCacheMetadata) -> str:
+    """A transfer-channel agent name unique on the network: host, pid and worker id."""
+    return f"lmcache-{socket.gethostname()}-{os.getpid()}-w{metadata.worker_id}"
+
+
+def channel_regions(allocator: Any) -> list:
+    """The memory a transfer channel registers: the allocator's whole buffer."""
+    return [allocator.buffer]
+
+
 class SchedulerContainer(containers.DeclarativeContainer):
     """The scheduler process: the token database only (no allocator, no tiers)."""
 
@@ -176,11 +188,18 @@ class WorkerContainer(containers.DeclarativeContainer):
     local_disk_serde = providers.Singleton(build, config.local_disk_serde,
                                            metadata=metadata.provider)
     remote_connector = _resource(build, config.remote_connector, metadata=metadata.provider)
+    # the one data path between instances (PD, P2P); null unless a feature needs it
+    transfer_channel = _resource(
+        build, config.transfer_channel,
+        agent_name=providers.Callable(channel_agent_name, metadata).provider,
+        regions=providers.Callable(channel_regions, allocator).provider,
+    )
     backends = _resource(
         build_tiers, config.storage.backends,
         metadata=metadata.provider, allocator=allocator.provider, policy=policy.provider,
         serde=serde.provider, remote_connector=remote_connector.provider,
         local_disk_serde=local_disk_serde.provider,
+        transfer_channel=transfer_channel.provider,
     )
     allocator_backend = providers.Callable(find_allocator_backend, backends)
     prefetcher = providers.Factory(Prefetcher)  # one per storage manager built
@@ -190,6 +209,14 @@ class WorkerContainer(containers.DeclarativeContainer):
                               layout=layout.provider)
     engine = _resource(LMCacheEngine, metadata=metadata, token_database=token_database,
                        gpu_connector=gpu_connector, storage_manager=storage_manager)
+    # the LMCacheWorker (controller=lmcache_worker): null without the cache controller
+    lmcache_worker = _resource(build, config.controller, metadata=metadata.provider,
+                               storage_manager=storage_manager.provider,
+                               token_database=token_database.provider)
+    # the LMCacheWorker (controller=lmcache_worker): null without the cache controller
+    lmcache_worker = _resource(build, config.controller, metadata=metadata.provider,
+                               storage_manager=storage_manager.provider,
+                               token_database=token_database.provider)
     blender = _resource(
         build, config.blend,
         metadata=metadata.provider, engine=engine.provider, token_database=token_database.provider,
@@ -258,9 +285,10 @@ def shutdown(container: containers.Container) -> None:
             return provider()
         return None
 
-    blender = built("blender")
-    if blender is not None:
-        _close(blender)
+    for name in ("lmcache_worker", "blender"):  # users of the engine and tiers first
+        obj = built(name)
+        if obj is not None:
+            _close(obj)
     engine, manager, tiers = built("engine"), built("storage_manager"), built("backends")
     if engine is not None:
         _close(engine)
@@ -269,7 +297,7 @@ def shutdown(container: containers.Container) -> None:
     elif tiers is not None:
         for tier in reversed(tiers):
             _close(tier)
-    for name in ("gpu_connector", "remote_connector", "allocator"):
+    for name in ("gpu_connector", "remote_connector", "transfer_channel", "allocator"):
         obj = built(name)
         if obj is not None:
             _close(obj)

@@ -52,6 +52,8 @@ PROVIDER_OF_GROUP = {
     "remote_connector": "remote_connector",
     "gpu_connector": "gpu_connector",
     "blend": "blender",
+    "controller": "lmcache_worker",
+    "transfer_channel": "transfer_channel",
 }
 
 
@@ -65,7 +67,8 @@ def _slot_groups() -> list[str]:
 
 
 SLOT_GROUPS = [g for g in _slot_groups() if g != "deployment"]
-OPTION_CASES = [(g, o) for g in list_groups() if g in SLOT_GROUPS for o in list_options(g)]
+OPTION_CASES = [(g, o) for g in list_groups() if g in SLOT_GROUPS for o in list_options(g)
+                if (g, o) != ("transfer_channel", "cuda_ipc") or torch.cuda.is_available()]
 DEPLOYMENTS = list_options("deployment")
 PRIMARY_CONFIGS = [f"{g}/{o}" for g in list_groups()
                    if g not in SLOT_GROUPS and g != "deployment" for o in list_options(g)]
@@ -134,7 +137,19 @@ def _sizes(tmp_path: Path) -> list[str]:
             "max_local_disk_size=0.01"]
 
 
+# the cache controller's worker and the P2P tier with no controller running (port 9): they
+# build and serve local hits; tests/integration/p2p runs them against a real controller and peer
+CONTROLLER_TEST = ["lmcache_instance_id=conf-test", "controller_pull_url=127.0.0.1:9",
+                   "controller_reply_url=127.0.0.1:9", "lmcache_worker_ports=[0]"]
+P2P_TEST = ["deployment=p2p", *CONTROLLER_TEST, "p2p_host=127.0.0.1", "p2p_init_ports=[0]",
+            "p2p_lookup_ports=[0]"]
+
+
 def _option_overrides(group: str, option: str, servers: Servers) -> list[str]:
+    if (group, option) == ("storage/backends", "p2p"):
+        return P2P_TEST
+    if (group, option) == ("controller", "lmcache_worker"):
+        return ["controller=lmcache_worker", *CONTROLLER_TEST]
     if group == "storage/backends":
         tiers = ["local_cpu"] if option == "local_cpu" else ["local_cpu", option]
         return [f"storage/backends=[{','.join(tiers)}]", "remote_connector=blackhole",
@@ -199,6 +214,8 @@ def _blackhole_only(container) -> bool:
     """True when every tier after the CPU one is a remote tier over the blackhole connector."""
     cfg = container.config()
     names = list(cfg["storage"]["backends"])[1:]
+    if "p2p" in names:  # the P2P tier serves other instances' chunks: there are none here
+        return True
     connector = cfg.get("remote_connector")
     return names == ["remote"] and connector is not None and option_name(connector) == "blackhole"
 
@@ -240,6 +257,8 @@ def test_option_composes_and_builds(group, option, servers, tmp_path):
 @pytest.mark.parametrize("deployment", DEPLOYMENTS)
 def test_deployment_composes_and_builds(deployment, servers, tmp_path):
     overrides = [f"deployment={deployment}"] + _sizes(tmp_path)
+    if deployment == "p2p":
+        overrides += P2P_TEST[1:]  # free ports, no controller
     cfg = compose_config(overrides)
     if cfg.get("remote_connector") is not None:
         cfg = compose_config(

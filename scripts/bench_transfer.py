@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Transfer channel throughput between two processes vs the same machine's measured ceiling.
+
+Two processes (multiprocessing spawn): this one (agent A) and a peer (agent B), each with one
+registered region of ``--chunks`` x ``--chunk-mib`` MiB (32 MiB = one 256-token chunk of an
+8B-shaped KV). A ``write`` (and a ``read``) moves every chunk (one desc per chunk, one call) to the
+peer; the time of each call is measured, median of ``--reps`` after one warm-up.
+
+Ceilings, measured in the same run on the same buffers:
+  nixl (host memory, NIXL's UCX backend):
+    memcpy   libc memcpy of the same bytes in one process, one thread (what a copy costs);
+    cma      process_vm_writev / process_vm_readv of the same bytes straight into / out of the
+             peer's region (Linux cross-memory attach: one copy between processes, the mechanism
+             UCX's shared-memory transport uses for large messages). ucx-py is not installed,
+             so this is the raw cross-process copy in place of a raw UCX transfer.
+  cuda_ipc (GPU memory, two processes on one GPU):
+    d2d      torch ``copy_`` device to device of the same bytes in one process (cudaMemcpy D2D),
+             one call for all bytes and one call per chunk.
+The ratio is channel GB/s over the best ceiling (target >= 0.80).
+
+Usage:  python scripts/bench_transfer.py [--channel nixl|cuda_ipc] [--chunks 8] [--json out.json]
+GPU:    python scripts/bench_transfer.py --channel cuda_ipc --chunks 64   (16k tokens of 8B = 2 GiB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+MiB = 1 << 20
+
+
+def _make_channel(kind: str, name: str, nbytes: int):
+    import torch
+
+    if kind == "nixl":
+        from lmcache.transfer.nixl import NixlChannel
+
+        region = torch.empty(nbytes, dtype=torch.uint8)
+        region.fill_(7)  # touch every page
+        return NixlChannel(name, [region], timeout_s=60.0), region
+    from lmcache.transfer.cuda_ipc import CudaIpcChannel
+
+    region = torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda")
+    return CudaIpcChannel(name, [region], timeout_s=60.0), region
+
+
+def _peer(conn, kind: str, nbytes: int) -> None:
+    ch, region = _make_channel(kind, "bench-b", nbytes)
+    conn.send((ch.agent_metadata(), os.getpid(), region.data_ptr()))
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "add":
+            conn.send(ch.add_peer(cmd[1]))
+        elif cmd[0] == "checksum":
+            conn.send(int(region[: cmd[1]].to(dtype=__import__("torch").int64).sum()))
+        elif cmd[0] == "stop":
+            ch.close()
+            conn.send(None)
+            return
+
+
+def _median_time(fn, reps: int, sync=None) -> float:
+    fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _cma(pid: int, local: int, remote: int, n: int, write: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.process_vm_writev if write else libc.process_vm_readv
+    done = 0
+    while done < n:
+        lv, rv = _IoVec(local + done, n - done), _IoVec(remote + done, n - done)
+        got = fn(pid, ctypes.byref(lv), 1, ctypes.byref(rv), 1, 0)
+        if got < 0:
+            raise OSError(ctypes.get_errno(), "process_vm_*v failed")
+        done += got
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--channel", choices=["nixl", "cuda_ipc"], default="nixl")
+    p.add_argument("--chunk-mib", type=int, default=32)
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    import torch
+
+    chunk = a.chunk_mib * MiB
+    nbytes = chunk * a.chunks
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_peer, args=(child, a.channel, nbytes), daemon=True)
+    proc.start()
+    md, peer_pid, peer_addr = conn.recv()
+    ch, region = _make_channel(a.channel, "bench-a", nbytes)
+    peer = ch.add_peer(md)
+    conn.send(("add", ch.agent_metadata()))
+    conn.recv()
+    region.copy_(torch.arange(nbytes, dtype=torch.int64, device=region.device).to(torch.uint8))
+    descs = [(i * chunk, chunk) for i in range(a.chunks)]
+    rows = {}
+    gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+    sync = torch.cuda.synchronize if a.channel == "cuda_ipc" else None
+    rows["channel write"] = gbs(_median_time(lambda: ch.write(peer, descs, descs), a.reps))
+    conn.send(("checksum", nbytes))
+    want = int(region.to(torch.int64).sum())
+    assert conn.recv() == want, "peer bytes differ after write"
+    rows["channel read"] = gbs(_median_time(lambda: ch.read(peer, descs, descs), a.reps))
+    if a.channel == "nixl":
+        other = torch.empty_like(region)
+        other.fill_(1)
+        libc = ctypes.CDLL(None)
+        libc.memcpy.restype = ctypes.c_void_p
+        memcpy = lambda: libc.memcpy(ctypes.c_void_p(other.data_ptr()),  # noqa: E731
+                                     ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nbytes))
+        rows["ceiling memcpy (1 thread)"] = gbs(_median_time(memcpy, a.reps))
+        rows["ceiling cma write"] = gbs(_median_time(
+            lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, True), a.reps))
+        rows["ceiling cma read"] = gbs(_median_time(
+            lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, False), a.reps))
+    else:
+        other = torch.empty_like(region)
+        rows["ceiling d2d copy_ (one call)"] = gbs(_median_time(lambda: other.copy_(region), a.reps, sync))
+
+        def per_chunk():
+            for o, n in descs:
+                other[o:o + n].copy_(region[o:o + n])
+        rows["ceiling d2d copy_ (per chunk)"] = gbs(_median_time(per_chunk, a.reps, sync))
+    ceiling = max(v for k, v in rows.items() if k.startswith("ceiling"))
+    print(f"channel={a.channel} bytes={nbytes / MiB:.0f} MiB in {a.chunks} x {a.chunk_mib} MiB descs, "
+          f"median of {a.reps}")
+    print(f"{'path':34s} {'GB/s':>8s} {'x ceiling':>10s}")
+    for k, v in rows.items():
+        print(f"{k:34s} {v:8.2f} {v / ceiling:10.2f}")
+    conn.send(("stop",))
+    conn.recv()
+    ch.close()
+    proc.join(10)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"channel": a.channel, "bytes": nbytes, "chunk_bytes": chunk, "reps": a.reps,
+                       "gbps": rows, "ceiling_gbps": ceiling,
+                       "write_ratio": rows["channel write"] / ceiling,
+                       "read_ratio": rows["channel read"] / ceiling}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

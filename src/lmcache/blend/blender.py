@@ -92,8 +92,10 @@ class Blender:
                 first token); on any device.
             cached_kv: indexable by layer id; ``cached_kv[i]`` is ``(k, v)``, each
                 ``[T, kv_size]`` in the model's dtype on its device, K already re-positioned
-                to ``positions``. It is read only from the first check layer on, one layer at
-                a time, so a lazy sequence can load layers on demand. Rows of ``uncached``
+                to ``positions``. It is read only from the first check layer on, in increasing
+                layer order, so a lazy sequence can load layers on demand (the first check
+                layer is read once before any compute, so that its load overlaps the layers
+                before it, and again when it is blended). Rows of ``uncached``
                 tokens are ignored (LMCache's buffers hold zeros there). **Modified in place**
                 from the layer after the first check layer (every recomputed row, the
                 uncached ones included, overwritten) and yielded.
@@ -121,6 +123,9 @@ class Blender:
                              f"{getattr(uncached, 'shape', uncached)!r}")
         uncached = uncached.to(m.device)
         checks = dict(zip(self.check_layers, self.ratios))
+        # Ask for the first check layer's cache before any compute: a lazy loader (the
+        # double-buffered connector) then copies it while layers 0..c are computed.
+        self._cached(cached_kv, self.check_layers[0], n)
         hidden, residual = m.embed(ids), None
         sel_pos = pos
         selected: Optional[torch.Tensor] = None   # None: every token is computed

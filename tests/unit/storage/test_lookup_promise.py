@@ -17,17 +17,13 @@ from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.manager import StorageManager
 from lmcache.storage.policy.lru import LRUCachePolicy
 
-SHAPE = (2, 2, 16, 32)  # bf16, 4096 bytes per chunk
-CHUNK = 4096
+from storage_chunks import CHUNK, SHAPE, retrieve, value
+
 DISK = "LocalDiskBackend"
 
 
 def keys(n: int) -> list[CacheEngineKey]:
     return [CacheEngineKey("m", 1, 0, 0x7200 + i, torch.bfloat16) for i in range(n)]
-
-
-def value(i: int) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
 
 
 @pytest.fixture
@@ -56,20 +52,6 @@ def hog(cpu: LocalCPUBackend, n: int) -> list:
     objs = [cpu.allocate(SHAPE, torch.bfloat16) for _ in range(n)]
     assert all(o is not None for o in objs)
     return objs
-
-
-def retrieve(sm, ks, lookup_id=None) -> int:
-    got = sm.batched_get(ks, lookup_id=lookup_id)
-    n = 0
-    for i, obj in enumerate(got):
-        if obj is None:
-            break
-        assert torch.equal(obj.tensor, value(i))
-        n += 1
-    for obj in got:
-        if obj is not None:
-            obj.ref_count_down()
-    return n
 
 
 def test_prefetch_promises_only_the_chunks_it_reserved_memory_for(rig):

@@ -18,17 +18,9 @@ from lmcache.storage.backends.disk_names import key_to_filename
 from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.manager import StorageManager
-from lmcache.storage.policy import (FIFOCachePolicy, LFUCachePolicy, LRUCachePolicy,
-                                    MRUCachePolicy)
+from lmcache.storage.policy import LRUCachePolicy
 
-SHAPE = (2, 2, 16, 32)  # bf16: 4096 bytes per chunk
-CHUNK = 4096
-POLICIES = {"lru": LRUCachePolicy, "fifo": FIFOCachePolicy, "lfu": LFUCachePolicy,
-            "mru": MRUCachePolicy}
-
-
-def prompt(tag: int, n: int) -> list[CacheEngineKey]:
-    return [CacheEngineKey("m", 1, 0, (tag << 8) + i, torch.bfloat16) for i in range(n)]
+from storage_chunks import CHUNK, POLICIES, SHAPE, prompt
 
 
 @pytest.fixture

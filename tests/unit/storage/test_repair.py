@@ -20,16 +20,13 @@ from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.manager import StorageManager
 from lmcache.storage.policy.lru import LRUCachePolicy
 
-SHAPE = (2, 2, 16, 32)  # bf16, 4096 bytes per chunk
+from storage_chunks import SHAPE, retrieve, value
+
 DISK = "LocalDiskBackend"
 
 
 def keys(n: int = 4) -> list[CacheEngineKey]:
     return [CacheEngineKey("m", 1, 0, 0x7100 + i, torch.bfloat16) for i in range(n)]
-
-
-def value(i: int) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
 
 
 class PayloadLosingTier(LocalCPUBackend):
@@ -70,20 +67,6 @@ def store(sm: StorageManager, ks: list[CacheEngineKey], location=None) -> int:
     sm.batched_put(ks[present:], objs, store_location=location,
                    prefix_parent=ks[present - 1] if present else None)
     return len(objs)
-
-
-def retrieve(sm: StorageManager, ks: list[CacheEngineKey], **kw) -> int:
-    got = sm.batched_get(ks, **kw)
-    n = 0
-    for i, obj in enumerate(got):
-        if obj is None:
-            break
-        assert torch.equal(obj.tensor, value(i))
-        n += 1
-    for obj in got:
-        if obj is not None:
-            obj.ref_count_down()
-    return n
 
 
 @pytest.fixture

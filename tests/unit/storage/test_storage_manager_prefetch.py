@@ -4,7 +4,6 @@ prefetch through the EventManager, per-tier batched gets, retrieve_locations / s
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -18,24 +17,11 @@ from lmcache.storage.event_manager import EventStatus, EventType
 from lmcache.storage.manager import StorageManager
 from lmcache.storage.policy.lru import LRUCachePolicy
 
-SHAPE = (2, 2, 16, 32)  # [2, L, T, D] bf16: 4 KiB per chunk
+from storage_chunks import SHAPE, eventually, value
 
 
 def key(i: int) -> CacheEngineKey:
     return CacheEngineKey("meta-llama/Llama-3.1-8B", 1, 0, 0xFE7C000 + i, torch.bfloat16)
-
-
-def value(i: int) -> torch.Tensor:
-    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
-
-
-def eventually(check, tries: int = 400, delay: float = 0.025) -> bool:
-    """Poll ``check`` until True (bounded: tries x delay)."""
-    for _ in range(tries):
-        if check():
-            return True
-        time.sleep(delay)
-    return check()
 
 
 class CountingDisk(LocalDiskBackend):

@@ -166,22 +166,19 @@ class LayerwiseModel:
         qh = q.view(q.shape[0], self.num_heads, self.head_size).transpose(0, 1)
         kh = k.view(k.shape[0], self.num_kv_heads, self.head_size).transpose(0, 1)
         vh = v.view(v.shape[0], self.num_kv_heads, self.head_size).transpose(0, 1)
+        gqa = True
+        if q.is_cuda and self.num_heads != self.num_kv_heads:
+            # not every CUDA kernel takes GQA (the masked memory-efficient one does not): repeat
+            # the KV heads rather than fall back to the math kernel's [H, Tq, T] scores.
+            groups = self.num_heads // self.num_kv_heads
+            kh, vh, gqa = kh.repeat_interleave(groups, 0), vh.repeat_interleave(groups, 0), False
         if q_positions is kv_positions and q.shape[0] == k.shape[0]:
             out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], is_causal=True,
-                                                 scale=scale, enable_gqa=True)
+                                                 scale=scale, enable_gqa=gqa)
         else:
             mask = kv_positions.to(q.device)[None, :] <= q_positions.to(q.device)[:, None]
-            if q.is_cuda and self.num_heads != self.num_kv_heads:
-                # CUDA's masked kernel (memory-efficient attention) takes no GQA: repeat the
-                # KV heads instead of falling back to the math kernel's [H, Tq, T] scores.
-                groups = self.num_heads // self.num_kv_heads
-                kh, vh = kh.repeat_interleave(groups, 0), vh.repeat_interleave(groups, 0)
-                out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None],
-                                                     attn_mask=mask, scale=scale)
-            else:
-                out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None],
-                                                     attn_mask=mask, scale=scale,
-                                                     enable_gqa=True)
+            out = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask,
+                                                 scale=scale, enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(q.shape[0], self.num_heads * self.head_size)
 
     def finish(self, layer_id: int, attn_out: torch.Tensor,

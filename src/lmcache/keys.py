@@ -101,6 +101,21 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_worker(model_name: object, world_size: object, worker_id: object) -> None:
+    """Check the identity of one worker (shared by CacheEngineKey and LMCacheMetadata).
+
+    Raises:
+        ValueError: ``model_name`` is not a non-empty str, ``world_size`` not an int >= 1, or
+            ``worker_id`` not an int in ``[0, world_size)`` (bools are not ints here).
+    """
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be a non-empty str, got {model_name!r}")
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not _is_int(worker_id) or not 0 <= worker_id < world_size:
+        raise ValueError(f"worker_id must be an int in [0, {world_size}), got {worker_id!r}")
+
+
 TAG_PREFIX = "lmcache.tag."
 
 
@@ -157,14 +172,7 @@ class CacheEngineKey:
     request_configs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_name, str) or not self.model_name:
-            raise ValueError(f"model_name must be a non-empty str, got {self.model_name!r}")
-        if not _is_int(self.world_size) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
-        if not _is_int(self.worker_id) or not 0 <= self.worker_id < self.world_size:
-            raise ValueError(
-                f"worker_id must be an int in [0, {self.world_size}), got {self.worker_id!r}"
-            )
+        check_worker(self.model_name, self.world_size, self.worker_id)
         if not _is_int(self.chunk_hash):
             raise TypeError(f"chunk_hash must be an int, got {self.chunk_hash!r}")
         dtype_to_name(self.dtype)  # validates

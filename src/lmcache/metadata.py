@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcache.keys import check_worker
+
 _ROLES = ("worker", "scheduler")
 
 
@@ -37,14 +39,7 @@ class LMCacheMetadata:
     role: str = "worker"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model_name, str) or not self.model_name:
-            raise ValueError(f"model_name must be a non-empty str, got {self.model_name!r}")
-        if not _is_int(self.world_size) or self.world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {self.world_size!r}")
-        if not _is_int(self.worker_id) or not 0 <= self.worker_id < self.world_size:
-            raise ValueError(
-                f"worker_id must be an int in [0, {self.world_size}), got {self.worker_id!r}"
-            )
+        check_worker(self.model_name, self.world_size, self.worker_id)
         if not isinstance(self.kv_dtype, torch.dtype):
             raise TypeError(f"kv_dtype must be a torch.dtype, got {self.kv_dtype!r}")
         shape = tuple(self.kv_shape) if isinstance(self.kv_shape, (tuple, list)) else None

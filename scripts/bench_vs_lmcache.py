@@ -58,7 +58,7 @@ from bench_gpu import BYTES_PER_TOKEN, CHUNK, DTYPE, D, H, L, N, Setup, ceiling,
 
 from lmcache.gpu_connector.kv_transfer import gather_kv  # noqa: E402
 
-STUB_MODULES = ("numba", "llvmlite", "aiohttp")  # module-level imports of unused features
+STUB_MODULES = ("numba", "llvmlite", "aiohttp", "aiofile")  # module-level imports of unused features
 
 
 class _Inert:
@@ -68,6 +68,8 @@ class _Inert:
         self._name = name
 
     def __getattr__(self, key: str) -> "_Inert":
+        if key.startswith("__"):
+            raise AttributeError(key)
         return _Inert(f"{self._name}.{key}")
 
     def __call__(self, *args, **kwargs):
@@ -77,6 +79,12 @@ class _Inert:
 
     def __mro_entries__(self, bases):
         return (object,)
+
+
+def _stub_attr(module: str, key: str) -> _Inert:
+    if key.startswith("__"):  # __file__, __spec__...: absent, as Python's tools expect
+        raise AttributeError(key)
+    return _Inert(f"{module}.{key}")
 
 
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -95,7 +103,7 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name)
         module.__path__ = []
-        module.__getattr__ = lambda key, n=spec.name: _Inert(f"{n}.{key}")
+        module.__getattr__ = lambda key, n=spec.name: _stub_attr(n, key)
         return module
 
     def exec_module(self, module):
@@ -299,7 +307,7 @@ def print_table(result: dict) -> None:
           "of every layer equal after store + retrieve; race = after a 50 ms compute kernel "
           "wrote the KV (store) / zeroed the target pages (retrieve) just before the call")
     print("| tokens | engine | store sync | store nosync | retrieve sync | retrieve nosync | "
-          f"bytes ok sync/nosync | race store/retrieve |")
+          "bytes ok sync/nosync | race store/retrieve |")
     print("|---:|---|---:|---:|---:|---:|---|---|")
     for r in result["rows"]:
         if "error" in r:

@@ -59,7 +59,7 @@ def _peer(conn, kind: str, nbytes: int) -> None:
         if cmd[0] == "add":
             conn.send(ch.add_peer(cmd[1]))
         elif cmd[0] == "checksum":
-            conn.send(int(region[: cmd[1]].to(dtype=__import__("torch").int64).sum()))
+            conn.send(int(region[: cmd[1]].sum(dtype=__import__("torch").int64)))
         elif cmd[0] == "stop":
             ch.close()
             conn.send(None)
@@ -117,14 +117,14 @@ def main(argv=None) -> int:
     peer = ch.add_peer(md)
     conn.send(("add", ch.agent_metadata()))
     conn.recv()
-    region.copy_(torch.arange(nbytes, dtype=torch.int64, device=region.device).to(torch.uint8))
+    region.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=region.device))
     descs = [(i * chunk, chunk) for i in range(a.chunks)]
     rows = {}
     gbs = lambda t: nbytes / t / 1e9  # noqa: E731
     sync = torch.cuda.synchronize if a.channel == "cuda_ipc" else None
     rows["channel write"] = gbs(_median_time(lambda: ch.write(peer, descs, descs), a.reps))
     conn.send(("checksum", nbytes))
-    want = int(region.to(torch.int64).sum())
+    want = int(region.sum(dtype=torch.int64))
     assert conn.recv() == want, "peer bytes differ after write"
     rows["channel read"] = gbs(_median_time(lambda: ch.read(peer, descs, descs), a.reps))
     if a.channel == "nixl":

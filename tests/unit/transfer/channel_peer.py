@@ -20,10 +20,16 @@ def pattern(n: int, seed: int):
 def serve(conn, kind: str, name: str, region_bytes: int) -> None:
     import torch
 
-    from lmcache.transfer.nixl import NixlChannel
+    if kind == "nixl":
+        from lmcache.transfer.nixl import NixlChannel
 
-    region = torch.zeros(region_bytes, dtype=torch.uint8)
-    ch = NixlChannel(name, [region], timeout_s=3.0)
+        region = torch.zeros(region_bytes, dtype=torch.uint8)
+        ch = NixlChannel(name, [region], timeout_s=3.0)
+    else:
+        from lmcache.transfer.cuda_ipc import CudaIpcChannel
+
+        region = torch.zeros(region_bytes, dtype=torch.uint8, device="cuda")
+        ch = CudaIpcChannel(name, [region], timeout_s=3.0)
     conn.send(("ready", ch.agent_metadata()))
     while True:
         cmd = conn.recv()
@@ -33,11 +39,11 @@ def serve(conn, kind: str, name: str, region_bytes: int) -> None:
                 conn.send(ch.add_peer(cmd[1]))
             elif op == "fill":
                 _, off, n, seed = cmd
-                region[off:off + n] = pattern(n, seed)
+                region[off:off + n] = pattern(n, seed).to(region.device)
                 conn.send(None)
             elif op == "bytes":
                 _, off, n = cmd
-                conn.send(region[off:off + n].numpy().tobytes())
+                conn.send(region[off:off + n].cpu().numpy().tobytes())
             elif op == "notifs":
                 end = time.monotonic() + cmd[1]
                 got = ch.poll_notifications()

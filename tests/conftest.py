@@ -15,6 +15,8 @@ from typing import Iterable, Optional
 import pytest
 
 from lmcache.memory.cpu import CPUMemoryAllocator
+from lmcache.storage.backends.local_cpu import LocalCPUBackend
+from lmcache.storage.policy.lru import LRUCachePolicy
 
 
 def assert_allocators_empty(allocators: Optional[Iterable[CPUMemoryAllocator]] = None) -> None:
@@ -33,6 +35,25 @@ def assert_allocators_empty(allocators: Optional[Iterable[CPUMemoryAllocator]] =
 def assert_allocators_empty_fixture():
     """The :func:`assert_allocators_empty` helper as a fixture."""
     return assert_allocators_empty
+
+
+@pytest.fixture
+def make_cpu_backend():
+    """``make_cpu_backend(mib)`` -> an unpinned LRU LocalCPUBackend of ``mib`` MiB over its own
+    CPUMemoryAllocator (the allocator_backend of tier and serde tests); every backend made is
+    closed, then its allocator, when the test ends."""
+    made = []
+
+    def make(mib: int) -> LocalCPUBackend:
+        allocator = CPUMemoryAllocator(mib << 20, pin_memory=False)
+        backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=mib / 1024)
+        made.append((backend, allocator))
+        return backend
+
+    yield make
+    for backend, allocator in reversed(made):
+        backend.close()
+        allocator.close()
 
 
 _frozen_at_modules = 0

@@ -6,21 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde.naive import NaiveSerde
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.remote import RemoteBackend
-from lmcache.storage.policy.lru import LRUCachePolicy
 from storage_servers import SHAPE, LMServerProcess, chunk_key, start_valkey
 
 @pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(8 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=8 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
+def cpu(make_cpu_backend):
+    return make_cpu_backend(8)
 
 
 @pytest.fixture

@@ -9,28 +9,21 @@ import pytest
 import torch
 
 from lmcache.keys import CacheEngineKey
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde import compressed
 from lmcache.serde.cachegen import CacheGenSerde
 from lmcache.serde.fp8 import FP8Serde
 from lmcache.serde.kivi import KIVISerde
 from lmcache.serde.naive import NaiveSerde
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.remote import RemoteBackend
 from lmcache.storage.connectors.fs import FSConnector
-from lmcache.storage.policy.lru import LRUCachePolicy
 
 SHAPE = (2, 3, 64, 32)  # [2, L, T, D], D = 2 heads x 16
 
 
 @pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(8 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=8 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
+def cpu(make_cpu_backend):
+    return make_cpu_backend(8)
 
 
 def kv(seed=0, shape=SHAPE, dtype=torch.float32):

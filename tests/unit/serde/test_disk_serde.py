@@ -14,7 +14,6 @@ from lmcache.config import compose_config
 from lmcache.containers import build_worker_container, shutdown
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.keys import CacheEngineKey
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.metadata import LMCacheMetadata
 from lmcache.serde import compressed
@@ -25,7 +24,6 @@ from lmcache.serde.naive import NaiveSerde
 from lmcache.serde.wire.chunk_file import FILE_HEADER_SIZE
 from lmcache.storage.backends import disk_files
 from lmcache.storage.backends.disk_names import key_to_filename
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.policy.lru import LRUCachePolicy
 
@@ -59,12 +57,8 @@ def stated_bound(name, x):
 
 
 @pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(16 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=16 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
+def cpu(make_cpu_backend):
+    return make_cpu_backend(16)
 
 
 def kv(seed=0):

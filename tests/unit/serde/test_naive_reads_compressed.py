@@ -7,28 +7,21 @@ import pytest
 import torch
 
 from lmcache.keys import CacheEngineKey
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde import compressed
 from lmcache.serde.cachegen import CacheGenSerde
 from lmcache.serde.fp8 import FP8Serde
 from lmcache.serde.kivi import KIVISerde
 from lmcache.serde.naive import NaiveSerde
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.remote import RemoteBackend
 from lmcache.storage.connectors.fs import FSConnector
-from lmcache.storage.policy.lru import LRUCachePolicy
 
 SHAPE = (2, 2, 32, 32)
 
 
 @pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(4 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=4 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
+def cpu(make_cpu_backend):
+    return make_cpu_backend(4)
 
 
 def kv_obj(cpu, seed):

@@ -5,21 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.serde.naive import NaiveSerde
 from lmcache.serde.wire.remote_metadata import RemoteMetadata
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
-from lmcache.storage.policy.lru import LRUCachePolicy
 
 
 @pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(1 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=1 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
+def cpu(make_cpu_backend):
+    return make_cpu_backend(1)
 
 
 @pytest.mark.parametrize("dtype, shape, fmt", [

@@ -2,16 +2,8 @@
 
 import pytest
 
-from lmcache.memory.cpu import CPUMemoryAllocator
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
-from lmcache.storage.policy.lru import LRUCachePolicy
-
 
 @pytest.fixture
-def cpu():
+def cpu(make_cpu_backend):
     """A 4 MiB unpinned LocalCPUBackend: the allocator_backend the slower tiers stage through."""
-    allocator = CPUMemoryAllocator(4 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=4 / 1024)
-    yield backend
-    backend.close()
-    allocator.close()
+    return make_cpu_backend(4)

@@ -14,13 +14,11 @@ from lmcache.config.compose import compose_config
 from lmcache.containers import build_worker_container
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.keys import LayerCacheEngineKey
-from lmcache.memory.cpu import CPUMemoryAllocator
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.metadata import LMCacheMetadata
 from lmcache.storage import name_limits
 from lmcache.storage.backends import disk_files
 from lmcache.storage.backends.disk_names import key_to_filename
-from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.backends.local_disk import LocalDiskBackend
 from lmcache.storage.connectors import fs
 from lmcache.storage.policy.lru import LRUCachePolicy
@@ -30,11 +28,8 @@ def meta(model: str = "org/model", layers: int = 4) -> LMCacheMetadata:
 
 
 @pytest.fixture
-def cpu():
-    allocator = CPUMemoryAllocator(1 << 20, pin_memory=False)
-    backend = LocalCPUBackend(allocator, LRUCachePolicy(), max_local_cpu_size=1 / 1024)
-    yield backend
-    allocator.close()
+def cpu(make_cpu_backend):
+    return make_cpu_backend(1)
 
 
 def disk(cpu, path, metadata) -> LocalDiskBackend:

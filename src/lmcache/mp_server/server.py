@@ -185,7 +185,9 @@ class MPServer:
         registered = instance_id is not None and self.sessions.instance(instance_id) is not None
         return {"epoch": self.epoch, "chunk_size": self.pool.chunk_size, "registered": registered,
                 "instances": len(self.sessions.instances),
-                "requests": len(self.sessions.requests), "counters": dict(self.counters)}
+                "requests": len(self.sessions.requests), "counters": dict(self.counters),
+                "pinned_lookups": int(sum(e.stats.value("pinned_lookups")
+                                          for e in self.pool.all_engines()))}
 
     def _lookup(self, client: bytes, payloads: list) -> int:
         """Chunks of the key's tokens cached for EVERY worker (pinned for the request)."""

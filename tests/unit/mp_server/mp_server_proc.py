@@ -11,6 +11,8 @@ from typing import Optional
 
 import zmq
 
+SHARED_CHUNK = 16  # chunk size of the session server of conftest.py
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -4,6 +4,8 @@ stand-in of CUDA IPC), real ZMQ, real server process. Bytes are compared exactly
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import zmq
@@ -13,17 +15,14 @@ from lmcache.integration.vllm.vllm_multi_process_adapter import (
 from lmcache.v1.multiprocess.custom_types import IPCCacheEngineKey
 from lmcache.v1.multiprocess.mq import MessageQueueClient
 from lmcache.v1.multiprocess.protocol import RequestType
-from mp_server_proc import finished, free_port, lookup, start_server, stop_server
+from mp_server_proc import SHARED_CHUNK, finished, lookup
 
-CHUNK, N, L, H, D, B = 16, 4, 2, 2, 8, 64   # chunk 16 tokens = 4 blocks of 4
+CHUNK, N, L, H, D, B = SHARED_CHUNK, 4, 2, 2, 8, 64   # chunk 16 tokens = 4 blocks of 4
 
 
-@pytest.fixture(scope="module")
-def url():
-    port = free_port()
-    proc = start_server(port, [f"chunk_size={CHUNK}", "max_local_cpu_size=0.05"])
-    yield f"tcp://localhost:{port}"
-    assert stop_server(proc) == 0
+@pytest.fixture
+def url(mp_url):
+    return mp_url
 
 
 def kv_caches(seed: int) -> dict[str, torch.Tensor]:
@@ -125,7 +124,9 @@ def test_tensor_parallel_lookup_needs_every_rank(url):
     w0, w1 = worker(url, "m-tp", 0, 2), worker(url, "m-tp", 1, 2)
     s = scheduler(url, "m-tp", world=2)
     try:
-        w0.instance_id, w1.instance_id = 10_000_001, 10_000_002  # one process plays two ranks
+        # one process plays two ranks: rank 1 takes the id of a live process (the parent), as
+        # the server frees an instance whose pid is gone
+        w1.instance_id = os.getppid()
         w0.link.instance_id, w1.link.instance_id = w0.instance_id, w1.instance_id
         w0.register_kv_caches(kv0)
         w1.register_kv_caches(kv1)

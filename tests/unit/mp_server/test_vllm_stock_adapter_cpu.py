@@ -10,10 +10,10 @@ import pytest
 import torch
 import zmq
 
-from mp_server_proc import finished, free_port, start_server, stop_server, wait_until
+from mp_server_proc import SHARED_CHUNK, finished, wait_until
 from test_mp_gpu import adapter_path, load_adapter
 
-CHUNK, N, L, H, D, B = 32, 8, 3, 2, 4, 40
+CHUNK, N, L, H, D, B = SHARED_CHUNK, 8, 3, 2, 4, 40
 
 
 class NoEvent:
@@ -24,12 +24,10 @@ class NoEvent:
 
 
 @pytest.mark.skipif(adapter_path() is None, reason="vLLM's multi_process_adapter.py not installed")
-def test_stock_vllm_adapter_round_trip_on_cpu():
+def test_stock_vllm_adapter_round_trip_on_cpu(mp_url):
     mod = load_adapter()
-    port = free_port()
-    proc = start_server(port, [f"chunk_size={CHUNK}", "max_local_cpu_size=0.05"])
-    url, ctx = f"tcp://localhost:{port}", zmq.Context()
-    try:
+    url, ctx = mp_url, zmq.Context()
+    if True:
         strategy = mod.ParallelStrategy(use_mla=False, kv_world_size=1, kv_worker_id=0,
                                         actual_world_size=1, actual_worker_id=0, tp_size=1, pp_size=1)
         whole = torch.randn(L, B, H, N, 2 * D, generator=torch.Generator().manual_seed(0))
@@ -57,5 +55,3 @@ def test_stock_vllm_adapter_round_trip_on_cpu():
         sched.end_session("b")
         reader.shutdown()
         sched.mq_client.close()
-    finally:
-        assert stop_server(proc) == 0

@@ -55,6 +55,7 @@ class CudaIPCWrapper:
     def __init__(self, tensor: torch.Tensor) -> None:
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"CudaIPCWrapper needs a torch.Tensor, got {type(tensor).__name__}")
+        self._tensor = tensor  # the sender keeps the memory alive while the wrapper exists
         storage = tensor.untyped_storage()
         if tensor.is_cuda:
             self.kind = "cuda"
@@ -99,6 +100,7 @@ class CudaIPCWrapper:
         if kind not in ("cuda", "cpu_shm"):
             raise ValueError(f"CudaIPCWrapper kind must be 'cuda' or 'cpu_shm', got {kind!r}")
         obj = cls.__new__(cls)
+        obj._tensor = None
         obj.kind, obj.device_index, obj.handle = kind, int(device_index), tuple(handle)
         obj.dtype, obj.shape, obj.stride = str(dtype), tuple(shape), tuple(stride)
         obj.storage_offset = int(offset)

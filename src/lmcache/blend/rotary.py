@@ -121,6 +121,17 @@ class FusedRotaryEmb:
             t = t / self.position_scale
         return t[:, None] * self.inv_freq.to(positions.device)[None, :]
 
+    def rotation(self, old_positions: torch.Tensor, new_positions: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)``, each ``[num_tokens, rotary_dim // 2]`` on ``device``, of the
+        rotation from ``old_positions`` to ``new_positions`` (the difference of the two float32
+        angles taken in float64). A blend computes it once per request and applies it to every
+        layer's K with :meth:`rotate` (the positions are the same in every layer)."""
+        dev = torch.device(device)
+        delta = (self.angles(new_positions.to(dev)).double()
+                 - self.angles(old_positions.to(dev)).double())
+        return delta.cos().float(), delta.sin().float()
+
     def __call__(self, old_positions: torch.Tensor, new_positions: torch.Tensor,
                  k: torch.Tensor) -> torch.Tensor:
         """Re-position ``k`` from ``old_positions`` to ``new_positions``, in place.
@@ -154,10 +165,20 @@ class FusedRotaryEmb:
                              f"[num_tokens, num_heads, {self.head_size}], got {tuple(k.shape)}")
         if n == 0:
             return k
-        dev = k.device
-        delta = (self.angles(new_positions.to(dev)).double()
-                 - self.angles(old_positions.to(dev)).double())
-        cos, sin = delta.cos().float(), delta.sin().float()
+        return self.rotate(k, *self.rotation(old_positions, new_positions, k.device))
+
+    def rotate(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply a :meth:`rotation` ``(cos, sin)`` of ``k.shape[0]`` tokens to ``k`` in place
+        (``k`` as for :meth:`__call__`, already checked there or by the caller); returns ``k``.
+
+        Raises:
+            ValueError: ``cos``/``sin`` not ``[num_tokens, rotary_dim // 2]``.
+        """
+        n = k.shape[0]
+        half = self.rotary_dim // 2
+        if tuple(cos.shape) != (n, half) or tuple(sin.shape) != (n, half):
+            raise ValueError(f"cos/sin must be [{n}, {half}], got {tuple(cos.shape)} and "
+                             f"{tuple(sin.shape)}")
         if self.use_cuda_kernel and k.is_cuda:
             from lmcache.blend.rotary_cuda import cuda_kernel_usable, rotate_k_cuda
 

@@ -113,8 +113,22 @@ class PassEngine:
         return row
 
 
+def engine_class(job: dict[str, Any]):
+    """The engine class of ``job``: ``job["engine"]`` (``"<module>:<class>"``, e.g. the RAG
+    blend experiment's), default :class:`PassEngine`. Its constructor takes the job; it has
+    ``startup_s`` and ``run(request) -> row``."""
+    name = job.get("engine")
+    if not name:
+        return PassEngine
+    import importlib
+
+    module, _, cls = str(name).partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def _serve(job: dict[str, Any], conn) -> None:
-    """Child process: build the engine, answer ("ready", startup_s), then one ("ok", row) per
+    """Child process: build the engine (:func:`engine_class`), answer ("ready", startup_s),
+    then one ("ok", row) per
     request received until None (or the pipe closes); errors are sent as ("error", traceback).
     With ``job["log_file"]`` set, the process's stdout and stderr (vLLM's and torch's messages
     included) go to that file instead of the terminal."""
@@ -124,7 +138,7 @@ def _serve(job: dict[str, Any], conn) -> None:
         os.dup2(fd, 2)
         os.close(fd)
     try:
-        engine = PassEngine(job)
+        engine = engine_class(job)(job)
         conn.send(("ready", engine.startup_s))
         while True:
             try:
@@ -147,7 +161,9 @@ def _serve(job: dict[str, Any], conn) -> None:
 
 
 class EngineProcess:
-    """A :class:`PassEngine` in a fresh ``spawn`` child process.
+    """A :class:`PassEngine` in a fresh ``spawn`` child process (``job["start_method"]``
+    ``"fork"``: a forked one, which inherits the parent's imports: faster to start when the
+    parent has imported vLLM already).
 
     :meth:`start` launches it (several can start at once); :meth:`wait_ready` returns its
     start-up time; :meth:`run` sends one request and returns its result row; :meth:`close`
@@ -166,7 +182,7 @@ class EngineProcess:
 
     def start(self) -> "EngineProcess":
         os.environ.update(ENGINE_ENV)  # inherited by the child before it imports vLLM
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(str(self.job.get("start_method") or "spawn"))
         self._conn, child = ctx.Pipe(duplex=True)
         self._proc = ctx.Process(target=_serve, args=(self.job, child), name=f"qa-{self.name}")
         self._proc.start()

@@ -214,17 +214,19 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
         cuda = dev.type == "cuda"
         stream = self._load_stream(dev) if cuda else None
         events: list[Optional[torch.cuda.Event]] = [None] * md.num_layers
+        # the positions are those of every layer: the rotation is computed once per request
+        rotation = rotary.rotation(old_pos, new_pos, dev) if spans else None
 
         def load(layer: int) -> None:
             buf = bufs[layer % len(bufs)]
             if cuda:
                 stream.wait_stream(torch.cuda.current_stream(dev))  # earlier users of buf
                 with torch.cuda.stream(stream):
-                    self._fill(buf, layer, sources, spans, old_pos, new_pos, gaps, rotary)
+                    self._fill(buf, layer, sources, spans, rotation, gaps, rotary)
                     events[layer] = torch.cuda.Event()
                     events[layer].record(stream)
             else:
-                self._fill(buf, layer, sources, spans, old_pos, new_pos, gaps, rotary)
+                self._fill(buf, layer, sources, spans, rotation, gaps, rotary)
 
         try:
             load(0)
@@ -238,13 +240,13 @@ class VLLMBufferLayerwiseGPUConnector(GPUConnectorInterface):
             if cuda:
                 stream.synchronize()  # no copy may still read a source the caller releases
 
-    def _fill(self, buf, layer, sources, spans, old_pos, new_pos, gaps, rotary) -> None:
+    def _fill(self, buf, layer, sources, spans, rotation, gaps, rotary) -> None:
         for src, (s, e) in zip(sources, spans):
             layer_src = src[layer]
             buf[0, s:e].copy_(layer_src[0], non_blocking=True)
             buf[1, s:e].copy_(layer_src[1], non_blocking=True)
         if spans:
-            rotary(old_pos, new_pos, buf[0])
+            rotary.rotate(buf[0], *rotation)
         for s, e in gaps:
             buf[:, s:e] = 0
 

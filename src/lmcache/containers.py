@@ -302,3 +302,32 @@ def shutdown(container: containers.Container) -> None:
         if obj is not None:
             _close(obj)
     container.shutdown_resources()
+
+
+def build_mp_engine(cfg: DictConfig | Mapping[str, Any], metadata: LMCacheMetadata,
+                    layout: KVCacheLayout, storage_manager: Any = None
+                    ) -> tuple[LMCacheEngine, Any, Callable[[], None]]:
+    """One engine of the MP server (``lmcache.mp_server``): ``(engine, storage_manager, close)``.
+
+    The MP server runs one engine per (model, world size, worker, KV layout) over ONE storage
+    manager: the first call builds the whole worker graph (``storage_manager`` None) and its
+    ``close`` shuts it all down (:func:`shutdown`); later calls pass that manager, which their
+    container uses instead of building tiers, and their ``close`` closes only their gpu
+    connector (the owner closes the tiers, last).
+
+    Raises:
+        ValueError: as :func:`build_worker_container`.
+    """
+    container = build_worker_container(cfg, metadata, layout)
+    if storage_manager is None:
+        engine = container.engine()
+        return engine, container.storage_manager(), lambda: shutdown(container)
+    container.storage_manager.override(providers.Object(storage_manager))
+    engine = container.engine()
+
+    def close() -> None:
+        if container.gpu_connector.initialized:
+            _close(container.gpu_connector())
+        container.shutdown_resources()
+
+    return engine, storage_manager, close

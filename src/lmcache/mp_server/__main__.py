@@ -64,8 +64,7 @@ def build_server(args: argparse.Namespace):
     sources = [s for _, s in pairs] + ["lmcache-mp-server command line"] * len(args.overrides)
     cfg = compose_config(overrides, sources=sources)
     chunk_size = int(cfg.token_database.get("chunk_size", cfg.chunk_size))
-    pool = EnginePool(partial(containers.build_worker_container, cfg), chunk_size,
-                      containers.shutdown)
+    pool = EnginePool(partial(containers.build_mp_engine, cfg), chunk_size)
     sessions = SessionManager(args.session_timeout, check_pids=not args.no_check_pids)
     return MPServer(pool, sessions, bind_url(args), event_timeout=args.event_timeout)
 

@@ -7,8 +7,6 @@ import logging
 import threading
 from typing import Any, Callable, Optional
 
-from dependency_injector import providers
-
 from lmcache.engine.lmcache_engine import LMCacheEngine
 from lmcache.gpu_connector.kv_layout import KVCacheLayout
 from lmcache.metadata import LMCacheMetadata
@@ -21,26 +19,23 @@ EngineKey = tuple[str, int, int, KVCacheLayout, Any]
 class EnginePool:
     """Builds and keeps the engines of the MP server.
 
-    Engines are built on first use by ``container_factory(metadata, layout)`` (the server
-    passes ``containers.build_worker_container`` bound to its composed config). The first
-    engine's container owns the storage manager; later engines get the same one through a
-    provider override, so keys of every worker share tiers and capacity, and a restarted
-    vLLM instance finds the KV its predecessor stored.
+    Engines are built on first use by ``engine_factory(metadata, layout, storage_manager)``
+    → ``(engine, storage_manager, close)`` (the server passes
+    ``containers.build_mp_engine`` bound to its composed config): the first engine builds the
+    storage manager, later ones share it, so keys of every worker share tiers and capacity and a
+    restarted vLLM instance finds the KV its predecessor stored.
 
     Args:
-        container_factory: ``(LMCacheMetadata, KVCacheLayout) -> WorkerContainer``.
+        engine_factory: builds one engine (above).
         chunk_size: tokens per chunk (the config's chunk_size).
-        close_container: closes a container (``containers.shutdown``).
     """
 
-    def __init__(self, container_factory: Callable, chunk_size: int,
-                 close_container: Callable) -> None:
-        self._factory = container_factory
-        self._close_container = close_container
+    def __init__(self, engine_factory: Callable, chunk_size: int) -> None:
+        self._factory = engine_factory
         self.chunk_size = int(chunk_size)
         self._engines: dict[EngineKey, LMCacheEngine] = {}
-        self._containers: list = []
-        self._storage_manager = None
+        self._closers: list[Callable[[], None]] = []
+        self._storage_manager: Optional[Any] = None
         self._lock = threading.Lock()
 
     def engine(self, model_name: str, world_size: int, worker_id: int, layout: KVCacheLayout,
@@ -78,34 +73,22 @@ class EnginePool:
             kv_shape=(num_layers, 1 if layout.is_mla else 2, self.chunk_size,
                       layout.num_kv_heads, layout.head_size),
             use_mla=layout.is_mla)
-        container = self._factory(metadata, layout)
-        if self._storage_manager is not None:
-            container.storage_manager.override(providers.Object(self._storage_manager))
-        engine = container.engine()
-        if self._storage_manager is None:
-            self._storage_manager = container.storage_manager()
-        self._containers.append(container)
+        engine, manager, close = self._factory(metadata, layout, self._storage_manager)
+        self._storage_manager = manager
+        self._closers.append(close)
         logger.info("lmcache MP server: engine for %s world_size=%d worker=%d (%s layout, "
                     "block %d, %s)", model_name, world_size, worker_id, layout.kind,
                     layout.block_size, dtype)
         return engine
 
-    def storage_manager(self) -> Optional[Any]:
-        return self._storage_manager
-
     def close(self) -> None:
-        """Close every engine's container; the storage manager's owner last. Idempotent."""
+        """Close every engine; the storage manager's owner (the first) last. Idempotent."""
         with self._lock:
-            owned, self._containers = self._containers, []
+            closers, self._closers = self._closers, []
             self._engines.clear()
-        for container in reversed(owned[1:]):
-            for name in ("gpu_connector",):
-                provider = getattr(container, name)
-                if provider.initialized:
-                    obj = provider()
-                    if callable(getattr(obj, "close", None)):
-                        obj.close()
-            container.shutdown_resources()
-        if owned:
-            self._close_container(owned[0])
-        self._storage_manager = None
+            self._storage_manager = None
+        for close in reversed(closers):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - shutdown goes on
+                logger.exception("closing an MP server engine failed")

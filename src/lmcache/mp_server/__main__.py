@@ -46,6 +46,21 @@ def bind_url(args: argparse.Namespace) -> str:
     return f"tcp://{host}:{args.port}"
 
 
+def check_mp_config(cfg) -> None:
+    """ValueError for options the MP server does not run: CacheBlend (the BlendServer is not
+    built: blending needs the model's layers, which live in vLLM's process) and gpu connectors
+    other than the paged ones."""
+    from lmcache.config.checks import option_name
+
+    if cfg.get("blend") is not None:
+        raise ValueError(f"blend={option_name(cfg.blend)}: the MP server has no CacheBlend "
+                         "variant (BlendServer); use blend=none or the in-process connector")
+    conn = option_name(cfg.get("gpu_connector"))
+    if conn not in ("vllm_paged", "vllm_layerwise"):
+        raise ValueError(f"gpu_connector={conn}: the MP server moves KV with vllm_paged or "
+                         "vllm_layerwise")
+
+
 def build_server(args: argparse.Namespace):
     """Compose the config and build the MPServer (nothing is served yet).
 
@@ -63,6 +78,7 @@ def build_server(args: argparse.Namespace):
     overrides = [o for o, _ in pairs] + list(args.overrides)
     sources = [s for _, s in pairs] + ["lmcache-mp-server command line"] * len(args.overrides)
     cfg = compose_config(overrides, sources=sources)
+    check_mp_config(cfg)
     chunk_size = int(cfg.token_database.get("chunk_size", cfg.chunk_size))
     pool = EnginePool(partial(containers.build_mp_engine, cfg), chunk_size)
     sessions = SessionManager(args.session_timeout, check_pids=not args.no_check_pids)

@@ -75,3 +75,17 @@ def test_end_request_and_reregistration():
     assert sm.clients[b"c"].requests == set()
     with pytest.raises(ValueError, match="timeout must be > 0"):
         SessionManager(timeout=0)
+
+
+def test_server_command_line_refuses_what_it_cannot_run(capsys):
+    from lmcache.mp_server.__main__ import bind_url, main, parse_args
+
+    assert bind_url(parse_args([])) == "tcp://127.0.0.1:5555"
+    assert bind_url(parse_args(["--host", "*", "--port", "6000"])) == "tcp://*:6000"
+    assert main(["--port", "0"]) == 2
+    assert main(["blend=cacheblend"]) == 2
+    assert "no CacheBlend variant" in capsys.readouterr().err
+    assert main(["gpu_connector=vllm_buffer_layerwise"]) == 2
+    assert "vllm_paged or vllm_layerwise" in capsys.readouterr().err
+    assert main(["chunk_sise=5"]) == 2
+    assert "chunk_size" in capsys.readouterr().err

@@ -159,6 +159,9 @@ def _check_tiers(c: dict) -> None:
                              f"({seen[target]!r} and {name!r})")
         seen[target] = name
     names = [option_name(node) for node in tiers.values()]
+    if "pd" in names:
+        _check_pd(c, names)
+        return
     if names[0] != "local_cpu":
         rest = [n for n in names if n != "local_cpu"]
         raise ValueError(
@@ -170,6 +173,22 @@ def _check_tiers(c: dict) -> None:
             _check_disk_tier(node)
     if "remote" in names:
         _check_remote(c)
+
+
+def _check_pd(c: dict, names: list[str]) -> None:
+    """Disaggregated prefill: the pd tier alone (its buffer is the allocator), a transfer channel,
+    the trailing partial chunk stored (as LMCache forces), all layers at once."""
+    if names != ["pd"]:
+        raise ValueError(f"storage/backends=[{','.join(names)}]: the pd tier comes alone "
+                         "(storage/backends=[pd]; its buffer is the allocator)")
+    if c.get("transfer_channel") is None:
+        raise ValueError("storage/backends=[pd] needs a transfer channel: transfer_channel=nixl")
+    if c.get("save_unfull_chunk") is not True:
+        raise ValueError("storage/backends=[pd] needs save_unfull_chunk=true (the prefiller "
+                         "pushes the partial last chunk too, as LMCache forces for PD)")
+    if option_name(c.get("gpu_connector")) != "vllm_paged":
+        raise ValueError("storage/backends=[pd] needs gpu_connector=vllm_paged (all layers at "
+                         "once); layerwise PD is not supported")
 
 
 def _check_disk_tier(node: Mapping[str, Any]) -> None:

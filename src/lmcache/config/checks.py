@@ -51,6 +51,15 @@ TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
     "internal_api_server_host": v.strict(v.string, str),
     "internal_api_server_port_start": v.strict(v.port, int),
     "extra_config": v.strict(v.optional_dict, dict, None),  # set by the LMCache translation
+    "lmcache_instance_id": v.strict(v.optional_str, str, None),
+    "controller_pull_url": v.strict(v.optional_str, str, None),
+    "controller_reply_url": v.strict(v.optional_str, str, None),
+    "lmcache_worker_ports": v.port_list,
+    "lmcache_worker_heartbeat_time": v.strict(v.at_most(v.positive_float, v.MAX_TIMEOUT_S, "s"), float, None),
+    "lmcache_worker_heartbeat_delay_time": v.strict(v.at_most(v.non_negative_float, v.MAX_TIMEOUT_S, "s"), float),
+    "p2p_host": v.strict(v.optional_str, str, None),
+    "p2p_init_ports": v.port_list,
+    "p2p_lookup_ports": v.port_list,
 }
 """Top-level LMCache key → parser of its composed value (ints pass where a number is asked)."""
 
@@ -219,6 +228,24 @@ def _check_remote(c: dict) -> None:
                          f"scheme needs remote_connector={wanted}")
 
 
+def _check_p2p(c: dict) -> None:
+    """The p2p tier needs the controller's worker and a transfer channel; the controller's
+    worker needs its instance id, URLs and ports."""
+    tiers = [option_name(n) for n in (c.get("storage", {}).get("backends") or {}).values()]
+    if "p2p" in tiers:
+        if c.get("controller") is None:
+            raise ValueError("storage/backends p2p needs the cache controller: "
+                             "controller=lmcache_worker (LMCache: enable_controller)")
+        if c.get("transfer_channel") is None:
+            raise ValueError("storage/backends p2p needs a transfer channel: transfer_channel=nixl")
+    if c.get("controller") is not None:
+        for key in ("lmcache_instance_id", "controller_pull_url", "controller_reply_url",
+                    "lmcache_worker_ports"):
+            if not c.get(key):
+                raise ValueError(f"controller={option_name(c['controller'])} needs {key} "
+                                 f"(as LMCache with enable_controller), got {c.get(key)!r}")
+
+
 def check_config(
     cfg: DictConfig | Mapping[str, Any],
     metadata: LMCacheMetadata | None = None,
@@ -261,6 +288,7 @@ def check_config(
         if not isinstance(c.get(slot), Mapping):
             raise ValueError(f"config has no {slot} option")
     _check_tiers(c)
+    _check_p2p(c)
 
     if metadata is not None:
         size = c["allocator"].get("size_bytes")

@@ -1,0 +1,75 @@
+"""``python -m lmcache.controller [key=value ...]`` / ``lmcache-controller``: the CacheController
+process (Hydra app, config ``conf/cache_controller/serve.yaml``): the ZMQ ports for the workers
+and the HTTP API (uvicorn) until interrupted.
+
+Examples::
+
+    python -m lmcache.controller controller_port=9000 controller_monitor_ports.pull=8300 \\
+        controller_monitor_ports.reply=8400
+    python -m lmcache.controller controller_index=valkey controller_index.url=valkey://127.0.0.1:6379
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lmcache.config.compose import register_resolvers
+
+log = logging.getLogger("lmcache.controller")
+
+
+def serve(cfg: DictConfig) -> int:
+    """Build the controller from ``cfg`` and serve until interrupted; returns an exit status."""
+    import uvicorn
+
+    from lmcache.containers import build
+    from lmcache.controller.cache_controller import CacheController
+    from lmcache.controller.http_api import create_app
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    ports = plain["controller_monitor_ports"]
+    index = build(plain["controller_index"])
+    try:
+        controller = CacheController(
+            index=index, token_database=build(plain["token_database"], metadata=None),
+            controller_host=plain["controller_host"], controller_monitor_ports=ports,
+            lmcache_worker_timeout=plain["lmcache_worker_timeout"],
+            command_timeout_secs=plain["command_timeout_secs"])
+    except BaseException:
+        index.close()
+        raise
+    try:
+        log.info("lmcache controller: HTTP on %s:%d, pull %d, reply %d, index %s",
+                 plain["controller_host"], plain["controller_port"], controller.pull_port,
+                 controller.reply_port, type(index).__name__)
+        uvicorn.run(create_app(controller), host=plain["controller_host"],
+                    port=int(plain["controller_port"]), log_level="warning")
+    finally:
+        controller.close()
+    return 0
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lmcache.conf",
+            config_name="cache_controller/serve")
+def hydra_app(cfg: DictConfig) -> None:
+    try:
+        status = serve(cfg)
+    except (ValueError, OSError) as e:
+        print(f"lmcache-controller: {e}", file=sys.stderr)
+        status = 2
+    if status:
+        sys.exit(status)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    register_resolvers()
+    hydra_app()
+
+
+if __name__ == "__main__":
+    main()

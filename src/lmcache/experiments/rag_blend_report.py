@@ -166,8 +166,11 @@ def plot(summary: Rows, path: str | Path, title: str = "RAG blend") -> Path:
             ax.errorbar([x], [s[col]], xerr=[[x - s["ttft_p25_ms"]], [s["ttft_p75_ms"] - x]],
                         fmt="o", color=color, capsize=3)
             name = f"r={s['ratio']:g}" if s["ratio"] is not None else s["pass"]
-            ax.annotate(name, (x, s[col]), textcoords="offset points", xytext=(5, 5),
-                        fontsize=8)
+            # reference passes below their point, ratios above: labels at equal quality
+            # (no cache, prefix-only, ratio 1.0) do not overlap
+            dy = {"no_cache": -12, "prefix_only": -22}.get(s["pass"], 5)
+            ax.annotate(name, (x, s[col]), textcoords="offset points", xytext=(4, dy),
+                        fontsize=8, color=color)
         ax.set_xlabel("TTFT, median ms (bars: p25-p75)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

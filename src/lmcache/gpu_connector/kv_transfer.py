@@ -20,6 +20,7 @@ Semantics the kernels must match:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -124,6 +125,90 @@ def _page_map_index(slots: torch.Tensor, layout: KVCacheLayout) -> torch.Tensor:
     return idx.reshape(2, slots.numel(), h * d)
 
 
+def _page_patterns(layout: KVCacheLayout) -> Optional[tuple[str, str]]:
+    """How each half (K, V) of a page_map page is ordered: ``"rows"`` (token-major ``[N, D]``:
+    a token's D elements contiguous) or ``"cols"`` (dim-major ``[D, N]``, vLLM's ``vec`` ISA K);
+    None when a half is neither (then elements are moved one by one)."""
+    pm = layout.page_map
+    n, d = layout.block_size, layout.head_size
+    o = torch.arange(n, device=pm.device)[:, None]
+    e = torch.arange(d, device=pm.device)[None, :]
+    found = []
+    for kv in range(2):
+        base = kv * n * d
+        if torch.equal(pm[kv], base + o * d + e):
+            found.append("rows")
+        elif torch.equal(pm[kv], base + e * n + o):
+            found.append("cols")
+        else:
+            return None
+    return found[0], found[1]
+
+
+class _PagePlan:
+    """Row-wise plan of a page_map transfer of ``slots`` (>= 0): token-major halves move D-element
+    rows (one index per (token, head)); dim-major halves move whole half-pages of the touched
+    blocks (``ub``) and transpose them in memory; ``pos`` = each token's row among the touched
+    blocks' tokens (``arange(T)`` when the slots are whole blocks in order: ``aligned``)."""
+
+    def __init__(self, slots: torch.Tensor, layout: KVCacheLayout, patterns: tuple[str, str]):
+        n, h = layout.block_size, layout.num_kv_heads
+        self.n, self.h, self.d = n, h, layout.head_size
+        self.patterns = patterns
+        block = torch.div(slots, n, rounding_mode="floor")
+        off = slots - block * n
+        heads = torch.arange(h, device=slots.device)
+        self.rows = [None, None]
+        for kv in range(2):
+            if patterns[kv] == "rows":  # row of D elements in tensor.view(-1, D)
+                self.rows[kv] = (((block[:, None] * h + heads[None, :]) * 2 + kv) * n
+                                 + off[:, None]).reshape(-1)
+        if "cols" in patterns:
+            self.ub, inv = torch.unique(block, return_inverse=True)
+            self.pos = inv * n + off
+            t = slots.numel()
+            self.aligned = self.ub.numel() * n == t and torch.equal(
+                self.pos, torch.arange(t, device=slots.device))
+            self.full = self.ub.numel() * n == t  # every touched block wholly covered
+
+    def half(self, tensor: torch.Tensor, kv: int) -> torch.Tensor:
+        """``[B, H, N*D]`` view of half ``kv`` of every page of one layer."""
+        return tensor.view(tensor.shape[0], self.h, 2, self.n * self.d)[:, :, kv]
+
+    def gather(self, tensor: torch.Tensor, kv: int, dst: torch.Tensor) -> None:
+        """Write half ``kv`` of the slots' KV of one layer into ``dst`` ``[T, H*D]``."""
+        if self.patterns[kv] == "rows":
+            torch.index_select(tensor.view(-1, self.d), 0, self.rows[kv],
+                               out=dst.view(-1, self.d))
+            return
+        u, n, h, d = self.ub.numel(), self.n, self.h, self.d
+        pages = self.half(tensor, kv).index_select(0, self.ub).view(u, h, d, n)
+        tokens = pages.permute(0, 3, 1, 2)  # [U, N, H, D]
+        if self.aligned:
+            dst.view(u, n, h, d).copy_(tokens)
+        else:
+            torch.index_select(tokens.reshape(u * n, h * d), 0, self.pos, out=dst)
+
+    def scatter(self, tensor: torch.Tensor, kv: int, src: torch.Tensor) -> None:
+        """Write ``src`` ``[T, H*D]`` into half ``kv`` of the slots of one layer."""
+        if self.patterns[kv] == "rows":
+            tensor.view(-1, self.d).index_copy_(0, self.rows[kv], src.reshape(-1, self.d))
+            return
+        u, n, h, d = self.ub.numel(), self.n, self.h, self.d
+        half = self.half(tensor, kv)
+        if self.aligned:
+            tokens = src.reshape(u, n, h, d)
+        else:
+            if self.full:
+                tokens = torch.empty(u * n, h * d, dtype=src.dtype, device=src.device)
+            else:  # partly covered blocks: keep their other tokens
+                tokens = half.index_select(0, self.ub).view(u, h, d, n).permute(0, 3, 1, 2)
+                tokens = tokens.reshape(u * n, h * d)
+            tokens.index_copy_(0, self.pos, src)
+            tokens = tokens.view(u, n, h, d)
+        half.index_copy_(0, self.ub, tokens.permute(0, 2, 3, 1).reshape(u, h, n * d))
+
+
 def _require_contiguous(layer_tensors: Sequence[torch.Tensor], layout: KVCacheLayout) -> None:
     if not all(t.is_contiguous() for t in layer_tensors):
         raise ValueError(f"layout {layout.kind} with a page_map needs contiguous layer tensors")
@@ -171,11 +256,18 @@ def gather_kv(
     safe = slots.clamp(min=0) if has_pad else slots
     if layout.page_map is not None:
         _require_contiguous(layer_tensors, layout)
-        idx = _page_map_index(safe, layout)
-        for layer, tensor in enumerate(layer_tensors):
-            flat = tensor.view(-1)
-            for kv in range(2):
-                out[kv, layer].copy_(flat.index_select(0, idx[kv].reshape(-1)).view(shape[2], shape[3]))
+        patterns = _page_patterns(layout)
+        if patterns is not None and out.device == ref.device and out.is_contiguous():
+            plan = _PagePlan(safe, layout, patterns)
+            for layer, tensor in enumerate(layer_tensors):
+                for kv in range(2):
+                    plan.gather(tensor, kv, out[kv, layer])
+        else:
+            idx = _page_map_index(safe, layout)
+            for layer, tensor in enumerate(layer_tensors):
+                flat = tensor.view(-1)
+                for kv in range(2):
+                    out[kv, layer].copy_(flat.index_select(0, idx[kv].reshape(-1)).view(shape[2], shape[3]))
     elif all(t.is_contiguous() for t in layer_tensors):
         # One index_select of whole D-element rows per (K/V, layer): row copies, not
         # element-wise advanced indexing (~50x faster on CPU).
@@ -237,6 +329,13 @@ def scatter_kv(
     t = slots.numel()
     if layout.page_map is not None:
         _require_contiguous(layer_tensors, layout)
+        patterns = _page_patterns(layout)
+        if patterns is not None:
+            plan = _PagePlan(slots, layout, patterns)
+            for layer, tensor in enumerate(layer_tensors):
+                for k in range(2):
+                    plan.scatter(tensor, k, kv[k, layer])
+            return
         idx = _page_map_index(slots, layout)
         for layer, tensor in enumerate(layer_tensors):
             flat = tensor.view(-1)

@@ -30,6 +30,14 @@ def _separator(value: Any) -> str:
     return value
 
 
+def _nixl_backends(value: Any) -> list[str] | None:
+    """NIXL backends of the transfer channel: lmcache's NixlChannel runs one, UCX."""
+    items = v.any_list(value)
+    if items is not None and [str(x) for x in items] != ["UCX"]:
+        raise ValueError("lmcache's NIXL channel runs the UCX backend only: use [UCX] or null")
+    return items
+
+
 # Keys lmcache translates: name → (parser, LMCache default).
 SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "chunk_size": (v.positive_int, 256),
@@ -60,12 +68,25 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "blend_check_layers": (_number_list(v.integer), None),
     "blend_min_tokens": (v.positive_int, 256),
     "blend_special_str": (_separator, " # # "),
+    # disaggregated prefill (storage/backends=[pd], deployment=pd_prefiller / pd_decoder)
+    "enable_pd": (v.lmcache_boolean, False),
+    "pd_role": (v.optional_str, None),
+    "pd_buffer_size": (lambda x: None if x is None else v.positive_int(x), None),
+    "pd_buffer_device": (v.optional_str, None),
+    "pd_peer_host": (v.optional_str, None),
+    "pd_peer_init_port": (v.port_list, None),
+    "pd_peer_alloc_port": (v.port_list, None),
+    "pd_proxy_host": (v.optional_str, None),
+    "pd_proxy_port": (lambda x: None if x is None else v.port(x), None),
+    "pd_allocation_timeout_sec": (v.positive_float, math.inf),
+    "pd_condition_poll_interval_sec": (v.positive_float, 0.005),
+    "transfer_channel": (v.optional_str, None),
+    "nixl_backends": (_nixl_backends, None),
 }
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.
 FEATURES: dict[str, str] = {
     "enable_p2p": "P2P KV-cache sharing",
-    "enable_pd": "disaggregated prefill (PD)",
     "enable_controller": "the cache controller",
     "enable_hidden_state_cache": "the hidden-state cache",
     "enable_chunk_statistics": "chunk statistics",
@@ -95,15 +116,12 @@ UNSUPPORTED: dict[str, tuple[Any, str | None]] = {
     "controller_reply_url": (None, _CTRL), "lmcache_worker_ports": (None, _CTRL),
     "lmcache_worker_ids": (None, _CTRL), "lmcache_worker_heartbeat_delay_time": (10, _CTRL),
     "lmcache_worker_heartbeat_time": (None, _CTRL),
-    "pd_role": (None, _PD), "pd_buffer_size": (None, _PD), "pd_buffer_device": (None, _PD),
-    "pd_peer_host": (None, _PD), "pd_peer_init_port": (None, _PD),
-    "pd_peer_alloc_port": (None, _PD), "pd_peer_query_port": (None, _PD),
-    "pd_proxy_host": (None, _PD), "pd_proxy_port": (None, _PD),
-    "pd_allocation_timeout_sec": (math.inf, _PD), "pd_shutdown_timeout_sec": (5.0, _PD),
-    "pd_condition_poll_interval_sec": (0.005, _PD), "pd_max_prefill_len": (0, _PD),
-    "pd_backend_mode": ("async", _PD), "pd_skip_proxy_notification": (False, _PD),
-    "pd_bidirectional": (False, _PD), "transfer_channel": (None, "NIXL transfer channels"),
-    "nixl_backends": (None, "NIXL"), "nixl_buffer_size": (None, "NIXL"),
+    "pd_peer_query_port": (None, _PD + "'s bidirectional mode"),
+    "pd_shutdown_timeout_sec": (5.0, _PD), "pd_max_prefill_len": (0, _PD),
+    "pd_backend_mode": ("async", _PD + "'s backend modes"),  # lmcache pushes before the step ends
+    "pd_skip_proxy_notification": (False, _PD + "'s proxy notification"),
+    "pd_bidirectional": (False, _PD + "'s bidirectional mode"),
+    "nixl_buffer_size": (None, "NIXL"),
     "nixl_buffer_device": (None, "NIXL"),
     "gds_path": (None, _GDS), "gds_path_sharding": ("by_gpu", _GDS), "gds_buffer_size": (None, _GDS),
     "use_gds": (True, _GDS), "gds_backend": ("cufile", _GDS),

@@ -290,7 +290,7 @@ def test_unsupported_settings_only_at_their_default(tmp_path):
 
 def test_deprecated_alias_is_read_under_its_new_name():
     assert overrides_from_legacy(None, {"LMCACHE_ENABLE_XPYD": "False"}, {}) == []
-    with pytest.raises(ValueError, match="enable_pd=.*not available"):
+    with pytest.raises(ValueError, match="pd_role=None.*enable_pd needs pd_role"):
         overrides_from_legacy(None, {"LMCACHE_ENABLE_XPYD": "True"}, {})
 
 

@@ -33,10 +33,10 @@ EXPECTED = {
     "examples__cache_controller__example.yaml": "the cache controller",
     "examples__kv_cache_reuse__share_across_instances__p2p_sharing__example1.yaml":
         "P2P KV-cache sharing",
-    "examples__disagg_prefill__1p1d__configs__lmcache-decoder-config.yaml":
-        "disaggregated prefill (PD)",
+    # LMCache's old NIXL-era decoder keys (nixl_buffer_device) and a GPU PD buffer
+    "examples__disagg_prefill__1p1d__configs__lmcache-decoder-config.yaml": "configures NIXL",
     "examples__disagg_prefill__1p1d__configs__lmcache-prefiller-config.yaml":
-        "disaggregated prefill (PD)",
+        "PD buffer is the CPU allocator",
     "examples__kv_cache_reuse__remote_backends__resp__resp.yaml": "unknown scheme 'resp'",
     "examples__kv_cache_reuse__remote_backends__s3__example.yaml": "unknown scheme 's3'",
 }

@@ -125,7 +125,8 @@ class LMCacheManager:
     def tier_states(self) -> list[dict[str, Any]]:
         """One dict per tier of the engine (empty without an engine): ``name``, ``class``,
         ``state`` ("ok" or "error"), ``chunks`` (stored, when the tier counts them) and
-        ``error`` (the probe's exception, or None)."""
+        ``error`` (the probe's exception, or None); ``stats``: the tier's counters, when it has a
+        ``stats`` dict (disk, remote, PD)."""
         manager = getattr(self.engine, "storage_manager", None)
         if manager is None:
             return []
@@ -138,9 +139,13 @@ class LMCacheManager:
             except Exception as exc:  # noqa: BLE001 - a failing tier is reported, not raised
                 state, error = "error", f"{type(exc).__name__}: {exc}"
             chunks = len(tier) if hasattr(tier, "__len__") else None
-            out.append({"name": getattr(tier, "name", type(tier).__name__),
-                        "class": type(tier).__name__, "state": state, "chunks": chunks,
-                        "error": error})
+            entry = {"name": getattr(tier, "name", type(tier).__name__),
+                     "class": type(tier).__name__, "state": state, "chunks": chunks,
+                     "error": error}
+            stats = getattr(tier, "stats", None)
+            if isinstance(stats, dict):  # the tier's own counters (disk, remote, PD)
+                entry["stats"] = dict(stats)
+            out.append(entry)
         return out
 
     def health(self) -> dict[str, Any]:

@@ -145,9 +145,18 @@ P2P_TEST = ["deployment=p2p", *CONTROLLER_TEST, "p2p_host=127.0.0.1", "p2p_init_
             "p2p_lookup_ports=[0]"]
 
 
+def _pd_test() -> list[str]:
+    """The pd tier's ports: free ones (tests/unit/storage/test_pd_backend.py runs both sides)."""
+    init, alloc = servers_mod.free_port(), servers_mod.free_port()
+    return [f"storage.backends.pd.pd_peer_init_port={init}",
+            f"storage.backends.pd.pd_peer_alloc_port={alloc}"]
+
+
 def _option_overrides(group: str, option: str, servers: Servers) -> list[str]:
     if (group, option) == ("storage/backends", "p2p"):
         return P2P_TEST
+    if (group, option) == ("storage/backends", "pd"):
+        return ["deployment=pd_decoder", *_pd_test()]
     if (group, option) == ("controller", "lmcache_worker"):
         return ["controller=lmcache_worker", *CONTROLLER_TEST]
     if group == "storage/backends":
@@ -235,8 +244,9 @@ def _build_and_check(cfg, group: str | None, option: str | None) -> None:
                     assert any(isinstance(t, cls) for t in built), (built, cls)
                 else:
                     assert isinstance(built, cls), (built, cls)
-        if option_name(cfg.gpu_connector) == "vllm_paged":
-            _round_trip(container)
+        pd = (cfg.storage.backends.get("pd") or {}).get("pd_role")
+        if option_name(cfg.gpu_connector) == "vllm_paged" and pd != "sender":
+            _round_trip(container)  # a prefiller keeps nothing (it pushes to its decoder)
     finally:
         shutdown(container)
 
@@ -259,6 +269,8 @@ def test_deployment_composes_and_builds(deployment, servers, tmp_path):
     overrides = [f"deployment={deployment}"] + _sizes(tmp_path)
     if deployment == "p2p":
         overrides += P2P_TEST[1:]  # free ports, no controller
+    if deployment.startswith("pd_"):
+        overrides += _pd_test()
     cfg = compose_config(overrides)
     if cfg.get("remote_connector") is not None:
         cfg = compose_config(

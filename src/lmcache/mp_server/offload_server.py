@@ -64,6 +64,5 @@ class OffloadServer:
         mask[start:] = True
         slots = torch.full((end,), -1, dtype=torch.int64)
         slots[start:] = torch.arange(count)
-        configs = {"lmcache.tag.cache_salt": key.cache_salt} if key.cache_salt else None
         return int(engine.store(tokens, mask, kvcaches=kvcaches, slot_mapping=slots,
-                                request_configs=configs))
+                                request_configs=key.request_configs()))

@@ -30,6 +30,7 @@ import torch
 import zmq
 
 from lmcache.mp_server.engine_pool import EnginePool
+from lmcache.mp_server.kv_transfers import KVTransfers
 from lmcache.mp_server.gpu_cache_context import GPUCacheContext
 from lmcache.mp_server.offload_server import OffloadServer
 from lmcache.mp_server.session_manager import SessionManager
@@ -64,6 +65,7 @@ class MPServer:
         self.epoch = uuid.uuid4().hex  # changes with every server start: clients re-register
         self.counters = {"requests": 0, "errors": 0, "reaped_instances": 0,
                          "released_requests": 0, "unknown_instance": 0}
+        self.transfers = KVTransfers(engine_pool, sessions, event_timeout, self.counters)
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -72,7 +74,6 @@ class MPServer:
         self._transfers: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         self._stop = threading.Event()
-        self._streams: dict[int, Any] = {}
         self._handlers = {
             RequestType.GET_CHUNK_SIZE: lambda c, p: self.pool.chunk_size,
             RequestType.REGISTER_KV_CACHE: self._register,
@@ -210,7 +211,7 @@ class MPServer:
             for engine in engines[wid]:
                 best = max(best, engine.lookup(tokens, pin=key.request_id is not None,
                                                lookup_id=key.request_id,
-                                               request_configs=_request_configs(key)))
+                                               request_configs=key.request_configs()))
                 pinned.append(engine)
             hits.append(best)
         hit_tokens = min(hits)
@@ -272,113 +273,15 @@ class MPServer:
                 if rtype is RequestType.OFFLOAD:
                     result: Any = self.offload.handle(payloads)
                 elif rtype is RequestType.CLEAR:
-                    result = self._clear()
+                    result = self.transfers.clear()
                 else:
-                    result = self._transfer(rtype, payloads)
+                    result = self.transfers.run(rtype, payloads)
                 self._reply(client, number, True, result)
             except Exception as e:  # noqa: BLE001 - a failed transfer is a miss
                 self.counters["errors"] += 1
                 logger.warning("lmcache MP server: %s failed: %s", rtype.name, e)
                 self._reply(client, number, False, f"{type(e).__name__}: {e}")
 
-    def _transfer(self, rtype: RequestType, payloads: list) -> list:
-        keys, instance_id, block_ids, handle = payloads[:4]
-        skips = payloads[4] if len(payloads) > 4 and payloads[4] is not None else [0] * len(keys)
-        store = rtype is RequestType.STORE
-        session = self.sessions.instance(int(instance_id))
-        if session is None:
-            self.counters["unknown_instance"] += 1
-            logger.warning("lmcache MP server: %s from instance %s, which has no registered KV "
-                           "cache (it died, or the server restarted since it registered): "
-                           "answered False", rtype.name, instance_id)
-            return [b"", False if store else [False] * len(keys)]
-        ctx = session.ctx
-        kv_caches = ctx.kv_caches  # held for the whole transfer, even if unregistered meanwhile
-        if not self._wait_event(handle, ctx):
-            return [b"", False if store else [False] * len(keys)]
-        results, offset = [], 0
-        stream = self._stream(ctx.device)
-        for key, skip in zip(keys, skips):
-            ok = False
-            try:
-                start, end = key.token_range()
-                nblocks = -(-(end - start) // ctx.block_size)
-                blocks = block_ids[offset:offset + nblocks]
-                offset += nblocks
-                ok = self._one(store, key, start, end, blocks, int(skip or 0), ctx, kv_caches,
-                               stream)
-            except Exception as e:  # noqa: BLE001 - this key is a miss, the others go on
-                logger.warning("lmcache MP server: %s of request %s failed: %s", rtype.name,
-                               key.request_id, e)
-            results.append(ok)
-        if stream is not None:
-            stream.synchronize()
-        return [b"", all(results) if store else results]
-
-    def _one(self, store: bool, key: IPCCacheEngineKey, start: int, end: int, blocks: list,
-             skip: int, ctx: GPUCacheContext, kv_caches: list, stream) -> bool:
-        engine = self.pool.engine(key.model_name, key.world_size, key.worker_id or 0,
-                                  ctx.layout, ctx.dtype, ctx.num_layers)
-        tokens = torch.tensor(key.token_ids[:end], dtype=torch.int64)
-        mask = torch.zeros(end, dtype=torch.bool)
-        mask[start:] = True
-        slots = torch.full((end,), -1, dtype=torch.int64)
-        slots[start:end] = ctx.slots(blocks, end - start)
-        if skip:
-            slots[start:start + skip] = -1
-        kwargs = dict(kvcaches=kv_caches, slot_mapping=slots.to(ctx.device),
-                      request_configs=_request_configs(key))
-        with _on_stream(stream):
-            if store:
-                engine.store(tokens, mask, **kwargs)  # no memory: a shorter prefix, counted
-                return True
-            ret = engine.retrieve(tokens, mask, lookup_id=key.request_id, **kwargs)
-            return bool(ret[start:end].all())
-
-    def _clear(self) -> None:
-        """Drop every stored chunk (one storage manager for all engines) and every pin."""
-        for engine in self.pool.all_engines():
-            engine.clear()
-        logger.info("lmcache MP server: cleared every tier")
-
-    def _wait_event(self, handle: bytes, ctx: GPUCacheContext) -> bool:
-        if not handle:
-            return True
-        event = torch.cuda.Event.from_ipc_handle(ctx.device, handle)
-        deadline = time.monotonic() + self.event_timeout
-        while not event.query():
-            if time.monotonic() > deadline:
-                logger.warning("lmcache MP server: the client's CUDA event did not complete "
-                               "within %.0f s; transfer answered False", self.event_timeout)
-                return False
-            time.sleep(0.0001)
-        return True
-
-    def _stream(self, device: torch.device):
-        if device.type != "cuda":
-            return None
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in self._streams:
-            self._streams[index] = torch.cuda.Stream(index)
-        return self._streams[index]
-
-
-class _on_stream:
-    def __init__(self, stream) -> None:
-        self.ctx = torch.cuda.stream(stream) if stream is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
-
-
-def _request_configs(key: IPCCacheEngineKey) -> Optional[dict]:
-    return {"lmcache.tag.cache_salt": key.cache_salt} if key.cache_salt else None
 
 
 def _ipc_collect() -> None:

@@ -23,7 +23,7 @@ from mp_server_proc import finished, free_port, lookup, start_server, stop_serve
 N = 16                      # block size; chunk 256 (LMCache's default) = 16 blocks
 PS = ParallelStrategy(False, 1, 0, 1, 0, 1, 1)
 SERVER = ["max_local_cpu_size=0.05"]
-FAST = ["--session-timeout", "1.5"]
+FAST = ["--session-timeout", "3"]
 
 
 def adapters(url, model, timeout=10.0):
@@ -55,7 +55,7 @@ def test_server_down_at_start_runs_without_hits_then_reconnects(caplog):
     port = free_port()
     url = f"tcp://localhost:{port}"
     caplog.set_level(logging.WARNING)
-    w, s = adapters(url, "m-down", timeout=0.5)
+    w, s = adapters(url, "m-down", timeout=1.5)
     proc = None
     try:
         assert not w.link.connected and not s.link.connected

@@ -143,6 +143,11 @@ class IPCCacheEngineKey:
     def is_token_mode(self) -> bool:
         return self.token_ids is not None
 
+    def request_configs(self) -> Optional[dict]:
+        """The engine's ``request_configs`` of this key: the cache salt as the key tag
+        ``cache_salt`` (so salted chunks get other keys), or None without a salt."""
+        return {"lmcache.tag.cache_salt": self.cache_salt} if self.cache_salt else None
+
     def token_range(self) -> tuple[int, int]:
         """``(start, end)`` in tokens with ``end == 0`` resolved to ``len(token_ids)``.
 

@@ -33,7 +33,8 @@ class ServerLink:
         instance_id: the engine instance the heartbeats are for (None: a scheduler).
         role: ``"scheduler"`` or ``"worker"`` (logged by the server).
         heartbeat_interval: seconds between heartbeats (> 0).
-        connect_timeout: seconds to wait for the server at start and per heartbeat.
+        connect_timeout: seconds to wait for the server at start; a heartbeat waits
+            ``max(connect_timeout, heartbeat_interval)`` before the server counts as gone.
         default_chunk_size: chunk size assumed while the server was never reached.
 
     Attributes:
@@ -51,6 +52,9 @@ class ServerLink:
         self.role = role
         self.heartbeat_interval = float(heartbeat_interval)
         self.connect_timeout = float(connect_timeout)
+        # a heartbeat unanswered for this long means the server is gone (never shorter than
+        # the interval: a busy server or machine must not look dead)
+        self.beat_timeout = max(self.connect_timeout, self.heartbeat_interval)
         self.on_connect: Optional[Callable[[dict], None]] = None
         self.epoch: Optional[str] = None
         self.last_beat_sent = 0.0  # time.monotonic() of the last heartbeat sent
@@ -76,7 +80,7 @@ class ServerLink:
         self.last_beat_sent = time.monotonic()
         try:
             reply = self.mq.submit_request(RequestType.HEARTBEAT, [self.instance_id, self.role]
-                                           ).result(min(self.connect_timeout, self.heartbeat_interval))
+                                           ).result(self.beat_timeout)
         except Exception:  # noqa: BLE001 - a missed heartbeat means the server is gone
             if self.connected:
                 self.connected = False

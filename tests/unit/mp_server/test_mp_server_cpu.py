@@ -14,6 +14,7 @@ from lmcache.integration.vllm.vllm_multi_process_adapter import (
     LMCacheMPSchedulerAdapter, LMCacheMPWorkerAdapter, LoadStoreOp, ParallelStrategy)
 from lmcache.v1.multiprocess.custom_types import IPCCacheEngineKey
 from lmcache.v1.multiprocess.mq import MessageQueueClient
+from lmcache.v1.multiprocess.offload_client import OffloadClient
 from lmcache.v1.multiprocess.protocol import RequestType
 from mp_server_proc import SHARED_CHUNK, finished, lookup
 
@@ -167,15 +168,21 @@ def test_offload_from_a_process_without_connector_then_vllm_retrieves(url):
     tokens = list(range(700, 732))
     gen = torch.Generator().manual_seed(9)
     kv = torch.randn(2, L, 32, H, D, generator=gen)
-    client = MessageQueueClient(url, zmq.Context.instance(), timeout=10)
+    offloader = OffloadClient(url, timeout=10)
     w, s = worker(url, "m-off"), scheduler(url, "m-off")
     try:
+        assert offloader.offload("m-off", tokens, kv) == 32
+        bf16 = kv.to(torch.bfloat16)
+        assert offloader.offload("m-off-bf16", tokens, bf16) == 32
+        with pytest.raises(Exception, match="multiple of chunk_size"):
+            offloader.offload("m-off", tokens, kv[:, :, :24], start=8)
+        with pytest.raises(ValueError, match="5-D"):
+            offloader.offload("m-off", tokens, kv[0])
+        raw = MessageQueueClient(url, zmq.Context.instance(), timeout=10)
         key = IPCCacheEngineKey("m-off", 1, 0, tuple(tokens), 0, 32, None)
-        stored = client.submit_request(RequestType.OFFLOAD, [key, "float32", list(kv.shape),
-                                                             kv.numpy().tobytes()]).result(10)
-        assert stored == 32
-        with pytest.raises(Exception, match="bytes"):
-            client.submit_request(RequestType.OFFLOAD, [key, "float32", list(kv.shape), b"xx"]).result(10)
+        with pytest.raises(Exception, match="2 bytes, shape"):
+            raw.submit_request(RequestType.OFFLOAD, [key, "float32", list(kv.shape), b"xx"]).result(10)
+        raw.close()
         caches = kv_caches(10)
         w.register_kv_caches(caches)
         assert lookup(s, "r", tokens) == 32
@@ -187,6 +194,6 @@ def test_offload_from_a_process_without_connector_then_vllm_retrieves(url):
             v = pages[:, :, 1].permute(0, 2, 1, 3).reshape(32, H, D)
             assert torch.equal(k, kv[0, layer]) and torch.equal(v, kv[1, layer])
     finally:
-        client.close()
+        offloader.close()
         w.shutdown()
         s.close()

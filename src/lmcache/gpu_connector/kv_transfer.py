@@ -19,6 +19,9 @@ Semantics the kernels must match:
 
 from __future__ import annotations
 
+import math
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Optional
 
@@ -125,24 +128,49 @@ def _page_map_index(slots: torch.Tensor, layout: KVCacheLayout) -> torch.Tensor:
     return idx.reshape(2, slots.numel(), h * d)
 
 
+_PATTERNS: dict[int, tuple] = {}  # id(page_map) -> (weakref to it, patterns)
+_SCRATCH = threading.local()
+
+
 def _page_patterns(layout: KVCacheLayout) -> Optional[tuple[str, str]]:
     """How each half (K, V) of a page_map page is ordered: ``"rows"`` (token-major ``[N, D]``:
     a token's D elements contiguous) or ``"cols"`` (dim-major ``[D, N]``, vLLM's ``vec`` ISA K);
-    None when a half is neither (then elements are moved one by one)."""
+    None when a half is neither (then elements are moved one by one). Cached per page_map."""
     pm = layout.page_map
+    hit = _PATTERNS.get(id(pm))
+    if hit is not None and hit[0]() is pm:
+        return hit[1]
     n, d = layout.block_size, layout.head_size
     o = torch.arange(n, device=pm.device)[:, None]
     e = torch.arange(d, device=pm.device)[None, :]
-    found = []
+    found: Optional[tuple[str, str]] = ()
     for kv in range(2):
         base = kv * n * d
         if torch.equal(pm[kv], base + o * d + e):
-            found.append("rows")
+            found += ("rows",)
         elif torch.equal(pm[kv], base + e * n + o):
-            found.append("cols")
+            found += ("cols",)
         else:
-            return None
-    return found[0], found[1]
+            found = None
+            break
+    if len(_PATTERNS) > 64:
+        _PATTERNS.clear()
+    _PATTERNS[id(pm)] = (weakref.ref(pm), found)
+    return found
+
+
+def _scratch(slot: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused (per thread, per device) buffer of ``shape``/``dtype``: fresh memory costs page
+    faults that take longer than the copy itself on small hosts."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    nbytes = math.prod(shape) * dtype.itemsize
+    key = (slot, str(device))
+    buf = pool.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = pool[key] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
+    return buf[:nbytes].view(dtype).view(shape)
 
 
 class _PagePlan:
@@ -155,6 +183,7 @@ class _PagePlan:
         n, h = layout.block_size, layout.num_kv_heads
         self.n, self.h, self.d = n, h, layout.head_size
         self.patterns = patterns
+        t = slots.numel()
         block = torch.div(slots, n, rounding_mode="floor")
         off = slots - block * n
         heads = torch.arange(h, device=slots.device)
@@ -163,17 +192,31 @@ class _PagePlan:
             if patterns[kv] == "rows":  # row of D elements in tensor.view(-1, D)
                 self.rows[kv] = (((block[:, None] * h + heads[None, :]) * 2 + kv) * n
                                  + off[:, None]).reshape(-1)
-        if "cols" in patterns:
-            self.ub, inv = torch.unique(block, return_inverse=True)
-            self.pos = inv * n + off
-            t = slots.numel()
-            self.aligned = self.ub.numel() * n == t and torch.equal(
-                self.pos, torch.arange(t, device=slots.device))
-            self.full = self.ub.numel() * n == t  # every touched block wholly covered
+        if "cols" not in patterns:
+            return
+        self.aligned = False
+        if t % n == 0:  # whole blocks in order (vLLM's usual chunk): no sort needed
+            first = slots[::n]
+            if bool((first % n == 0).all()) and torch.equal(
+                    (slots.view(-1, n) - first[:, None]),
+                    torch.arange(n, device=slots.device).expand(t // n, n)):
+                self.ub = torch.div(first, n, rounding_mode="floor")
+                self.aligned = self.full = True
+                return
+        self.ub, inv = torch.unique(block, return_inverse=True)
+        self.pos = inv * n + off
+        self.full = self.ub.numel() * n == t  # every touched block wholly covered
 
     def half(self, tensor: torch.Tensor, kv: int) -> torch.Tensor:
         """``[B, H, N*D]`` view of half ``kv`` of every page of one layer."""
         return tensor.view(tensor.shape[0], self.h, 2, self.n * self.d)[:, :, kv]
+
+    def _pages(self, tensor: torch.Tensor, kv: int) -> torch.Tensor:
+        """Half ``kv`` of the touched pages, ``[U, H, D, N]`` (a scratch buffer)."""
+        u, n, h, d = self.ub.numel(), self.n, self.h, self.d
+        sel = _scratch(0, (u, h, n * d), tensor.dtype, tensor.device)
+        torch.index_select(self.half(tensor, kv), 0, self.ub, out=sel)
+        return sel.view(u, h, d, n)
 
     def gather(self, tensor: torch.Tensor, kv: int, dst: torch.Tensor) -> None:
         """Write half ``kv`` of the slots' KV of one layer into ``dst`` ``[T, H*D]``."""
@@ -182,12 +225,13 @@ class _PagePlan:
                                out=dst.view(-1, self.d))
             return
         u, n, h, d = self.ub.numel(), self.n, self.h, self.d
-        pages = self.half(tensor, kv).index_select(0, self.ub).view(u, h, d, n)
-        tokens = pages.permute(0, 3, 1, 2)  # [U, N, H, D]
+        tokens = self._pages(tensor, kv).permute(0, 3, 1, 2)  # [U, N, H, D]
         if self.aligned:
             dst.view(u, n, h, d).copy_(tokens)
-        else:
-            torch.index_select(tokens.reshape(u * n, h * d), 0, self.pos, out=dst)
+            return
+        rows = _scratch(1, (u * n, h * d), tensor.dtype, tensor.device)
+        rows.view(u, n, h, d).copy_(tokens)
+        torch.index_select(rows, 0, self.pos, out=dst)
 
     def scatter(self, tensor: torch.Tensor, kv: int, src: torch.Tensor) -> None:
         """Write ``src`` ``[T, H*D]`` into half ``kv`` of the slots of one layer."""
@@ -195,18 +239,17 @@ class _PagePlan:
             tensor.view(-1, self.d).index_copy_(0, self.rows[kv], src.reshape(-1, self.d))
             return
         u, n, h, d = self.ub.numel(), self.n, self.h, self.d
-        half = self.half(tensor, kv)
         if self.aligned:
             tokens = src.reshape(u, n, h, d)
         else:
-            if self.full:
-                tokens = torch.empty(u * n, h * d, dtype=src.dtype, device=src.device)
-            else:  # partly covered blocks: keep their other tokens
-                tokens = half.index_select(0, self.ub).view(u, h, d, n).permute(0, 3, 1, 2)
-                tokens = tokens.reshape(u * n, h * d)
-            tokens.index_copy_(0, self.pos, src)
-            tokens = tokens.view(u, n, h, d)
-        half.index_copy_(0, self.ub, tokens.permute(0, 2, 3, 1).reshape(u, h, n * d))
+            rows = _scratch(1, (u * n, h * d), tensor.dtype, tensor.device)
+            if not self.full:  # partly covered blocks: keep their other tokens
+                rows.view(u, n, h, d).copy_(self._pages(tensor, kv).permute(0, 3, 1, 2))
+            rows.index_copy_(0, self.pos, src)
+            tokens = rows.view(u, n, h, d)
+        pages = _scratch(0, (u, h, d, n), tensor.dtype, tensor.device)
+        pages.copy_(tokens.permute(0, 2, 3, 1))
+        self.half(tensor, kv).index_copy_(0, self.ub, pages.view(u, h, n * d))
 
 
 def _require_contiguous(layer_tensors: Sequence[torch.Tensor], layout: KVCacheLayout) -> None:

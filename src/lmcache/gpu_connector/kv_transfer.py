@@ -159,8 +159,9 @@ def _page_patterns(layout: KVCacheLayout) -> Optional[tuple[str, str]]:
     return found
 
 
-def _scratch(slot: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A reused (per thread, per device) buffer of ``shape``/``dtype``: fresh memory costs page
+def scratch_buffer(slot: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reused buffer (per thread, device and ``slot``: 0 and 1 are kv_transfer's own) of
+    ``shape``/``dtype``, valid until the next call with the same slot: fresh memory costs page
     faults that take longer than the copy itself on small hosts."""
     pool = getattr(_SCRATCH, "pool", None)
     if pool is None:
@@ -214,7 +215,7 @@ class _PagePlan:
     def _pages(self, tensor: torch.Tensor, kv: int) -> torch.Tensor:
         """Half ``kv`` of the touched pages, ``[U, H, D, N]`` (a scratch buffer)."""
         u, n, h, d = self.ub.numel(), self.n, self.h, self.d
-        sel = _scratch(0, (u, h, n * d), tensor.dtype, tensor.device)
+        sel = scratch_buffer(0, (u, h, n * d), tensor.dtype, tensor.device)
         torch.index_select(self.half(tensor, kv), 0, self.ub, out=sel)
         return sel.view(u, h, d, n)
 
@@ -229,7 +230,7 @@ class _PagePlan:
         if self.aligned:
             dst.view(u, n, h, d).copy_(tokens)
             return
-        rows = _scratch(1, (u * n, h * d), tensor.dtype, tensor.device)
+        rows = scratch_buffer(1, (u * n, h * d), tensor.dtype, tensor.device)
         rows.view(u, n, h, d).copy_(tokens)
         torch.index_select(rows, 0, self.pos, out=dst)
 
@@ -242,12 +243,12 @@ class _PagePlan:
         if self.aligned:
             tokens = src.reshape(u, n, h, d)
         else:
-            rows = _scratch(1, (u * n, h * d), tensor.dtype, tensor.device)
+            rows = scratch_buffer(1, (u * n, h * d), tensor.dtype, tensor.device)
             if not self.full:  # partly covered blocks: keep their other tokens
                 rows.view(u, n, h, d).copy_(self._pages(tensor, kv).permute(0, 3, 1, 2))
             rows.index_copy_(0, self.pos, src)
             tokens = rows.view(u, n, h, d)
-        pages = _scratch(0, (u, h, d, n), tensor.dtype, tensor.device)
+        pages = scratch_buffer(0, (u, h, d, n), tensor.dtype, tensor.device)
         pages.copy_(tokens.permute(0, 2, 3, 1))
         self.half(tensor, kv).index_copy_(0, self.ub, pages.view(u, h, n * d))
 

@@ -11,7 +11,8 @@ import torch
 
 from lmcache.gpu_connector.base import GPUConnectorInterface, _check_batch
 from lmcache.gpu_connector.kv_layout import KVCacheLayout, check_layer_tensors
-from lmcache.gpu_connector.kv_transfer import gather_kv, kv_out_shape, scatter_kv
+from lmcache.gpu_connector.kv_transfer import (gather_kv, kv_out_shape, scatter_kv,
+                                                scratch_buffer)
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
@@ -92,8 +93,21 @@ class TorchPagedMemGPUConnector(GPUConnectorInterface):
         self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
         **kwargs,
     ) -> None:
-        """``from_gpu`` for each chunk; kwargs validated once."""
+        """``from_gpu`` for each chunk; kwargs validated once. Several chunks whose objects
+        are on the caches' device (CPU caches) are gathered in one pass over every layer into a
+        reused scratch buffer, then copied into each object (per-op overheads dominate per-chunk
+        calls of small layers)."""
         kvcaches = self._prepare(memory_objs, starts, ends, kwargs)
+        if self._batchable(memory_objs, kvcaches):
+            slots = [self._slots(s, e, kwargs, kvcaches, allow_padding=False)
+                     for s, e in zip(starts, ends)]
+            tmp = self._scratch(sum(e - s for s, e in zip(starts, ends)), kvcaches[0])
+            gather_kv(kvcaches, torch.cat(slots), self.layout, out=tmp)
+            pos = 0
+            for obj, start, end in zip(memory_objs, starts, ends):
+                obj.tensor.copy_(tmp[:, :, pos:pos + end - start])
+                pos += end - start
+            return
         for obj, start, end in zip(memory_objs, starts, ends):
             slots = self._slots(start, end, kwargs, kvcaches, allow_padding=False)
             dst = obj.tensor
@@ -106,11 +120,34 @@ class TorchPagedMemGPUConnector(GPUConnectorInterface):
         self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
         **kwargs,
     ) -> None:
-        """``to_gpu`` for each chunk; kwargs validated once."""
+        """``to_gpu`` for each chunk; kwargs validated once (several CPU chunks: one scatter
+        over every layer from a scratch buffer, as :meth:`batched_from_gpu`)."""
         kvcaches = self._prepare(memory_objs, starts, ends, kwargs)
+        if self._batchable(memory_objs, kvcaches):
+            slots = [self._slots(s, e, kwargs, kvcaches, allow_padding=True)
+                     for s, e in zip(starts, ends)]
+            tmp = self._scratch(sum(e - s for s, e in zip(starts, ends)), kvcaches[0])
+            pos = 0
+            for obj, start, end in zip(memory_objs, starts, ends):
+                tmp[:, :, pos:pos + end - start].copy_(obj.tensor)
+                pos += end - start
+            scatter_kv(kvcaches, torch.cat(slots), self.layout, tmp)
+            return
         for obj, start, end in zip(memory_objs, starts, ends):
             slots = self._slots(start, end, kwargs, kvcaches, allow_padding=True)
             scatter_kv(kvcaches, slots, self.layout, obj.tensor)
+
+    @staticmethod
+    def _batchable(memory_objs, kvcaches) -> bool:
+        """Several objects, all on the CPU caches' device: one pass through a scratch buffer."""
+        device = kvcaches[0].device
+        return len(memory_objs) > 1 and device.type == "cpu" and all(
+            o.tensor.device == device for o in memory_objs)
+
+    def _scratch(self, tokens: int, ref: torch.Tensor) -> torch.Tensor:
+        """A reused ``[2, L, tokens, H*D]`` buffer (KV_2LTD of the whole batch)."""
+        shape = kv_out_shape(self.layout, self.metadata.num_layers, tokens)
+        return scratch_buffer(2, tuple(shape), ref.dtype, ref.device)
 
     # ---- checks -----------------------------------------------------------------------
     def _prepare(self, memory_objs, starts, ends, kwargs) -> Sequence[torch.Tensor]:

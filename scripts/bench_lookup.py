@@ -152,18 +152,75 @@ def copy_rows(tokens: int, reps: int) -> list[dict]:
     return rows
 
 
+def engine_rows(lengths: list[int], reps: int) -> list[dict]:
+    """LMCacheEngine store (a new prompt: the no-reuse cost) and retrieve (a full hit) on CPU
+    paged caches of the tiny Llama shape (float32, 4 layers, 2 KV heads x 64, vLLM CPU ``vec``
+    pages, block 16), chunk 256, against a plain ``copy_`` of the same bytes."""
+    layers, heads, size, block = 4, 2, 64, 16
+    dtype = torch.float32
+    meta = LMCacheMetadata("bench/tiny", 1, 0, dtype, (layers, 2, CHUNK, heads, size))
+    o, e = torch.arange(block)[:, None], torch.arange(size)[None, :]
+    vec = torch.stack([e * block + o, block * size + o * size + e]).to(torch.int64)
+    layout = KVCacheLayout("cpu_packed", block, heads, size, page_map=vec)
+    longest = max(lengths)
+    per_token = 2 * layers * heads * size * 4
+    alloc = CPUMemoryAllocator(longest * per_token * 2 + (16 << 20))
+    engine = LMCacheEngine(meta, ChunkedTokenDatabase(meta, CHUNK),
+                           VLLMPagedMemGPUConnectorV2(meta, layout, backend="torch"),
+                           StorageManager([LocalCPUBackend(alloc, LRUCachePolicy(),
+                                                           max_local_cpu_size=1.0)]))
+    blocks = 2 * longest // block + 8
+    gen = torch.Generator().manual_seed(1)
+    kv = [torch.randn(blocks, heads, block, 2 * size, generator=gen) for _ in range(layers)]
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, 128000, (n,), generator=gen)
+        perm = torch.randperm(blocks - 1, generator=gen) + 1
+        src = (perm[: -(-n // block)][:, None] * block + torch.arange(block)).flatten()[:n]
+        dst = (perm[-(-n // block):][: -(-n // block)][:, None] * block
+               + torch.arange(block)).flatten()[:n]
+        stored = n - n % CHUNK
+
+        def store():
+            engine.clear()
+            assert engine.store(ids, kvcaches=kv, slot_mapping=src) == stored
+
+        def retrieve():
+            assert int(engine.retrieve(ids, kvcaches=kv, slot_mapping=dst).sum()) == stored
+
+        store()
+        a = torch.empty(stored * per_token // 4)
+        b = torch.randn(stored * per_token // 4)
+        row = {"tokens": n, "stored": stored, "MiB": stored * per_token / 2**20,
+               "copy_ceiling_ms": median_ms(lambda: a.copy_(b), reps),
+               "store_ms": median_ms(store, reps),
+               "retrieve_ms": median_ms(retrieve, reps)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    engine.close()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--copy-tokens", type=int, default=8192)
+    ap.add_argument("--engine-tokens", type=int, nargs="+", default=[1714, 8192])
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared 2-core host a 2-thread "
+                         "op waits for a descheduled thread, ~8 ms per op)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["lookup", "copy", "engine"])
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     result = {"torch_threads": torch.get_num_threads(),
-              "lookup": lookup_rows(args.tokens, args.reps),
-              "copy": copy_rows(args.copy_tokens, args.reps)}
+              "lookup": [] if "lookup" in args.skip else lookup_rows(args.tokens, args.reps),
+              "copy": [] if "copy" in args.skip else copy_rows(args.copy_tokens, args.reps),
+              "engine": [] if "engine" in args.skip else engine_rows(args.engine_tokens,
+                                                                     args.reps)}
     print("\n| tokens | chunks | hash per chunk (before) | hash vectorised | lookup cold "
           "(hash included) | lookup, request cached |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -179,6 +236,13 @@ def main() -> None:
               f" | {r['element_gather_ms']:.1f} / {r['row_gather_ms']:.1f} / "
               f"{r['plain_gather_ms']:.1f} ms | {r['element_scatter_ms']:.1f} / "
               f"{r['row_scatter_ms']:.1f} / {r['plain_scatter_ms']:.1f} ms |")
+    print("\n| tokens (stored) | MiB | copy_ ceiling | engine store (new prompt) | engine "
+          "retrieve (full hit) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in result["engine"]:
+        print(f"| {r['tokens']} ({r['stored']}) | {r['MiB']:.1f} | {r['copy_ceiling_ms']:.1f} ms | "
+              f"{r['store_ms']:.1f} ms ({r['copy_ceiling_ms'] / r['store_ms']:.0%}) | "
+              f"{r['retrieve_ms']:.1f} ms ({r['copy_ceiling_ms'] / r['retrieve_ms']:.0%}) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

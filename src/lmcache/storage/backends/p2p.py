@@ -1,0 +1,350 @@
+"""P2PBackend: a storage tier after the local ones that pulls chunks from other instances' CPU
+tiers (LMCache's ``enable_p2p``; option ``storage/backends/p2p``).
+
+On a local miss the StorageManager asks this tier: it asks the CacheController (``p2p_lookup``
+on ``controller_reply_url``) which other instance's worker of the same rank holds the longest
+prefix of the chunks in its CPU tier, says hello to that peer once (``peer_init_url``: the
+peers' transfer channels exchange agent metadata), asks the peer to hold the chunks
+(``acquire``: a lease on each object, answered with where it lies in the peer's registered
+buffer and its shape/dtype/format), allocates local memory of the same layout, **reads** the
+bytes through the one ``transfer_channel`` (NIXL), and releases the lease. The StorageManager
+writes the chunks back into the CPU tier, whose admit events tell the controller.
+
+Failures cost hits, never wrong KV or a hang: a controller that does not answer within
+``lookup_timeout_secs`` (then skipped for ``retry_interval_secs``), a peer that does not answer
+or dies mid-transfer (``TransferError`` within ``blocking_timeout_secs``), a chunk whose layout
+is not this worker's (different model shape or dtype) — each is a miss, counted in ``stats``.
+Local memory of a failed read is not reused until ``2 x blocking_timeout_secs`` later (a late
+write of a stalled transfer cannot land in memory that holds other KV). The peer's leases last
+longer than any read (``lease_secs`` > ``blocking_timeout_secs``); a read that finishes after its
+lease could have expired is discarded too.
+
+The tier stores nothing itself (``put`` is a no-op; peers pull from each other's CPU tiers).
+Its serving side is :class:`~lmcache.storage.backends.p2p_server.P2PPeerServer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import zmq
+
+from lmcache.controller.protocol import ProtocolError, decode, encode, tcp_url
+from lmcache.keys import CacheEngineKey, LayerCacheEngineKey, name_to_dtype
+from lmcache.memory.memory_format import MemoryFormat
+from lmcache.memory.memory_obj import MemoryObj
+from lmcache.metadata import LMCacheMetadata
+from lmcache.storage.backends.base import StorageBackendInterface
+from lmcache.storage.backends.p2p_server import P2PPeerServer
+
+logger = logging.getLogger(__name__)
+
+
+class P2PBackend(StorageBackendInterface):
+    """Args:
+        allocator_backend: the CPU tier (allocates the pulled chunks; served to peers).
+        metadata: this worker (worker_id = rank; the KV layout pulled chunks must have).
+        transfer_channel: the channel option (``transfer_channel=nixl``); its region 0 must be
+            the allocator's buffer (the container registers it).
+        lmcache_instance_id, controller_reply_url: as the LMCacheWorker's.
+        p2p_host, p2p_init_ports, p2p_lookup_ports: this worker's serving address (one port
+            per worker in each list; 0 = a free port).
+        blocking_timeout_secs: deadline of one pull (peer request + transfer), > 0.
+        lookup_timeout_secs: deadline of one controller lookup, > 0.
+        retry_interval_secs: after a failed controller lookup, lookups are skipped this long.
+        lookup_cache_secs: how long a controller answer is reused (a lookup and its retrieve).
+        num_get_workers: threads of the background pulls (prefetch).
+
+    Raises:
+        ValueError: missing instance id / URL / host / ports, or the channel's region 0 is
+            not the allocator's buffer.
+    """
+
+    def __init__(self, allocator_backend: Any, metadata: LMCacheMetadata, transfer_channel: Any,
+                 lmcache_instance_id: Optional[str] = None,
+                 controller_reply_url: Optional[str] = None, p2p_host: Optional[str] = None,
+                 p2p_init_ports: Optional[Sequence[int]] = None,
+                 p2p_lookup_ports: Optional[Sequence[int]] = None,
+                 blocking_timeout_secs: float = 5.0, lookup_timeout_secs: float = 0.5,
+                 retry_interval_secs: float = 1.0, lookup_cache_secs: float = 2.0,
+                 num_get_workers: int = 2) -> None:
+        self.name = "P2PBackend"
+        if transfer_channel is None:
+            raise ValueError("the p2p tier needs a transfer channel: transfer_channel=nixl")
+        if not lmcache_instance_id or p2p_host is None:
+            raise ValueError("the p2p tier needs lmcache_instance_id and p2p_host, got "
+                             f"{lmcache_instance_id!r} and {p2p_host!r}")
+        w = metadata.worker_id
+        for key, ports in (("p2p_init_ports", p2p_init_ports),
+                           ("p2p_lookup_ports", p2p_lookup_ports)):
+            if not ports or len(ports) <= w:
+                raise ValueError(f"{key} needs a port for worker {w} (one per worker), "
+                                 f"got {ports!r}")
+        buffer = allocator_backend.allocator.buffer
+        if transfer_channel.regions[0].data_ptr() != buffer.data_ptr():
+            raise ValueError("transfer_channel's region 0 is not the CPU allocator's buffer")
+        self.cpu = allocator_backend
+        self.metadata = metadata
+        self.channel = transfer_channel
+        self.instance_id = str(lmcache_instance_id)
+        self.reply_url = tcp_url(controller_reply_url, "controller_reply_url")
+        self.blocking_timeout_secs = float(blocking_timeout_secs)
+        self.lookup_timeout = float(lookup_timeout_secs)
+        self.retry_interval = float(retry_interval_secs)
+        self.lookup_cache_secs = float(lookup_cache_secs)
+        self.lease_secs = 3 * self.blocking_timeout_secs + 1.0
+        self._base = buffer.data_ptr()
+        self.server = P2PPeerServer(allocator_backend, transfer_channel, self.instance_id,
+                                    p2p_host, int(p2p_init_ports[w]), int(p2p_lookup_ports[w]),
+                                    self.lease_secs)
+        self.peer_init_url = f"{p2p_host}:{self.server.init_port}"
+        self._ctx = zmq.Context()
+        self._lock = threading.Lock()
+        self._peers: dict[str, tuple[str, str]] = {}      # peer_init_url -> (agent, lookup_url)
+        self._answers: dict[CacheEngineKey, tuple[float, str]] = {}  # key -> (expiry, peer url)
+        self._controller_down_until = 0.0
+        self._quarantine: list[tuple[float, list[MemoryObj]]] = []
+        self._pool = ThreadPoolExecutor(max_workers=num_get_workers, thread_name_prefix="lmc-p2p")
+        self.before_read: Optional[Callable[[], None]] = None
+        """Called between a peer's acquire and the read (a test seam: fault tests stop the
+        peer exactly there)."""
+        self.stats = {"lookups": 0, "lookup_failures": 0, "hit_chunks": 0, "pulls": 0,
+                      "pulled_chunks": 0, "pulled_bytes": 0, "pull_failures": 0,
+                      "layout_mismatches": 0}
+
+    # ---- requests ---------------------------------------------------------------------
+    def _request(self, url: str, msg: dict, timeout: float) -> Optional[dict]:
+        sock = self._ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, max(1, int(timeout * 1000)))
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
+        try:
+            sock.connect(url)
+            sock.send(encode(msg))
+            reply = decode(sock.recv(), reply=True)
+            return None if "error" in reply else reply
+        except (zmq.ZMQError, ProtocolError):
+            return None
+        finally:
+            sock.close()
+
+    def _lookup(self, keys: Sequence[CacheEngineKey]) -> tuple[int, str]:
+        """(chunks of ``keys`` a peer holds, its peer_init_url) from the controller."""
+        now = time.monotonic()
+        if now < self._controller_down_until or not keys:
+            return 0, ""
+        self.stats["lookups"] += 1
+        reply = self._request(self.reply_url, {
+            "op": "p2p_lookup", "instance_id": self.instance_id,
+            "worker_id": self.metadata.worker_id, "hashes": [k.chunk_hash for k in keys]},
+            self.lookup_timeout)
+        if reply is None:
+            self.stats["lookup_failures"] += 1
+            self._controller_down_until = time.monotonic() + self.retry_interval
+            return 0, ""
+        n, url = int(reply.get("num_hit_chunks", 0)), str(reply.get("peer_init_url") or "")
+        if n and url:
+            expiry = time.monotonic() + self.lookup_cache_secs
+            with self._lock:
+                if len(self._answers) > 100000:
+                    self._answers.clear()
+                for key in keys[:n]:
+                    self._answers[key] = (expiry, url)
+        return (n, url) if url else (0, "")
+
+    def _peer(self, init_url: str) -> Optional[tuple[str, str]]:
+        """(agent name, lookup url) of the peer at ``init_url``, saying hello first if new."""
+        with self._lock:
+            known = self._peers.get(init_url)
+        if known is not None:
+            return known
+        reply = self._request(tcp_url(init_url, "peer_init_url"), {"op": "hello"},
+                              self.blocking_timeout_secs)
+        if reply is None or not isinstance(reply.get("metadata"), bytes):
+            return None
+        try:
+            agent = self.channel.add_peer(reply["metadata"])
+        except Exception as e:  # noqa: BLE001 - a peer we cannot load is no peer
+            logger.warning("P2P peer at %s: its channel metadata was refused: %s", init_url, e)
+            return None
+        peer = (agent, tcp_url(str(reply["lookup_url"]), "lookup_url"))
+        with self._lock:
+            self._peers[init_url] = peer
+        return peer
+
+    def _forget_peer(self, init_url: str) -> None:
+        with self._lock:
+            self._peers.pop(init_url, None)
+            self._answers.clear()
+
+    # ---- reads --------------------------------------------------------------------------
+    def batched_contains(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
+        """Chunks of the prefix of ``keys`` another instance holds (the controller's answer;
+        nothing is pinned: the peer holds chunks only while they are pulled)."""
+        n, _ = self._lookup(list(keys))
+        self.stats["hit_chunks"] += n
+        return n
+
+    def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
+        return self.batched_contains([key], pin) == 1
+
+    def _expected(self, shape: list, dtype, fmt: int) -> bool:
+        md = self.metadata
+        if dtype != md.kv_dtype or fmt not in (int(MemoryFormat.KV_2LTD), int(MemoryFormat.KV_T2D),
+                                               int(MemoryFormat.KV_MLA_FMT),
+                                               int(MemoryFormat.BINARY)):
+            return False
+        if fmt == int(MemoryFormat.KV_2LTD):
+            return (len(shape) == 4 and shape[0] == 2 and shape[1] == md.num_layers
+                    and 0 < shape[2] <= md.chunk_size and shape[3] == md.hidden_dim)
+        return all(isinstance(s, int) and s > 0 for s in shape)
+
+    def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
+        """Pull the prefix of ``keys`` a peer holds: objects (+1 ref for the caller) then None
+        from the first chunk not pulled; every failure is a miss within the deadline."""
+        keys = list(keys)
+        out: list[Optional[MemoryObj]] = [None] * len(keys)
+        if not keys:
+            return out
+        self._purge_quarantine()
+        now = time.monotonic()
+        with self._lock:
+            answer = self._answers.get(keys[0])
+        url = answer[1] if answer is not None and answer[0] > now else None
+        if url is None:
+            n, url = self._lookup(keys)
+            if not n:
+                return out
+        objs = self._pull(url, keys)
+        out[:len(objs)] = objs
+        return out
+
+    def _pull(self, init_url: str, keys: list[CacheEngineKey]) -> list[MemoryObj]:
+        deadline = time.monotonic() + self.blocking_timeout_secs
+        peer = self._peer(init_url)
+        if peer is None:
+            self.stats["pull_failures"] += 1
+            return []
+        agent, lookup_url = peer
+        self.stats["pulls"] += 1
+        reply = self._request(lookup_url, {
+            "op": "acquire",
+            "keys": [[k.to_string(), isinstance(k, LayerCacheEngineKey)] for k in keys]},
+            max(0.001, deadline - time.monotonic()))
+        if reply is None:
+            self.stats["pull_failures"] += 1
+            self._forget_peer(init_url)
+            return []
+        acquired_at = time.monotonic()
+        lease, chunks = int(reply.get("lease", 0)), list(reply.get("chunks", []))[:len(keys)]
+        objs: list[MemoryObj] = []
+        try:
+            for offset, nbytes, shape, dtype_name, fmt in chunks:
+                dtype = name_to_dtype(dtype_name)
+                if not self._expected(list(shape), dtype, int(fmt)):
+                    self.stats["layout_mismatches"] += 1
+                    break
+                obj = self.cpu.allocate(list(shape), dtype, MemoryFormat(int(fmt)))
+                if obj is None:
+                    break
+                if obj.nbytes != nbytes:
+                    obj.ref_count_down()
+                    self.stats["layout_mismatches"] += 1
+                    break
+                objs.append(obj)
+            if not objs:
+                return []
+            local = [(obj.tensor.data_ptr() - self._base, obj.nbytes) for obj in objs]
+            remote = [(int(c[0]), int(c[1])) for c in chunks[:len(objs)]]
+            try:
+                if self.before_read is not None:
+                    self.before_read()
+                self.channel.read(agent, local, remote,
+                                  timeout_s=max(0.001, deadline - time.monotonic()))
+            except Exception as e:  # noqa: BLE001 - TransferError, a peer gone: a miss
+                logger.warning("P2P pull of %d chunks from %s failed: %s", len(objs), init_url, e)
+                self.stats["pull_failures"] += 1
+                self._quarantine.append((time.monotonic() + 2 * self.blocking_timeout_secs,
+                                         objs))
+                objs = []
+                self._forget_peer(init_url)
+                try:
+                    self.channel.remove_peer(agent)
+                except Exception:  # noqa: BLE001
+                    pass
+                return []
+            if time.monotonic() - acquired_at > self.lease_secs - 1.0:  # lease may have lapsed
+                self.stats["pull_failures"] += 1
+                for obj in objs:
+                    obj.ref_count_down()
+                objs = []
+                return []
+            self.stats["pulled_chunks"] += len(objs)
+            self.stats["pulled_bytes"] += sum(o.nbytes for o in objs)
+            return objs
+        finally:
+            if lease:
+                self._pool.submit(self._request, lookup_url, {"op": "release", "lease": lease},
+                                  self.blocking_timeout_secs)
+
+    def _purge_quarantine(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [objs for t, objs in self._quarantine if t <= now]
+            self._quarantine = [(t, o) for t, o in self._quarantine if t > now]
+        for objs in due:
+            for obj in objs:
+                obj.ref_count_down()
+
+    def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
+        return self.batched_get_blocking([key])[0]
+
+    def batched_get_non_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Future]:
+        """One future per key, all pulled in the background (one pull for the batch)."""
+        keys = list(keys)
+        futures: list[Future] = [Future() for _ in keys]
+
+        def run() -> None:
+            try:
+                objs = self.batched_get_blocking(keys)
+            except Exception:  # noqa: BLE001 - a failed pull is a miss
+                logger.exception("P2P background pull failed")
+                objs = [None] * len(keys)
+            for f, obj in zip(futures, objs):
+                f.set_result(obj)
+
+        self._pool.submit(run)
+        return futures
+
+    # ---- the tier stores nothing ------------------------------------------------------
+    def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
+        """No-op: peers pull from each other's CPU tiers."""
+
+    def unpin(self, key: CacheEngineKey) -> bool:
+        return False
+
+    def remove(self, key: CacheEngineKey) -> bool:
+        return False
+
+    def clear(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Stop serving peers, release leases and quarantined memory (idempotent)."""
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
+        self.server.close()
+        self._pool.shutdown(wait=True, cancel_futures=False)
+        with self._lock:
+            held, self._quarantine = self._quarantine, []
+        for _, objs in held:
+            for obj in objs:
+                obj.ref_count_down()
+        self._ctx.term()

@@ -66,20 +66,6 @@ def _peer(conn, kind: str, nbytes: int) -> None:
             return
 
 
-def _median_time(fn, reps: int, sync=None) -> float:
-    fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 class _IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
@@ -119,37 +105,47 @@ def main(argv=None) -> int:
     conn.recv()
     region.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=region.device))
     descs = [(i * chunk, chunk) for i in range(a.chunks)]
-    rows = {}
     gbs = lambda t: nbytes / t / 1e9  # noqa: E731
     sync = torch.cuda.synchronize if a.channel == "cuda_ipc" else None
-    rows["channel write"] = gbs(_median_time(lambda: ch.write(peer, descs, descs), a.reps))
-    conn.send(("checksum", nbytes))
-    want = int(region.sum(dtype=torch.int64))
-    assert conn.recv() == want, "peer bytes differ after write"
-    rows["channel read"] = gbs(_median_time(lambda: ch.read(peer, descs, descs), a.reps))
+    paths = {"channel write": lambda: ch.write(peer, descs, descs),
+             "channel read": lambda: ch.read(peer, descs, descs)}
     if a.channel == "nixl":
         other = torch.empty_like(region)
         other.fill_(1)
         libc = ctypes.CDLL(None)
         libc.memcpy.restype = ctypes.c_void_p
-        memcpy = lambda: libc.memcpy(ctypes.c_void_p(other.data_ptr()),  # noqa: E731
-                                     ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nbytes))
-        rows["ceiling memcpy (1 thread)"] = gbs(_median_time(memcpy, a.reps))
-        rows["ceiling cma write"] = gbs(_median_time(
-            lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, True), a.reps))
-        rows["ceiling cma read"] = gbs(_median_time(
-            lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, False), a.reps))
+        paths["ceiling memcpy (1 thread)"] = lambda: libc.memcpy(
+            ctypes.c_void_p(other.data_ptr()), ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nbytes))
+        paths["ceiling cma write"] = lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, True)
+        paths["ceiling cma read"] = lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, False)
     else:
         other = torch.empty_like(region)
-        rows["ceiling d2d copy_ (one call)"] = gbs(_median_time(lambda: other.copy_(region), a.reps, sync))
+        paths["ceiling d2d copy_ (one call)"] = lambda: other.copy_(region)
 
         def per_chunk():
             for o, n in descs:
                 other[o:o + n].copy_(region[o:o + n])
-        rows["ceiling d2d copy_ (per chunk)"] = gbs(_median_time(per_chunk, a.reps, sync))
+        paths["ceiling d2d copy_ (per chunk)"] = per_chunk
+    ch.write(peer, descs, descs)
+    conn.send(("checksum", nbytes))
+    want = int(region.sum(dtype=torch.int64))
+    assert conn.recv() == want, "peer bytes differ after write"
+    # round robin: every rep times each path once, so that drifting machine load hits all alike
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for rep in range(a.reps + 1):
+        for name, fn in paths.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            if rep:  # the first round is a warm-up
+                times[name].append(time.perf_counter() - t0)
+    rows = {k: gbs(statistics.median(v)) for k, v in times.items()}
     ceiling = max(v for k, v in rows.items() if k.startswith("ceiling"))
     print(f"channel={a.channel} bytes={nbytes / MiB:.0f} MiB in {a.chunks} x {a.chunk_mib} MiB descs, "
-          f"median of {a.reps}")
+          f"median of {a.reps}, paths timed round robin")
     print(f"{'path':34s} {'GB/s':>8s} {'x ceiling':>10s}")
     for k, v in rows.items():
         print(f"{k:34s} {v:8.2f} {v / ceiling:10.2f}")

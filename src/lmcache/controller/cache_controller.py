@@ -214,24 +214,26 @@ class CacheController:
         workers: dict[str, list[WorkerInfo]] = {}
         for w in self.index.workers():
             workers.setdefault(w.instance_id, []).append(w)
-        out: dict[str, tuple[str, int]] = {}
-        alive = set(workers)
-        for (end, _h), holders in zip(chunks, self.index.holders([h for _, h in chunks])):
-            by_inst: dict[str, dict[int, list[str]]] = {}
-            for inst, wid, loc in holders:
+        need = {inst: len(ws) for inst, ws in workers.items()}
+        alive, last = set(workers), {}
+        all_holders = self.index.holders([h for _, h in chunks])
+        for i, holders in enumerate(all_holders):
+            held: dict[str, set[int]] = {}
+            for inst, wid, _loc in holders:
                 if inst in alive:
-                    by_inst.setdefault(inst, {}).setdefault(wid, []).append(loc)
-            for inst in list(alive):
-                held = by_inst.get(inst, {})
-                if len(held) < len(workers[inst]):
-                    alive.discard(inst)
-                    continue
-                locs = held[min(held)]
-                tiers = workers[inst][0].tiers
-                best = min(locs, key=lambda t: tiers.index(t) if t in tiers else len(tiers))
-                out[inst] = (best, end)
+                    held.setdefault(inst, set()).add(wid)
+            alive = {inst for inst, wids in held.items() if len(wids) == need[inst]}
             if not alive:
                 break
+            for inst in alive:
+                last[inst] = i
+        out: dict[str, tuple[str, int]] = {}
+        for inst, i in last.items():
+            tiers = workers[inst][0].tiers
+            first = min(w.worker_id for w in workers[inst])
+            locs = [loc for h_inst, wid, loc in all_holders[i] if h_inst == inst and wid == first]
+            best = min(locs, key=lambda t: tiers.index(t) if t in tiers else len(tiers))
+            out[inst] = (best, chunks[i][0])
         return out
 
     def p2p_lookup(self, instance_id: str, worker_id: int,

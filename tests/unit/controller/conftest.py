@@ -81,6 +81,7 @@ def make_worker(controller):
     def make(instance_id: str, **kw) -> Worker:
         w = Worker(controller, instance_id, **kw)
         made.append(w)
+        assert eventually(w.worker.registered.is_set), f"{instance_id} did not register"
         return w
 
     yield make

@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--scatter", action="store_true",
+                   help="remote descs in reverse chunk order (no two adjacent: one copy per chunk)")
     a = p.parse_args(argv)
     import torch
 
@@ -105,10 +107,11 @@ def main(argv=None) -> int:
     conn.recv()
     region.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=region.device))
     descs = [(i * chunk, chunk) for i in range(a.chunks)]
+    remote = list(reversed(descs)) if a.scatter else descs
     gbs = lambda t: nbytes / t / 1e9  # noqa: E731
     sync = torch.cuda.synchronize if a.channel == "cuda_ipc" else None
-    paths = {"channel write": lambda: ch.write(peer, descs, descs),
-             "channel read": lambda: ch.read(peer, descs, descs)}
+    paths = {"channel write": lambda: ch.write(peer, descs, remote),
+             "channel read": lambda: ch.read(peer, descs, remote)}
     if a.channel == "nixl":
         other = torch.empty_like(region)
         other.fill_(1)
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
             for o, n in descs:
                 other[o:o + n].copy_(region[o:o + n])
         paths["ceiling d2d copy_ (per chunk)"] = per_chunk
-    ch.write(peer, descs, descs)
+    ch.write(peer, descs, remote)
     conn.send(("checksum", nbytes))
     want = int(region.sum(dtype=torch.int64))
     assert conn.recv() == want, "peer bytes differ after write"
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     rows = {k: gbs(statistics.median(v)) for k, v in times.items()}
     ceiling = max(v for k, v in rows.items() if k.startswith("ceiling"))
     print(f"channel={a.channel} bytes={nbytes / MiB:.0f} MiB in {a.chunks} x {a.chunk_mib} MiB descs, "
-          f"median of {a.reps}, paths timed round robin")
+          f"median of {a.reps}, paths timed round robin{', remote descs scattered' if a.scatter else ''}")
     print(f"{'path':34s} {'GB/s':>8s} {'x ceiling':>10s}")
     for k, v in rows.items():
         print(f"{k:34s} {v:8.2f} {v / ceiling:10.2f}")
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     proc.join(10)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"channel": a.channel, "bytes": nbytes, "chunk_bytes": chunk, "reps": a.reps,
+            json.dump({"channel": a.channel, "scatter": a.scatter, "bytes": nbytes, "chunk_bytes": chunk, "reps": a.reps,
                        "gbps": rows, "ceiling_gbps": ceiling,
                        "write_ratio": rows["channel write"] / ceiling,
                        "read_ratio": rows["channel read"] / ceiling}, f, indent=1)

@@ -43,6 +43,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _merged(local: list, remote: list) -> list:
+    """Pairs of (region, offset, length) descs, neighbours that continue each other on both
+    sides merged into one copy (a batch of adjacent chunks is one device copy)."""
+    out: list = []
+    for (li, lo, n), (ri, ro, _) in zip(local, remote):
+        if out:
+            (pli, plo, pn), (pri, pro, _) = out[-1]
+            if li == pli and ri == pri and lo == plo + pn and ro == pro + pn:
+                out[-1] = ((pli, plo, pn + n), (pri, pro, pn + n))
+                continue
+        out.append(((li, lo, n), (ri, ro, n)))
+    return out
+
+
 class CudaIpcChannel(TransferChannel):
     """CUDA regions shared with peers of the same host through CUDA IPC handles.
 
@@ -125,12 +139,12 @@ class CudaIpcChannel(TransferChannel):
         local = resolve_descs(local_descs, self._region_infos, "local")
         remote = resolve_descs(remote_descs, regions, "remote")
         check_pairs(local, remote)
-        ld = [d if len(d) == 3 else (0, *d) for d in local_descs]
-        rd = [d if len(d) == 3 else (0, *d) for d in remote_descs]
+        pairs = _merged([d if len(d) == 3 else (0, *d) for d in local_descs],
+                        [d if len(d) == 3 else (0, *d) for d in remote_descs])
         deadline = time.monotonic() + timeout
         self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
         with torch.cuda.stream(self._stream):
-            for (li, lo, n), (ri, ro, _) in zip(ld, rd):
+            for (li, lo, n), (ri, ro, _) in pairs:
                 a = self._regions[li][lo:lo + n]
                 b = p["tensors"][ri][ro:ro + n]
                 (b if op == "write" else a).copy_(a if op == "write" else b, non_blocking=True)

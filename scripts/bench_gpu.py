@@ -95,10 +95,10 @@ def device_info() -> dict:
 class Setup:
     """Paged KV cache, slot mappings and allocator shared by every measurement."""
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, spare_blocks: int = 256) -> None:
         self.meta = LMCacheMetadata("bench/llama-3-8b", 1, 0, DTYPE, (L, 2, CHUNK, H, D))
         self.layout = KVCacheLayout("flash_packed", N, H, D)
-        self.num_blocks = max_tokens // N + 256
+        self.num_blocks = max_tokens // N + spare_blocks
         gen = torch.Generator(device="cuda").manual_seed(0)
         self.kv = [torch.randn(self.num_blocks, H, N, 2 * D, generator=gen, device="cuda",
                                dtype=DTYPE) for _ in range(L)]

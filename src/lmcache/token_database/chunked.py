@@ -19,7 +19,7 @@ from lmcache.token_database.base import (
     tokens_to_list,
 )
 from lmcache.token_database.hashing import (
-    cbor_chain,
+    CborTokens,
     make_hash_fn,
     none_hash,
     random_root_in_lmcache,
@@ -189,16 +189,17 @@ class ChunkedTokenDatabase(TokenDatabase):
             hashes, have = [], 0
         parent = hashes[-1] if hashes else self.none_hash
         size = 4
+        enc = self._encoded(toks, have, extras)
         while have < full:
             stop = min(full, have + size * c)
-            block = self._chain(toks, have, stop, parent, extras)
+            block = self._chain(toks, have, stop, parent, extras, enc)
             if chain is not None:
                 chain.hashes.extend(block)
             parent, have = block[-1], stop
             size = min(64, size * 2)
             yield block
         if self.save_unfull_chunk and full < n:
-            yield self._chain(toks, full, n, parent, extras)
+            yield self._chain(toks, full, n, parent, extras, enc)
 
     def _resume(self, toks: torch.Tensor, full: int, extras, request_id) -> "_Chain":
         """The cache entry for ``toks[:full]``: the request's cached hashes of the longest equal
@@ -229,18 +230,23 @@ class ChunkedTokenDatabase(TokenDatabase):
                 self._cached_tokens -= dropped.tokens.numel()
         return chain
 
-    def _chain(self, toks: torch.Tensor, start: int, end: int, parent: int, extras) -> list[int]:
-        """Hashes of the chunks of ``toks[start:end]`` (start a chunk boundary) after ``parent``."""
+    def _encoded(self, toks: torch.Tensor, start: int, extras):
+        """``toks[start:]`` CBOR-encoded once (None: extra keys or another algorithm)."""
+        if extras[0] or extras[1] or start >= toks.numel():
+            return None
+        return (start, CborTokens.build(self.hash_algorithm, toks[start:], self.chunk_size))
+
+    def _chain(self, toks: torch.Tensor, start: int, end: int, parent: int, extras,
+               enc=None) -> list[int]:
+        """Hashes of the chunks of ``toks[start:end]`` (start a chunk boundary) after ``parent``;
+        ``enc``: :meth:`_encoded` of a range that begins at or before ``start``."""
         if end <= start:
             return []
-        every, first = extras
         n_chunks = -(-(end - start) // self.chunk_size)
-        if not every and not first:
-            fast = cbor_chain(self.hash_algorithm, parent, toks[start:end], self.chunk_size,
-                              end - start)
-            if fast is not None:
-                self.num_hashed_chunks += n_chunks
-                return fast
+        self.num_hashed_chunks += n_chunks
+        if enc is not None and enc[1] is not None and enc[0] <= start:
+            return enc[1].chain(parent, start - enc[0], end - enc[0])
+        every, first = extras
         hash_fn, c = self._hash, self.chunk_size
         values = toks[start:end].tolist()
         out = []
@@ -248,7 +254,6 @@ class ChunkedTokenDatabase(TokenDatabase):
             extra = every + first if start + b == 0 else every
             parent = hash_fn((parent, tuple(values[b:b + c]), extra))
             out.append(parent)
-        self.num_hashed_chunks += n_chunks
         return out
 
     def _keys(self, hashes: list[int], tags) -> list[CacheEngineKey]:

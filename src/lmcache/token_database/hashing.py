@@ -281,38 +281,58 @@ def _cbor_uints(values) -> tuple:
     return mat[keep], offsets
 
 
+class CborTokens:
+    """The canonical CBOR of every token of a sequence, encoded once (numpy), hashed chunk by
+    chunk on demand: :meth:`chain` gives the values of :func:`make_hash_fn` ``(name)`` over
+    ``(parent, tuple(chunk), ())``. Build with :meth:`build` (None when the fast path does not
+    apply: another algorithm, a token < 0 or >= 2**32)."""
+
+    def __init__(self, name: str, data, offsets, chunk_size: int) -> None:
+        self._new = hashlib.sha256 if _CBOR_DIGESTS[name] == "sha256" else _xxh3_128_new()
+        self._view = memoryview(data)
+        self.chunk_size = chunk_size
+        # byte offsets of the chunk boundaries (and of the end)
+        self._bounds = offsets[::chunk_size].tolist() + [int(offsets[-1])]
+        self._size = offsets.size - 1
+
+    @classmethod
+    def build(cls, name: str, tokens, chunk_size: int) -> Optional["CborTokens"]:
+        """``tokens``: 1-D int tensor or numpy array, cut into ``chunk_size`` chunks from 0."""
+        import numpy as np
+
+        if name not in _CBOR_DIGESTS:
+            return None
+        arr = tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
+        arr = arr.astype(np.int64, copy=False)
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= 1 << 32):
+            return None
+        return cls(name, *_cbor_uints(arr), chunk_size)
+
+    def chain(self, parent: int, start: int, end: int) -> list[int]:
+        """Hashes of the chunks of tokens ``[start, end)`` after ``parent`` (``start`` a chunk
+        boundary; ``end`` one too, or the end of the tokens)."""
+        c, bounds, view, new = self.chunk_size, self._bounds, self._view, self._new
+        head = _cbor_head(4, c)
+        out = []
+        for b in range(start, end, c):
+            e = min(b + c, end)
+            stop = bounds[e // c] if e % c == 0 else bounds[-1]
+            h = new(b"\x83" + cbor_int(parent) + (head if e - b == c else _cbor_head(4, e - b)))
+            h.update(view[bounds[b // c]:stop])
+            h.update(b"\x80")
+            parent = int.from_bytes(h.digest()[:8], "big")
+            out.append(parent)
+        return out
+
+
+def _xxh3_128_new():
+    import xxhash as _xx
+
+    return _xx.xxh3_128
+
+
 def cbor_chain(name: str, parent: int, tokens, chunk_size: int, end: int) -> Optional[list[int]]:
-    """The chain hashes of the chunks of ``tokens[:end]`` (end a multiple of ``chunk_size``, or
-    ``len(tokens)`` for a trailing partial chunk), starting from ``parent``, for a CBOR algorithm
-    ``name`` and chunks without extra keys; the values of :func:`make_hash_fn` ``(name)`` over
-    ``(parent, tuple(chunk), ())``. ``tokens``: 1-D int tensor or numpy array. Returns None when
-    this path does not apply (another algorithm, a token < 0 or >= 2**32): use the generic one.
-    """
-    import numpy as np
-
-    digest = _CBOR_DIGESTS.get(name)
-    if digest is None:
-        return None
-    arr = tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
-    arr = arr[:end].astype(np.int64, copy=False)
-    if arr.size == 0:
-        return []
-    if int(arr.min()) < 0 or int(arr.max()) >= 1 << 32:
-        return None
-    data, offsets = _cbor_uints(arr)
-    view = memoryview(data)
-    if digest == "sha256":
-        new = hashlib.sha256
-    else:
-        import xxhash as _xx
-
-        new = _xx.xxh3_128
-    hashes = []
-    for start in range(0, arr.size, chunk_size):
-        stop = min(start + chunk_size, arr.size)
-        h = new(b"\x83" + cbor_int(parent) + _cbor_head(4, stop - start))
-        h.update(view[offsets[start]:offsets[stop]])
-        h.update(b"\x80")
-        parent = int.from_bytes(h.digest()[:8], "big")
-        hashes.append(parent)
-    return hashes
+    """The chain hashes of the chunks of ``tokens[:end]`` after ``parent`` (see
+    :class:`CborTokens`); None when the fast path does not apply."""
+    enc = CborTokens.build(name, tokens[:end], chunk_size)
+    return None if enc is None else enc.chain(parent, 0, end)

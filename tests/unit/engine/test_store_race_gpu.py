@@ -30,7 +30,7 @@ pytestmark = [
                        reason="needs CUDA and CuPy"),
 ]
 
-L, H, D, N, C, BLOCKS, T = 4, 2, 64, 16, 256, 128, 1024
+L, H, D, N, C, BLOCKS, T = 4, 2, 64, 16, 256, 160, 1024
 DTYPE = torch.bfloat16
 
 

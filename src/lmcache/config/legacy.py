@@ -35,6 +35,7 @@ from lmcache.config.compose import list_options
 from lmcache.config.legacy_sources import (ENV_PREFIX, EXTRA_CONFIG_PREFIX, NON_CONFIG_ENV,
                                            is_other_tools_variable, misspelled_prefix,
                                            old_env_prefix, old_key_hint, read_yaml)
+from lmcache.config.legacy_p2p import p2p_tier_position, translate_controller
 from lmcache.config.lmcache_keys import (ALIASES, FEATURES, HASH_ALGORITHMS, IGNORED_OLD_KEYS,
                                          KNOWN_KEYS, SUPPORTED, UNSUPPORTED, UNSUPPORTED_DEFAULTS)
 from lmcache.config.overrides import override_value
@@ -285,6 +286,9 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
                             src("remote_url"))
         groups.append((f"remote_connector={connector}", src("remote_url")))
         settings.append((f"++remote_url={override_value(remote_url)}", src("remote_url")))
+    if get("enable_p2p"):
+        tiers.insert(p2p_tier_position(tiers), "p2p")
+        tier_keys.append("enable_p2p")
     if tiers != ["local_cpu"]:
         groups.insert(0, (f"storage/backends=[{','.join(tiers)}]",
                           "; ".join(dict.fromkeys(src(k) for k in tier_keys))))
@@ -294,6 +298,9 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
                              f"cannot be combined with {', '.join(tier_keys)}: the pd tier "
                              "comes alone (its buffer is the allocator)")
         groups.extend(_translate_pd(values, src))
+    ctl_groups, ctl_settings = translate_controller(values, get, src, _option)
+    groups.extend(ctl_groups)
+    settings.extend(ctl_settings)
     if not get("local_cpu") and not get("enable_pd"):
         if tiers == ["local_cpu"]:
             logger.warning("LMCache config key local_cpu=False (from %s) and no other tier "

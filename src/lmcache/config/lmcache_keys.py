@@ -81,6 +81,18 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "pd_allocation_timeout_sec": (v.positive_float, math.inf),
     "pd_condition_poll_interval_sec": (v.positive_float, 0.005),
     "transfer_channel": (v.optional_str, None),
+    # the cache controller (controller=lmcache_worker) and P2P (storage/backends p2p)
+    "enable_controller": (v.lmcache_boolean, False),
+    "lmcache_instance_id": (v.optional_str, None),
+    "controller_pull_url": (v.optional_str, None),
+    "controller_reply_url": (v.optional_str, None),
+    "lmcache_worker_ports": (v.port_list, None),
+    "lmcache_worker_heartbeat_time": (lambda x: None if x is None else v.positive_float(x), None),
+    "lmcache_worker_heartbeat_delay_time": (v.non_negative_float, 10),
+    "enable_p2p": (v.lmcache_boolean, False),
+    "p2p_host": (v.optional_str, None),
+    "p2p_init_ports": (v.port_list, None),
+    "p2p_lookup_ports": (v.port_list, None),
     "nixl_backends": (_nixl_backends, None),
 }
 
@@ -112,10 +124,7 @@ UNSUPPORTED: dict[str, tuple[Any, str | None]] = {
     "store_location": (None, "store_location in the config"),
     "p2p_host": (None, _P2P), "p2p_init_ports": (None, _P2P), "p2p_lookup_ports": (None, _P2P),
     "mp_host": (None, "LMCache's multiprocess mode"), "mp_port": (5555, "LMCache's multiprocess mode"),
-    "lmcache_instance_id": (None, _CTRL), "controller_pull_url": (None, _CTRL),
-    "controller_reply_url": (None, _CTRL), "lmcache_worker_ports": (None, _CTRL),
-    "lmcache_worker_ids": (None, _CTRL), "lmcache_worker_heartbeat_delay_time": (10, _CTRL),
-    "lmcache_worker_heartbeat_time": (None, _CTRL),
+    "lmcache_worker_ids": (None, _CTRL),
     "pd_peer_query_port": (None, _PD + "'s bidirectional mode"),
     "pd_shutdown_timeout_sec": (5.0, _PD), "pd_max_prefill_len": (0, _PD),
     "pd_backend_mode": ("async", _PD + "'s backend modes"),  # lmcache pushes before the step ends

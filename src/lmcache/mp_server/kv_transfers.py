@@ -54,8 +54,11 @@ class KVTransfers:
             return [b"", False if store else [False] * len(keys)]
         ctx = session.ctx
         kv_caches = ctx.kv_caches  # held for the whole transfer, even if unregistered meanwhile
-        if not self._wait_event(handle, ctx, int(instance_id), session) or \
-                self.sessions.instance(int(instance_id)) is not session:
+        t0 = time.perf_counter()
+        waited = self._wait_event(handle, ctx, int(instance_id), session)
+        t1 = time.perf_counter()
+        self.counters["event_wait_seconds"] = self.counters.get("event_wait_seconds", 0.0) + t1 - t0
+        if not waited or self.sessions.instance(int(instance_id)) is not session:
             return [b"", False if store else [False] * len(keys)]  # died or re-registered
         results, offset = [], 0
         stream = self._stream(ctx.device)
@@ -74,13 +77,15 @@ class KVTransfers:
             results.append(ok)
         if stream is not None:
             stream.synchronize()
+        name = "store_seconds" if store else "retrieve_seconds"
+        self.counters[name] = self.counters.get(name, 0.0) + time.perf_counter() - t1
         return [b"", all(results) if store else results]
 
     def _one(self, store: bool, key: IPCCacheEngineKey, start: int, end: int, blocks: list,
              skip: int, ctx: GPUCacheContext, kv_caches: list, stream) -> bool:
         engine = self.pool.engine(key.model_name, key.world_size, key.worker_id or 0,
                                   ctx.layout, ctx.dtype, ctx.num_layers)
-        tokens = torch.tensor(key.token_ids[:end], dtype=torch.int64)
+        tokens = key.token_tensor(end)
         mask = torch.zeros(end, dtype=torch.bool)
         mask[start:] = True
         slots = torch.full((end,), -1, dtype=torch.int64)

@@ -59,7 +59,7 @@ class OffloadServer:
         layout = KVCacheLayout("legacy_5d", block_size=1, num_kv_heads=heads, head_size=head_size)
         engine = self.pool.engine(key.model_name, key.world_size, key.worker_id or 0, layout,
                                   dtype, layers)
-        tokens = torch.tensor(key.token_ids[:end], dtype=torch.int64)
+        tokens = key.token_tensor(end)
         mask = torch.zeros(end, dtype=torch.bool)
         mask[start:] = True
         slots = torch.full((end,), -1, dtype=torch.int64)

@@ -63,8 +63,10 @@ class MPServer:
         self.event_timeout = float(event_timeout)
         self.reap_interval = float(reap_interval)
         self.epoch = uuid.uuid4().hex  # changes with every server start: clients re-register
+        # counts, and seconds the transfer thread spent waiting for client events / copying
         self.counters = {"requests": 0, "errors": 0, "reaped_instances": 0,
-                         "released_requests": 0, "unknown_instance": 0}
+                         "released_requests": 0, "unknown_instance": 0,
+                         "event_wait_seconds": 0.0, "store_seconds": 0.0, "retrieve_seconds": 0.0}
         self.transfers = KVTransfers(engine_pool, sessions, event_timeout, self.counters)
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
@@ -204,7 +206,7 @@ class MPServer:
             engines = self._engines_for_lookup(key)
             if engines is None:
                 return 0  # no KV cache registered: nothing could be loaded
-        tokens = torch.tensor(key.token_ids[:end], dtype=torch.int64)
+        tokens = key.token_tensor(end)
         hits, pinned = [], []
         for wid in range(key.world_size):
             best = 0

@@ -3,7 +3,7 @@ drives lmcache's MP server through CUDA IPC: 16k tokens of Llama-3-8B-shaped KV 
 8 KV heads, head size 128, bf16, block 16, all layers in one allocation as vLLM has them)
 stored by one client, retrieved by a new client into other blocks, compared bit for bit.
 
-The adapter file: ``$LMCACHE_VLLM_MP_ADAPTER`` (the device job copies it from vLLM 0.32), else
+The adapter file: ``$VLLM_MP_ADAPTER_FILE`` (the device job copies it from vLLM 0.32), else
 the installed vLLM's. Skipped without CUDA or without the file.
 """
 
@@ -26,7 +26,7 @@ MODEL = "meta-llama/Llama-3.1-8B"
 
 
 def adapter_path() -> str | None:
-    path = os.environ.get("LMCACHE_VLLM_MP_ADAPTER")
+    path = os.environ.get("VLLM_MP_ADAPTER_FILE")
     if path and os.path.exists(path):
         return path
     spec = importlib.util.find_spec("vllm")
@@ -40,7 +40,7 @@ def adapter_path() -> str | None:
 def load_adapter():
     path = adapter_path()
     if path is None:
-        pytest.skip("vLLM's multi_process_adapter.py not found (set LMCACHE_VLLM_MP_ADAPTER)")
+        pytest.skip("vLLM's multi_process_adapter.py not found (set VLLM_MP_ADAPTER_FILE)")
     spec = importlib.util.spec_from_file_location("vllm_mp_adapter", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

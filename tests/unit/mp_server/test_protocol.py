@@ -24,6 +24,8 @@ def test_key_round_trip_and_no_worker_id_version():
     back = unpack(pack([[key, key.no_worker_id_version()], 7]))
     assert back == [[key, key.no_worker_id_version()], 7]
     assert back[0][1].worker_id is None and back[0][1].token_ids == key.token_ids
+    assert torch.equal(back[0][0].token_tensor(), torch.arange(300))        # from the wire bytes
+    assert torch.equal(key.token_tensor(10), torch.arange(10))              # from the tuple
     assert key.token_range() == (256, 300)
     assert IPCCacheEngineKey("m", 1, 0, (1, 2, 3)).token_range() == (0, 3)
     hashed = IPCCacheEngineKey("m", 1, None, chunk_hash=b"\x00\xff", request_id="r")

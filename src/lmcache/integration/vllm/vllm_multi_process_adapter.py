@@ -105,7 +105,7 @@ class _AdapterBase:
         return IPCCacheEngineKey(
             model_name=self.model_name, world_size=self.world_size,
             worker_id=self.worker_id if worker_id == -1 else worker_id,
-            token_ids=tuple(int(t) for t in token_ids), start=start, end=end,
+            token_ids=tuple(token_ids), start=start, end=end,
             request_id=request_id, tp_size=self.tp_size, cache_salt=cache_salt or "")
 
     def _send(self, request_type: RequestType, payloads: list) -> Optional[MessagingFuture]:

@@ -98,8 +98,6 @@ SUPPORTED: dict[str, tuple[Callable[[Any], Any], Any]] = {
 
 # Feature switches of LMCache that lmcache does not have yet: only false is accepted.
 FEATURES: dict[str, str] = {
-    "enable_p2p": "P2P KV-cache sharing",
-    "enable_controller": "the cache controller",
     "enable_hidden_state_cache": "the hidden-state cache",
     "enable_chunk_statistics": "chunk statistics",
     "enable_lazy_memory_allocator": "the lazy memory allocator",
@@ -122,7 +120,6 @@ UNSUPPORTED: dict[str, tuple[Any, str | None]] = {
     "blend_thresholds": (None, _BLEND + "'s threshold selection"),
     "retrieve_locations": (None, "retrieve_locations in the config"),
     "store_location": (None, "store_location in the config"),
-    "p2p_host": (None, _P2P), "p2p_init_ports": (None, _P2P), "p2p_lookup_ports": (None, _P2P),
     "mp_host": (None, "LMCache's multiprocess mode"), "mp_port": (5555, "LMCache's multiprocess mode"),
     "lmcache_worker_ids": (None, _CTRL),
     "pd_peer_query_port": (None, _PD + "'s bidirectional mode"),

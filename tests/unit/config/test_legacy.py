@@ -284,8 +284,8 @@ def test_unsupported_settings_only_at_their_default(tmp_path):
     assert overrides_from_legacy(path, {}, {}) == []
     with pytest.raises(ValueError, match=r"blend_thresholds=\[0.5\].*not supported"):
         overrides_from_legacy(write_yaml(tmp_path, "blend_thresholds: [0.5]\n"), {}, {})
-    with pytest.raises(ValueError, match=r"p2p_host='10.0.0.1'.*default None"):
-        overrides_from_legacy(None, {"LMCACHE_P2P_HOST": "10.0.0.1"}, {})
+    with pytest.raises(ValueError, match=r"maru_path='/dev/shm/m'.*default None"):
+        overrides_from_legacy(None, {"LMCACHE_MARU_PATH": "/dev/shm/m"}, {})
 
 
 def test_deprecated_alias_is_read_under_its_new_name():

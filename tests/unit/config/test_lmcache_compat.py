@@ -107,8 +107,7 @@ def test_internal_api_server_keys_are_translated():
 @pytest.mark.parametrize(("key", "value", "feature"), [
     ("pd_bidirectional", "true", "disaggregated prefill (PD)'s bidirectional mode"),
     ("pd_backend_mode", "sync", "disaggregated prefill (PD)'s backend modes"),
-    ("p2p_host", "10.0.0.1", "P2P KV-cache sharing"),
-    ("controller_url", "localhost:9001", "the cache controller"),  # alias of controller_pull_url
+    ("lmcache_worker_ids", "0,1", "the cache controller"),
     ("blend_thresholds", "0.5", "CacheBlend's threshold selection"),
     ("gds_path", "/mnt/gds", "GPUDirect Storage (GDS)"),
 ])

@@ -30,9 +30,9 @@ EXPECTED = {
     "examples__kv_cache_reuse__share_across_instances__centralized_sharing__example.yaml": None,
     "examples__storage_backends__cpu_redis.yaml": None,
     "examples__blend_kv_v1__blending.yaml": None,
-    "examples__cache_controller__example.yaml": "the cache controller",
-    "examples__kv_cache_reuse__share_across_instances__p2p_sharing__example1.yaml":
-        "P2P KV-cache sharing",
+    # no controller_reply_url: LMCache 0.5.6 refuses it too ("controller_reply_url is required")
+    "examples__cache_controller__example.yaml": "needs controller_reply_url",
+    "examples__kv_cache_reuse__share_across_instances__p2p_sharing__example1.yaml": None,
     # LMCache's old NIXL-era decoder keys (nixl_buffer_device) and a GPU PD buffer
     "examples__disagg_prefill__1p1d__configs__lmcache-decoder-config.yaml": "configures NIXL",
     "examples__disagg_prefill__1p1d__configs__lmcache-prefiller-config.yaml":
@@ -80,6 +80,11 @@ def test_lmcache_example_starts_or_names_the_missing_feature(name, caplog):
     if "remote_url" in data:
         assert tiers == ["local_cpu", "remote"] and cfg.remote_url == data["remote_url"]
         assert option_name(cfg.serde) == data.get("remote_serde", "naive")
+    elif data.get("enable_p2p"):  # the P2P tier, the controller's worker, the channel
+        assert tiers == ["local_cpu", "p2p"] and option_name(cfg.controller) == "lmcache_worker"
+        assert option_name(cfg.transfer_channel) == data["transfer_channel"]
+        assert (cfg.lmcache_instance_id, cfg.controller_reply_url, cfg.p2p_lookup_ports) == (
+            data["lmcache_instance_id"], data["controller_reply_url"], [data["p2p_lookup_ports"]])
     else:
         assert tiers == ["local_cpu"]
     if data.get("enable_blending"):  # CacheBlend's own layerwise connector
@@ -95,5 +100,5 @@ def test_lmcache_example_starts_or_names_the_missing_feature(name, caplog):
 def test_examples_outcome_table():
     """8.5's count: how many of LMCache's examples start, and why the others are refused."""
     started = [n for n, f in EXPECTED.items() if f is None]
-    assert len(EXPECTED) == 18 and len(started) == 12
+    assert len(EXPECTED) == 18 and len(started) == 13
     assert "cachegen" in list_options("serde")  # three examples use remote_serde: cachegen

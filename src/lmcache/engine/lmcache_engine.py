@@ -217,9 +217,16 @@ class LMCacheEngine:
         t0 = time.perf_counter()
         lookup_id = kwargs.get("lookup_id", kwargs.get("req_id"))
         try:
-            xfer, chunks = self._begin("retrieve", tokens, mask, kwargs)
+            if lookup_id is None and hasattr(self.gpu_connector, "submit_to_gpu"):
+                # no cached hashes and no prefetch: hash, get and copy group by group
+                xfer, lazy = self._begin("retrieve", tokens, mask, kwargs, lazy=True)
+                chunks, loaded = self._store_path.load(lazy, xfer, kwargs.get("retrieve_locations"))
+                self.stats.inc("retrieve_requested_tokens", sum(e - s for s, e, _ in chunks))
+            else:
+                xfer, chunks = self._begin("retrieve", tokens, mask, kwargs)
+                loaded = self._load_prefix(chunks, xfer, lookup_id,
+                                           kwargs.get("retrieve_locations"))
             ret_mask = torch.zeros(len(tokens), dtype=torch.bool)
-            loaded = self._load_prefix(chunks, xfer, lookup_id, kwargs.get("retrieve_locations"))
             if loaded:
                 ret_mask[chunks[0][0]:chunks[loaded - 1][1]] = True
                 self.stats.inc("retrieve_hit_tokens", chunks[loaded - 1][1] - chunks[0][0])

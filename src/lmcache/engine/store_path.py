@@ -84,6 +84,49 @@ class StorePath:
             return job.tokens
         return self._finish(job, skipped, failed, t0, True)
 
+    def load(self, chunks, xfer: dict, retrieve_locations) -> tuple[list, int]:
+        """Retrieve's pipelined load (no lookup prefetch to claim): per group of chunks, get the
+        objects of the cached prefix (``batched_get``) and enqueue their copy
+        (``submit_to_gpu``: on load_stream, after the compute stream's work), so the next
+        group is hashed and read while it runs; stops at the first miss. Returns (the chunks
+        looked at, how many of them were loaded), after every copy finished.
+        """
+        eng = self.engine
+        seen: list = []
+        loaded, pending, held = 0, [], []
+        try:
+            for group in _groups(chunks):
+                base = len(seen)
+                seen += group
+                objs = eng.storage_manager.batched_get(
+                    [k for _, _, k in group], retrieve_locations=retrieve_locations,
+                    accept=lambda i, obj, g=group: eng._usable(obj, g[i][1] - g[i][0]))
+                held += [o for o in objs if o is not None]
+                good = 0
+                for (start, end, _), obj in zip(group, objs):
+                    if obj is None or not eng._usable(obj, end - start):
+                        break
+                    good += 1
+                if good:
+                    pending.append(eng.gpu_connector.submit_to_gpu(
+                        objs[:good], [c[0] for c in group[:good]], [c[1] for c in group[:good]],
+                        **xfer))
+                    loaded = base + good
+                if good < len(group):
+                    seen += list(chunks)  # the rest, hashed while the copies run (for the stats)
+                    break
+            for p in pending:
+                p.wait()
+        finally:
+            for p in pending:  # on an error: the copies still read the objects
+                try:
+                    p.wait()
+                except Exception:  # noqa: BLE001 - reported by the first wait
+                    pass
+            for obj in held:
+                obj.ref_count_down()
+        return seen, loaded
+
     def wait(self) -> None:
         """Block until every ``wait=False`` store so far reached the tiers."""
         with self._lock:

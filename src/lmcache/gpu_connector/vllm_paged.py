@@ -188,6 +188,24 @@ class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
             return PendingTransfer(None, False)
         return self._transfer(memory_objs, starts, ends, kwargs, to_paged=False, wait=False)
 
+    def submit_to_gpu(
+        self, memory_objs: Sequence[MemoryObj], starts: Sequence[int], ends: Sequence[int],
+        **kwargs,
+    ) -> "PendingTransfer":
+        """:meth:`batched_to_gpu` without the host wait: the scatter is enqueued on
+        ``load_stream`` after an event recorded on the caller's current stream; the objects must
+        stay alive and unchanged until ``.wait()`` returned. On the torch path the copy is done
+        before this returns.
+
+        Raises:
+            ValueError: bad kwargs or objects (now); a slot outside the cache (``.wait()``).
+        """
+        kvcaches = kwargs.get("kvcaches")
+        if not (isinstance(kvcaches, (list, tuple)) and self.uses_kernels(kvcaches)):
+            super().batched_to_gpu(memory_objs, starts, ends, **kwargs)
+            return PendingTransfer(None, False)
+        return self._transfer(memory_objs, starts, ends, kwargs, to_paged=True, wait=False)
+
     # ---- kernel path ------------------------------------------------------------------
     def _transfer(self, memory_objs, starts, ends, kwargs, *, to_paged: bool, wait: bool = True):
         kvcaches = kwargs["kvcaches"]

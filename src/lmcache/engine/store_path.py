@@ -1,11 +1,14 @@
-"""StorePath: the pipelined store of LMCacheEngine (all-layers connectors).
+"""StorePath: the pipelined store (and prefetch-free retrieve) of LMCacheEngine (all-layers
+connectors).
 
 A store hashes, allocates and copies its chunks in growing groups (2, 4, 8, 16, then 32 chunks):
 the copy of a group is enqueued (``gpu_connector.submit_from_gpu``: on its store_stream, after an
 event recorded on the caller's current stream) before the next group is hashed (the token
 database's iterator is lazy) and allocated (one ``StorageManager.batched_allocate`` per group), so
 host work overlaps the copy. The objects go to the tiers in one ``batched_put`` when every copy
-finished: at once (``wait=True``), or on a background thread (``wait=False``).
+finished: at once (``wait=True``), or on a background thread (``wait=False``). A retrieve
+with no lookup prefetch to claim is pipelined the same way (:meth:`StorePath.load`: per group,
+``batched_get`` then ``submit_to_gpu`` on the connector's load_stream).
 """
 
 from __future__ import annotations

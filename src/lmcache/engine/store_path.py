@@ -1,7 +1,7 @@
 """StorePath: the pipelined store (and prefetch-free retrieve) of LMCacheEngine (all-layers
 connectors).
 
-A store hashes, allocates and copies its chunks in growing groups (2, 4, 8, 16, then 32 chunks):
+A store hashes, allocates and copies its chunks in growing groups (4, 8, 16, then 32 chunks):
 the copy of a group is enqueued (``gpu_connector.submit_from_gpu``: on its store_stream, after an
 event recorded on the caller's current stream) before the next group is hashed (the token
 database's iterator is lazy) and allocated (one ``StorageManager.batched_allocate`` per group), so
@@ -24,7 +24,7 @@ from lmcache.memory.memory_obj import MemoryObj
 if TYPE_CHECKING:
     from lmcache.engine.lmcache_engine import LMCacheEngine
 
-GROUP_CHUNKS = (2, 4, 8, 16, 32)  # chunks per copy group, then the last size
+GROUP_CHUNKS = (4, 8, 16, 32)  # chunks per copy group, then the last size
 
 
 class StorePath:

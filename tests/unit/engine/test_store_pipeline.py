@@ -149,10 +149,9 @@ def test_store_allocates_each_copy_group_in_one_call_and_stores_right_bytes():
 
 def test_partial_chunk_gets_its_own_allocation_and_out_of_memory_stores_a_prefix():
     rig = Rig(save_unfull_chunk=True)
-    ids, src = toks(14), rig.slots(14, 1)  # groups [c0, c1], [c2, c3 (2 tokens)]
+    ids, src = toks(14), rig.slots(14, 1)  # one group: 3 full chunks and one of 2 tokens
     assert rig.engine.store(ids, kvcaches=rig.cache, slot_mapping=src) == 14
-    assert rig.backend.calls == [("batched_allocate", 2), ("batched_allocate", 1),
-                                 ("allocate", 1)]
+    assert rig.backend.calls == [("batched_allocate", 3), ("allocate", 1)]
     rig.close()
     small = Rig(chunks_of_memory=5)
     ids, src = toks(40), small.slots(40, 1)
@@ -166,7 +165,7 @@ def test_store_skips_the_cached_prefix_group_by_group_and_wait_false_on_cpu():
     rig = Rig()
     ids, src = toks(64), rig.slots(64, 1)
     assert rig.engine.store(ids[:36], kvcaches=rig.cache, slot_mapping=src[:36]) == 36
-    # 9 chunks cached: groups 2+4 present, group of 8 has 3 present -> 7 new chunks stored
+    # 9 chunks cached: the group of 4 present, the group of 8 has 5 present -> 7 new chunks
     assert rig.engine.store(ids, kvcaches=rig.cache, slot_mapping=src, wait=False) == 28
     rig.engine.wait_for_stores()
     assert rig.engine.lookup(ids) == 64

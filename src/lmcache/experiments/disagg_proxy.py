@@ -107,12 +107,18 @@ class DisaggProxy:
                     return web.Response(body=data, status=r.status, headers=headers)
                 out = web.StreamResponse(status=r.status, headers=headers)
                 await out.prepare(request)
-                async for piece in r.content.iter_any():
-                    timing.setdefault("decode_first_byte_s", time.perf_counter() - t1)
-                    await out.write(piece)
-                await out.write_eof()
+                try:
+                    async for piece in r.content.iter_any():
+                        timing.setdefault("decode_first_byte_s", time.perf_counter() - t1)
+                        await out.write(piece)
+                except (ConnectionResetError, ClientError):  # the client left after [DONE]
+                    pass
                 timing["decode_s"] = time.perf_counter() - t1
                 self._record(timing)
+                try:
+                    await out.write_eof()
+                except ConnectionResetError:
+                    pass
                 return out
         except (ClientError, asyncio.TimeoutError, OSError) as e:
             return _error(502, "decoder_error", f"decoder {self.decoder} failed: "

@@ -197,7 +197,8 @@ def run(cfg: DictConfig, output_dir) -> int:
                 got[which] = stream_completion(single.url if which == "single" else proxy_url,
                                                model, prompt, n)
             tbt = {w: (g["latency_s"] - g["ttft_s"]) / max(n - 1, 1) for w, g in got.items()}
-            rows.append({"request_key": r["request_key"], "prompt_tokens": len(prompt),
+            rows.append({"pd_prefill_s": None, "pd_decode_s": None,
+                         "request_key": r["request_key"], "prompt_tokens": len(prompt),
                          "single_ttft_s": got["single"]["ttft_s"], "pd_ttft_s": got["pd"]["ttft_s"],
                          "single_tbt_s": tbt["single"], "pd_tbt_s": tbt["pd"],
                          "decoder_cached_tokens": got["pd"]["cached_tokens"],

@@ -170,7 +170,8 @@ def scratch_buffer(slot: int, shape: tuple, dtype: torch.dtype, device: torch.de
     key = (slot, str(device))
     buf = pool.get(key)
     if buf is None or buf.numel() < nbytes:
-        buf = pool[key] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = pool[key] = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, device=device)
     return buf[:nbytes].view(dtype).view(shape)
 
 

@@ -67,3 +67,11 @@ def test_row_path_equals_element_path(k, v, case, dtype):
             t.view(-1)[idx[kv].reshape(-1)] = new[kv, layer][keep].reshape(-1)
     for a, b in zip(mine, ref):
         assert torch.equal(a, b)
+
+
+def test_scratch_made_in_inference_mode_is_writable_outside():
+    with torch.inference_mode():
+        kv_transfer.scratch_buffer(7, (3,), torch.float32, torch.device("cpu"))
+    buf = kv_transfer.scratch_buffer(7, (3,), torch.float32, torch.device("cpu"))
+    buf.copy_(torch.tensor([1.0, 2.0, 3.0]))  # no "inference tensor" error
+    assert buf.tolist() == [1.0, 2.0, 3.0]

@@ -157,6 +157,12 @@ def main() -> int:
     ap.add_argument("--check-layers", type=int, nargs="+", default=[1])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--stages", action="store_true", help="also time load / compute / write alone")
+    ap.add_argument("--ab-attn", action="store_true",
+                    help="also time (b) and (c) with masked attention forced to the "
+                         "memory-efficient SDPA kernel (CUDA)")
+    ap.add_argument("--attn-sweep", action="store_true",
+                    help="also time one layer's masked attention of the 0.15 selection per SDPA "
+                         "backend (CUDA)")
     ap.add_argument("--ab-write", action="store_true",
                     help="also time (c) with write_layer's torch path instead of the CUDA kernel")
     ap.add_argument("--profile", default=None,
@@ -178,8 +184,9 @@ def main() -> int:
     prompt_a, prompt_b = prompts(n, args.docs, args.vocab)
     meta, layout, caches, slots = paged_setup(args, dev, n)
     ids_a, ids_b = torch.tensor(prompt_a), torch.tensor(prompt_b)
-    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor()
-            or platform.machine(), "torch": torch.__version__, "tokens": n,
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else platform.processor() or platform.machine())
+    info = {"device": name, "torch": torch.__version__, "tokens": n, "argv": sys.argv[1:],
             "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
             "kv_heads": args.kv_heads, "inter": args.inter, "vocab": args.vocab,
             "docs": args.docs, "check_layers": args.check_layers, "reps": args.reps,
@@ -237,6 +244,19 @@ def main() -> int:
             row["x_ceiling"] = t_blend / (t_retrieve + t_recompute)
             if args.stages:
                 row.update(stages(engine, runner, conn, caches, ids_b, slots_b, dev, args))
+            if args.ab_attn and dev.type == "cuda":
+                from torch.nn.attention import SDPBackend
+
+                for m in (model, runner.model):
+                    m.masked_attention_backends = [SDPBackend.EFFICIENT_ATTENTION]
+                try:
+                    row["blend_efficient_attn_ms"] = timed(blend_once, dev, args.reps) * 1e3
+                    row["recompute_efficient_attn_ms"] = timed(
+                        lambda: recompute(model, ids_b.to(dev), sel, full_kv), dev,
+                        args.reps) * 1e3
+                finally:
+                    for m in (model, runner.model):
+                        m.masked_attention_backends = None
             if args.ab_write and dev.type == "cuda":
                 conn.write_kernel = False
                 try:
@@ -247,6 +267,12 @@ def main() -> int:
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v)
                               for k, v in row.items()}))
             sys.stdout.flush()
+        if args.attn_sweep and dev.type == "cuda":
+            runner.ratio = next((r for r in args.ratios if r > 0), args.ratios[0])
+            blend_once()
+            sweep = attention_sweep(model, runner.last_recomputed.to(dev), n, dev, args.reps)
+            print(json.dumps({"attention_sweep_ms": sweep}))
+            info["attention_sweep_ms"] = sweep
         if args.profile:
             ratio = next((r for r in args.ratios if r > 0), args.ratios[0])
             runner.ratio = ratio
@@ -296,9 +322,46 @@ def recompute(model, ids: torch.Tensor, sel: torch.Tensor, kv) -> None:
         full_k, full_v = kv[i]
         full_k[sel] = k
         full_v[sel] = v
-        attn = model.attention(i, q, sel_pos, full_k, full_v, pos)
         if i + 1 < model.num_layers:
+            attn = model.attention(i, q, sel_pos, full_k, full_v, pos)
             hidden, residual = model.finish(i, attn, residual)
+    model.release_attention_cache()
+
+
+def attention_sweep(model, sel: torch.Tensor, n: int, dev: torch.device, reps: int) -> dict:
+    """ms of one layer's attention of the selected queries over ``n`` keys, per SDPA backend
+    (masked, as the Blender runs it), and two references without a mask."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device=dev).manual_seed(9)
+    h, d = model.num_heads, model.head_size
+    q = torch.randn(1, h, sel.numel(), d, generator=gen, device=dev, dtype=model.dtype)
+    k = torch.randn(1, h, n, d, generator=gen, device=dev, dtype=model.dtype)
+    v = torch.randn_like(k)
+    pos = torch.arange(n, device=dev)
+    allowed = pos[None, :] <= pos[sel][:, None]
+    bias = torch.zeros(allowed.shape, dtype=model.dtype, device=dev).masked_fill_(
+        ~allowed, float("-inf"))
+    out = {}
+    for name, backend in (("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("math", SDPBackend.MATH)):
+        def run(mask=bias, backend=backend):
+            ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+            with ctx:
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        for label, mask in ((f"{name} float bias", bias), (f"{name} bool mask", allowed)):
+            try:
+                out[label] = round(timed(lambda: run(mask), dev, reps) * 1e3, 3)
+            except RuntimeError as exc:
+                out[label] = f"unavailable: {str(exc)[:60]}"
+    out["flash, no mask (all keys)"] = round(timed(
+        lambda: F.scaled_dot_product_attention(q, k, v), dev, reps) * 1e3, 3)
+    qf = torch.randn(1, h, n, d, generator=gen, device=dev, dtype=model.dtype)
+    out["flash causal, all n queries"] = round(timed(
+        lambda: F.scaled_dot_product_attention(qf, k, v, is_causal=True), dev, reps) * 1e3, 3)
+    return out
 
 
 def stages(engine, runner, conn, caches, ids, slots, dev, args) -> dict:

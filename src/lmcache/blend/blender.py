@@ -130,37 +130,40 @@ class Blender:
         sel_pos = pos
         selected: Optional[torch.Tensor] = None   # None: every token is computed
         self.last_selections = []
-        for i in range(m.num_layers):
-            if selected is not None and not selected.numel():  # pure reuse from here on
-                yield i, self._cached(cached_kv, i, n)
-                continue
-            q, k, v, residual = m.qkv(i, hidden, residual, sel_pos)
-            if selected is None:
-                kv, keys, values = (k, v), k, v
+        try:
+            for i in range(m.num_layers):
+                if selected is not None and not selected.numel():  # pure reuse from here on
+                    yield i, self._cached(cached_kv, i, n)
+                    continue
+                q, k, v, residual = m.qkv(i, hidden, residual, sel_pos)
+                if selected is None:
+                    kv, keys, values = (k, v), k, v
+                    if i in checks:
+                        old_k, _ = self._cached(cached_kv, i, n)
+                        selected = select_recompute_tokens(k_deviation(k, old_k), uncached,
+                                                           checks[i])
+                        keep = selected
+                else:
+                    old_k, old_v = self._cached(cached_kv, i, n)
+                    if i in checks:  # narrow the selection among the tokens computed here
+                        keep = select_recompute_tokens(k_deviation(k, old_k[selected]),
+                                                       uncached[selected], checks[i])
+                    old_k[selected] = k  # selected ⊇ uncached: no gap row stays as given
+                    old_v[selected] = v
+                    kv, keys, values = (old_k, old_v), old_k, old_v
+                    if i in checks:
+                        selected = selected[keep]
                 if i in checks:
-                    old_k, _ = self._cached(cached_kv, i, n)
-                    selected = select_recompute_tokens(k_deviation(k, old_k), uncached,
-                                                       checks[i])
-                    keep = selected
-            else:
-                old_k, old_v = self._cached(cached_kv, i, n)
-                if i in checks:  # narrow the selection among the tokens computed here
-                    keep = select_recompute_tokens(k_deviation(k, old_k[selected]),
-                                                   uncached[selected], checks[i])
-                old_k[selected] = k  # selected ⊇ uncached: no gap row stays as given
-                old_v[selected] = v
-                kv, keys, values = (old_k, old_v), old_k, old_v
-                if i in checks:
-                    selected = selected[keep]
-            if i in checks:
-                self.last_selections.append(selected)
-                self.last_recomputed = selected
-                sel_pos, q, residual = sel_pos[keep], q[keep], residual[keep]
-            more = i + 1 < m.num_layers and sel_pos.numel()
-            attn = m.attention(i, q, sel_pos, keys, values, pos) if more else None
-            yield i, kv
-            if more:
-                hidden, residual = m.finish(i, attn, residual)
+                    self.last_selections.append(selected)
+                    self.last_recomputed = selected
+                    sel_pos, q, residual = sel_pos[keep], q[keep], residual[keep]
+                more = i + 1 < m.num_layers and sel_pos.numel()
+                attn = m.attention(i, q, sel_pos, keys, values, pos) if more else None
+                yield i, kv
+                if more:
+                    hidden, residual = m.finish(i, attn, residual)
+        finally:
+            m.release_attention_cache()
 
     def blend(self, token_ids: Union[torch.Tensor, list[int]], cached_kv: Sequence[KV],
               uncached: Optional[torch.Tensor] = None,

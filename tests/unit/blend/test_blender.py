@@ -147,9 +147,11 @@ def test_bad_blender_arguments_are_refused():
     model, ids = _setup("LlamaForCausalLM", "cpu")
     with pytest.raises(ValueError, match="outside the model's layers 0..3"):
         Blender(model, [4], [0.1])
-    with pytest.raises(ValueError, match=r"blend_check_layers=\[2, 1\] must be strictly increasing"):
+    with pytest.raises(ValueError,
+                       match=r"blend_check_layers=\[2, 1\] must be strictly increasing"):
         Blender(model, [2, 1], [0.1])
-    with pytest.raises(ValueError, match=r"blend_check_layers=\[1, 1\] must be strictly increasing"):
+    with pytest.raises(ValueError,
+                       match=r"blend_check_layers=\[1, 1\] must be strictly increasing"):
         Blender(model, [1, 1], [0.1])
     with pytest.raises(ValueError, match="blend_check_layers is empty"):
         Blender(model, [], [0.1])

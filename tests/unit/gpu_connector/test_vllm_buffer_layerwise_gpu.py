@@ -28,8 +28,8 @@ def test_kernel_write_equals_torch_write(kind, dtype):
     layout = KVCacheLayout(kind, BS, H, D)
     gen = torch.Generator(device="cuda").manual_seed(0)
     n = 300
-    caches = [torch.randn(BLOCKS, H, BS, 2 * D, generator=gen, device="cuda").to(dtype)
-              for _ in range(2)]
+    base = torch.randn(BLOCKS, H, BS, 2 * D, generator=gen, device="cuda").to(dtype)
+    caches = [base.clone(), base.clone()]
     perm = torch.randperm(BLOCKS, device="cuda", generator=gen)
     slots = (perm[:, None] * BS + torch.arange(BS, device="cuda")).flatten()[:n].clone()
     slots[[7, 100]] = -1                                # padding: never written

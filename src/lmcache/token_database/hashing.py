@@ -32,6 +32,7 @@ import hashlib
 import os
 import pickle
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 import cbor2
@@ -259,26 +260,62 @@ def _keep_table():
 _KEEP = None
 
 
+_WORK = threading.local()
+
+
+def _workspace(n: int) -> dict:
+    """Per-thread numpy arrays for ``_cbor_uints`` of up to ``n`` values, reused across calls
+    (fresh memory costs page faults that take longer than the encoding on small hosts)."""
+    import numpy as np
+
+    ws = getattr(_WORK, "ws", None)
+    if ws is None or ws["n"] < n:
+        m = max(n, 4096)
+        ws = _WORK.ws = {"n": m, "a": np.empty(m, np.uint32), "be": np.empty(m, ">u4"),
+                         "t": np.empty(m, bool), "lens": np.empty(m, np.int64),
+                         "mat": np.empty((m, 5), np.uint8), "keep": np.empty((m, 5), bool),
+                         "data": np.empty(5 * m, np.uint8), "off": np.empty(m + 1, np.int64)}
+    return ws
+
+
 def _cbor_uints(values) -> tuple:
     """(bytes as a numpy uint8 array, int64 offsets [n + 1]) of the canonical CBOR of each of
     ``values`` (a 1-D numpy int64 array of values in [0, 2**32)), item i at
     ``[offsets[i], offsets[i+1])``: each value's 5-byte form (head, 4 big-endian bytes), of which
-    the head and the last ``len - 1`` bytes are kept."""
+    the head and the last ``len - 1`` bytes are kept. The arrays are views of a per-thread
+    workspace, valid until the next call on this thread."""
     import numpy as np
 
     global _KEEP
     if _KEEP is None:
         _KEEP = _keep_table()
-    a = values.astype(np.uint32)
-    ge24, ge256, ge64k = a >= 24, a >= 256, a >= 65536
-    lens = 1 + ge24.astype(np.int8) + ge256 + 2 * ge64k.astype(np.int8)
-    mat = np.empty((a.size, 5), dtype=np.uint8)
-    mat[:, 1:] = a.astype(">u4").view(np.uint8).reshape(-1, 4)
-    mat[:, 0] = np.where(ge24, 24 + ge256.astype(np.uint8) + ge64k, a.astype(np.uint8))
-    keep = _KEEP[lens]
-    offsets = np.zeros(a.size + 1, dtype=np.int64)
-    np.cumsum(lens.astype(np.int64), out=offsets[1:])
-    return mat[keep], offsets
+    n = values.size
+    ws = _workspace(n)
+    a, t, lens, mat = ws["a"][:n], ws["t"][:n], ws["lens"][:n], ws["mat"][:n]
+    np.copyto(a, values, casting="unsafe")
+    np.greater_equal(a, 24, out=t)
+    np.copyto(lens, t)
+    mat[:, 0] = 24
+    np.greater_equal(a, 256, out=t)
+    lens += t
+    mat[:, 0] += t
+    np.greater_equal(a, 65536, out=t)
+    lens += 2 * t
+    mat[:, 0] += t
+    np.less(a, 24, out=t)
+    np.copyto(mat[:, 0], a, where=t, casting="unsafe")
+    lens += 1
+    be = ws["be"][:n]
+    np.copyto(be, a)
+    mat[:, 1:] = be.view(np.uint8).reshape(n, 4)
+    keep = ws["keep"][:n]
+    np.take(_KEEP, lens, axis=0, out=keep)
+    offsets = ws["off"][:n + 1]
+    offsets[0] = 0
+    np.cumsum(lens, out=offsets[1:])
+    data = ws["data"][:int(offsets[-1])]
+    np.compress(keep.reshape(-1), mat.reshape(-1), out=data)
+    return data, offsets
 
 
 class CborTokens:
@@ -289,7 +326,7 @@ class CborTokens:
 
     def __init__(self, name: str, data, offsets, chunk_size: int) -> None:
         self._new = hashlib.sha256 if _CBOR_DIGESTS[name] == "sha256" else _xxh3_128_new()
-        self._view = memoryview(data)
+        self._view = memoryview(data.tobytes())  # own copy: the workspace is reused
         self.chunk_size = chunk_size
         # byte offsets of the chunk boundaries (and of the end)
         self._bounds = offsets[::chunk_size].tolist() + [int(offsets[-1])]

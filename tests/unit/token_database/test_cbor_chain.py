@@ -42,3 +42,11 @@ def test_fast_path_refuses_what_it_cannot_encode():
     assert CborTokens.build("sha256", torch.arange(4), 2) is None  # pickle-based algorithm
     assert CborTokens.build("sha256_cbor", torch.tensor([-1, 2]), 2) is None
     assert CborTokens.build("sha256_cbor", torch.tensor([2**32]), 1) is None
+
+
+def test_an_encoding_survives_a_later_one_on_the_same_thread():
+    a = torch.randint(0, 128000, (512,), generator=torch.Generator().manual_seed(2))
+    b = torch.randint(0, 128000, (512,), generator=torch.Generator().manual_seed(3))
+    enc = CborTokens.build("sha256_cbor", a, 256)
+    CborTokens.build("sha256_cbor", b, 256)  # reuses the per-thread workspace
+    assert enc.chain(0, 0, 512) == cbor_chain("sha256_cbor", 0, a, 256, 512)

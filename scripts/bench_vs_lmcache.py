@@ -314,6 +314,9 @@ def main() -> None:
             row.update(engine=side.name, ceil_h2d=h2d, ceil_d2h=d2h)
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
+            if args.json:  # kept up to date: a run cut short still leaves its rows
+                with open(args.json, "w") as f:
+                    json.dump(result, f, indent=1)
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:

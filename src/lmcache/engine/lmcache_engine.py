@@ -217,8 +217,11 @@ class LMCacheEngine:
         t0 = time.perf_counter()
         lookup_id = kwargs.get("lookup_id", kwargs.get("req_id"))
         try:
-            if lookup_id is None and hasattr(self.gpu_connector, "submit_to_gpu"):
-                # no cached hashes and no prefetch: hash, get and copy group by group
+            has_prefetch = getattr(self.storage_manager, "has_prefetch", None)
+            if hasattr(self.gpu_connector, "submit_to_gpu") and (lookup_id is None or (
+                    has_prefetch is not None and not has_prefetch(lookup_id))):
+                # no prefetch to claim: hash (or take the request's hashes), get and copy
+                # group by group
                 xfer, lazy = self._begin("retrieve", tokens, mask, kwargs, lazy=True)
                 chunks, loaded = self._store_path.load(lazy, xfer, kwargs.get("retrieve_locations"))
                 self.stats.inc("retrieve_requested_tokens", sum(e - s for s, e, _ in chunks))

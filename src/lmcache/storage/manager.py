@@ -252,6 +252,10 @@ class StorageManager:
         it arrives); False when there is no such prefetch."""
         return self.prefetcher.discard(lookup_id)
 
+    def has_prefetch(self, lookup_id: Hashable) -> bool:
+        """True while ``lookup_id``'s lookup has prefetched chunks no retrieve claimed yet."""
+        return self.prefetcher.holds(lookup_id)
+
     @property
     def num_prefetches(self) -> int:
         """Lookups whose prefetched chunks are still held for their retrieve."""

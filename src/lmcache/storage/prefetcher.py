@@ -140,6 +140,11 @@ class Prefetcher:
             self.stats["prefetch_chunks"] += len(started)
         return count
 
+    def holds(self, lookup_id: Hashable) -> bool:
+        """True while ``lookup_id`` has a prefetch its retrieve has not claimed."""
+        with self._lock:
+            return lookup_id in self._prefetches
+
     def discard(self, lookup_id: Hashable) -> bool:
         """Release the chunks prefetched under ``lookup_id`` that no retrieve took (each when it
         arrives); False when there is no such prefetch."""

@@ -158,7 +158,8 @@ def main(argv=None) -> int:
     proc.join(10)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"channel": a.channel, "scatter": a.scatter, "bytes": nbytes, "chunk_bytes": chunk, "reps": a.reps,
+            json.dump({"channel": a.channel, "scatter": a.scatter, "bytes": nbytes,
+                       "chunk_bytes": chunk, "reps": a.reps,
                        "gbps": rows, "ceiling_gbps": ceiling,
                        "write_ratio": rows["channel write"] / ceiling,
                        "read_ratio": rows["channel read"] / ceiling}, f, indent=1)

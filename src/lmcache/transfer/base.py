@@ -71,7 +71,8 @@ def resolve_descs(
     out = []
     for i, d in enumerate(descs):
         if not isinstance(d, (tuple, list)) or len(d) not in (2, 3):
-            raise ValueError(f"{side} desc {i} must be (offset, length) or (region, offset, length), got {d!r}")
+            raise ValueError(f"{side} desc {i} must be (offset, length) or "
+                             f"(region, offset, length), got {d!r}")
         region, offset, length = (0, *d) if len(d) == 2 else d
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (region, offset, length)):
             raise ValueError(f"{side} desc {i} must hold ints, got {d!r}")

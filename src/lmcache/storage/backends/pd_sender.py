@@ -5,8 +5,9 @@
 transfer-channel write of every allocated chunk (its notification names the allocation) → commit
 (the decoder answers once the chunks are visible to its lookups). While the decoder's buffer is
 full the request is repeated every ``poll_interval_s`` until ``allocation_timeout_s``; then the
-chunks are dropped (the decoder recomputes them). A decoder that is gone or restarted fails the push (counted, logged), and the
-next push connects afresh. Nothing here raises into the store path.
+chunks are dropped (the decoder recomputes them). A decoder that is gone or restarted fails the
+push (counted, logged), and the next push connects afresh. Nothing here raises into the store
+path.
 """
 
 from __future__ import annotations

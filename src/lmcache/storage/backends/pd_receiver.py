@@ -40,10 +40,13 @@ class PDReceiver:
 
     def __init__(self, backend: Any, channel: Any, host: str, init_port: int, alloc_port: int,
                  commit_timeout_s: float = 5.0, pending_ttl_s: float = 30.0,
-                 poll_interval_s: float = 0.002):
+                 poll_interval_s: float = 0.1):
         self.backend, self.channel = backend, channel
         self.base = channel.regions[0].data_ptr()
         self.commit_timeout_s, self.pending_ttl_s = commit_timeout_s, pending_ttl_s
+        # Idle, the thread sleeps in zmq's poll (GIL released) for up to poll_interval_s:
+        # waking often would take the GIL from the engine's own threads (decode slows down).
+        # Notifications are read when a commit needs them.
         self.poll_ms = max(1, int(poll_interval_s * 1000))
         self.ctx = zmq.Context.instance()
         self.socks = []
@@ -79,7 +82,6 @@ class PDReceiver:
             for sock in self.socks:
                 if sock in ready:
                     self._serve(sock)
-            self._take_notifications()
             self._expire()
 
     def _serve(self, sock) -> None:
@@ -186,6 +188,9 @@ class PDReceiver:
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if now < getattr(self, "_next_expiry", 0.0):
+            return
+        self._next_expiry = now + 1.0
         for rid in [r for r, (_, _, t) in self.pending.items() if t < now]:
             _, objs, _ = self.pending.pop(rid)
             self._release(objs)

@@ -75,6 +75,7 @@ class MPServer:
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._transfers: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # a full pipe already means "wake up"
         self._stop = threading.Event()
         self._handlers = {
             RequestType.GET_CHUNK_SIZE: lambda c, p: self.pool.chunk_size,
@@ -125,7 +126,7 @@ class MPServer:
         try:
             os.write(self._wake_w, b"s")
         except OSError:
-            pass
+            pass  # full (the loop wakes anyway) or closed (already stopped)
 
     def _on_request(self, frames: list[bytes]) -> None:
         self.counters["requests"] += 1
@@ -154,7 +155,10 @@ class MPServer:
     def _reply(self, client: bytes, number: int, ok: bool, value: Any) -> None:
         self._replies.put((client, pack([number, ok, value])))
         if threading.current_thread() is not threading.main_thread():
-            os.write(self._wake_w, b"r")
+            try:
+                os.write(self._wake_w, b"r")
+            except BlockingIOError:
+                pass  # the pipe is full: the loop wakes anyway
 
     def _send_replies(self) -> None:
         while True:

@@ -141,6 +141,7 @@ class MessageQueueClient:
         self._lock = threading.Lock()
         self._numbers = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)  # a full pipe already means "wake up"
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="lmcache-mp-client", daemon=True)
         self._thread.start()
@@ -158,7 +159,7 @@ class MessageQueueClient:
         with self._lock:
             self._pending[number] = (future, request_type, deadline)
         self._outbox.put((number, request_type, pack(list(payloads))))
-        os.write(self._wake_w, b"x")
+        _wake(self._wake_w)
         return future
 
     def fail_pending(self, reason: str) -> int:
@@ -175,7 +176,7 @@ class MessageQueueClient:
         if self._closed:
             return
         self._closed = True
-        os.write(self._wake_w, b"q")
+        _wake(self._wake_w)
         self._thread.join(timeout=5)
         self.fail_pending("client closed")
         os.close(self._wake_r)
@@ -239,6 +240,13 @@ class MessageQueueClient:
             entry = self._pending.pop(number, None)
         if entry is not None:
             _fail(entry[0], entry[1], reason)
+
+
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"x")
+    except BlockingIOError:
+        pass  # the pipe is full: the I/O thread wakes anyway
 
 
 def _fail(future: MessagingFuture, request_type: RequestType, reason: str) -> None:

@@ -24,6 +24,7 @@ Stream ordering (DESIGN §6, the races vLLM's offloader had):
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Optional
 
@@ -116,6 +117,7 @@ class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
         self.staging = StagingRing(staging_mib << 20)
         self.streams = CopyStreams()
         self._checked_caches: Optional[tuple] = None
+        self._checked_ids: Optional[tuple] = None  # (ids, weakrefs to the tensors, first data_ptr)
 
     def uses_kernels(self, kvcaches: Sequence[torch.Tensor]) -> bool:
         """True when a transfer over ``kvcaches`` runs the CuPy kernels."""
@@ -130,11 +132,17 @@ class VLLMPagedMemGPUConnectorV2(TorchPagedMemGPUConnector):
         dtypes) were checked last time: the engine checks on every call, vLLM never changes
         them."""
         if isinstance(kvcaches, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in kvcaches):
+            ids = tuple(map(id, kvcaches))
+            if self._checked_ids is not None and ids == self._checked_ids[0] and all(
+                    a is r() for a, r in zip(kvcaches, self._checked_ids[1])) and \
+                    kvcaches[0].data_ptr() == self._checked_ids[2]:
+                return  # the very tensors checked last time (vLLM passes the same list)
             key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in kvcaches)
-            if key == self._checked_caches:
-                return
-            super().validate_kvcaches(kvcaches)
-            self._checked_caches = key
+            if key != self._checked_caches:
+                super().validate_kvcaches(kvcaches)
+                self._checked_caches = key
+            self._checked_ids = (ids, tuple(weakref.ref(t) for t in kvcaches),
+                                 kvcaches[0].data_ptr())
             return
         super().validate_kvcaches(kvcaches)
 

@@ -120,9 +120,11 @@ class LMCacheEngine:
         groups; the copy of a group (on the connector's store_stream, after an event recorded on
         the caller's current stream, so it reads the KV only after the compute enqueued before
         this call wrote it) runs while the next group is hashed and allocated. ``wait=False``
-        (connectors with ``submit_from_gpu``): return once the copies are enqueued; the chunks
-        reach the tiers when they finish (a background thread), the return value counts them
-        already, and :meth:`wait_for_stores` waits for them. The caller must then keep the
+        (connectors with ``submit_from_gpu``): return without waiting for the copies; the
+        chunks reach the tiers when they finish (a background thread), the return value counts
+        them already, and :meth:`wait_for_stores` waits for them. (On the H200 the call itself
+        was still seen to return only after the compute stream's pending work: docs/GPU_NOTES.md,
+        session 8.) The caller must then keep the
         stored pages unchanged until the store finished (vLLM: no block reuse before).
 
         Raises:

@@ -11,6 +11,7 @@ a NIXL error or as the deadline).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -53,6 +54,8 @@ class NixlChannel(TransferChannel):
         backend: NIXL backend plugin, "UCX" by default.
         timeout_s: default deadline of read/write/send_notification, seconds (> 0).
         poll_interval_s: sleep between polls of a transfer's state, seconds.
+        progress_interval_s: how often a background thread progresses the agent (notifications,
+            passive-side steps), seconds; 0 = NIXL's own progress thread, which spins a core.
     Raises:
         ImportError (with the install hint) when NIXL is missing; ValueError on bad regions;
         TransferError when the backend cannot start or register the memory.
@@ -61,15 +64,24 @@ class NixlChannel(TransferChannel):
     kind = "nixl"
 
     def __init__(self, agent_name: str, regions: Sequence[torch.Tensor], backend: str = "UCX",
-                 timeout_s: float = 5.0, poll_interval_s: float = 0.0002):
+                 timeout_s: float = 5.0, poll_interval_s: float = 0.0002,
+                 progress_interval_s: float = 0.005):
         super().__init__(agent_name, regions, timeout_s)
         nixl_agent, nixl_agent_config, sync_t = _nixl_api()
         self.backend = backend
         self.poll_interval_s = float(poll_interval_s)
+        self.progress_interval_s = float(progress_interval_s)
+        # NIXL's own progress thread polls without pause (a whole core, measured idle); instead
+        # transfers progress while their caller polls them, and a light thread of ours
+        # progresses the agent every progress_interval_s for what arrives unasked
+        # (notifications, passive-side protocol steps). 0: NIXL's thread.
         conf = nixl_agent_config(
-            enable_prog_thread=True, backends=[backend],
+            enable_prog_thread=self.progress_interval_s <= 0, backends=[backend],
             sync_mode=sync_t.NIXL_THREAD_SYNC_STRICT,  # calls from several threads are safe
         )
+        self._notifs: list[tuple[str, bytes]] = []
+        self._notif_lock = threading.Lock()
+        self._stop = threading.Event()
         try:
             self._agent = nixl_agent(agent_name, conf)
         except Exception as e:
@@ -86,6 +98,24 @@ class NixlChannel(TransferChannel):
         except Exception as e:
             self.close()
             raise TransferError(f"NIXL agent {agent_name!r} could not register its memory: {e}") from e
+        self._progress = None
+        if self.progress_interval_s > 0:
+            self._progress = threading.Thread(target=self._progress_loop, daemon=True,
+                                              name=f"nixl-progress-{agent_name}")
+            self._progress.start()
+
+    def _progress_loop(self) -> None:
+        while not self._stop.wait(self.progress_interval_s):
+            try:
+                self._collect()
+            except Exception as e:  # the agent is closing
+                logger.debug("NIXL progress: %s", e)
+
+    def _collect(self) -> None:
+        got = self._agent.get_new_notifs()
+        if got:
+            with self._notif_lock:
+                self._notifs.extend((str(p), bytes(m)) for p, msgs in got.items() for m in msgs)
 
     # ---- peers ----------------------------------------------------------------------
     def agent_metadata(self) -> bytes:
@@ -200,8 +230,10 @@ class NixlChannel(TransferChannel):
         """(sender, message) pairs that arrived since the last call; never blocks."""
         if self._closed:
             return []
-        got = self._agent.get_new_notifs()
-        return [(str(peer), bytes(m)) for peer, msgs in got.items() for m in msgs]
+        self._collect()
+        with self._notif_lock:
+            out, self._notifs = self._notifs, []
+        return out
 
     def close(self) -> None:
         """Drop peers, deregister memory; idempotent."""
@@ -209,6 +241,9 @@ class NixlChannel(TransferChannel):
             if self._closed:
                 return
             self._closed = True
+            self._stop.set()
+            if getattr(self, "_progress", None) is not None:
+                self._progress.join(5)
             agent = getattr(self, "_agent", None)
             if agent is None:
                 return

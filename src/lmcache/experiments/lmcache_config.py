@@ -75,6 +75,8 @@ def _quote(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, (list, tuple)) or OmegaConf.is_list(value):  # e.g. p2p_init_ports
+        return "[" + ",".join(_quote(x) for x in value) + "]"
     text = str(value).replace("\\", "\\\\").replace("'", "\\'")
     return f"'{text}'"
 

@@ -175,6 +175,7 @@ class LMCacheConnectorV1Impl:
         self.container = build_worker_container(self.cfg, metadata, layout)
         try:
             engine = self.container.engine()
+            self.container.lmcache_worker()  # controller=lmcache_worker: report to the controller
         except BaseException:
             self.shutdown()  # release what was built (e.g. the allocator) before reporting
             raise

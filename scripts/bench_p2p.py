@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Host-memory P2P pull through the P2P tier vs the raw transfer channel and memcpy.
+
+Two processes (multiprocessing spawn). The peer (instance A) holds ``--chunks`` chunks of
+``--chunk-mib`` MiB (32 MiB = one 256-token chunk of an 8B-shaped KV: [2, 32, 256, 1024] bf16)
+in its CPU tier and serves them through its P2PBackend. This process (instance B) runs the
+CacheController in-process (A registered in its index) and pulls every chunk with
+``P2PBackend.batched_get_blocking(keys)``: controller lookup, hello (first call only), acquire,
+allocate, ``NixlChannel.read``, release — then checks the bytes and frees them.
+
+Compared in the same run: the raw ``NixlChannel.read`` of the same bytes (the same descs,
+one call), and a one-process ``copy_`` of the same bytes (memcpy). Median of ``--reps``.
+
+Usage: python scripts/bench_p2p.py [--chunks 8] [--chunk-mib 32] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import socket
+import statistics
+import time
+
+MiB = 1 << 20
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _setup(name: str, chunks: int, chunk_mib: int, reply_port: int):
+    import torch
+
+    from lmcache.memory.cpu import CPUMemoryAllocator
+    from lmcache.metadata import LMCacheMetadata
+    from lmcache.storage.backends.local_cpu import LocalCPUBackend
+    from lmcache.storage.backends.p2p import P2PBackend
+    from lmcache.storage.policy.lru import LRUCachePolicy
+    from lmcache.transfer.nixl import NixlChannel
+
+    tokens = chunk_mib * MiB // (2 * 32 * 1024 * 2)
+    md = LMCacheMetadata("bench/8b-shaped", 1, 0, torch.bfloat16, (32, 2, tokens, 8, 128))
+    size = (chunks + 2) * chunk_mib * MiB + (64 << 20)
+    alloc = CPUMemoryAllocator(size, pin_memory=False)
+    alloc.buffer.fill_(0)  # touch every page
+    cpu = LocalCPUBackend(alloc, LRUCachePolicy(), max_local_cpu_size=size / (1 << 30))
+    channel = NixlChannel(name, [alloc.buffer], timeout_s=60.0)
+    p2p = P2PBackend(cpu, md, channel, lmcache_instance_id=name,
+                     controller_reply_url=f"127.0.0.1:{reply_port}", p2p_host="127.0.0.1",
+                     p2p_init_ports=[0], p2p_lookup_ports=[0], blocking_timeout_secs=60.0,
+                     lookup_timeout_secs=10.0, lookup_cache_secs=0.0)
+    return md, alloc, cpu, channel, p2p, tokens
+
+
+def _keys(md, chunks: int):
+    import torch
+
+    from lmcache.keys import CacheEngineKey
+
+    return [CacheEngineKey(md.model_name, 1, 0, 0x1000 + i, torch.bfloat16) for i in range(chunks)]
+
+
+def _peer(conn, chunks: int, chunk_mib: int, reply_port: int) -> None:
+    import torch
+
+    from lmcache.memory.memory_format import MemoryFormat
+
+    md, alloc, cpu, channel, p2p, tokens = _setup("bench-A", chunks, chunk_mib, reply_port)
+    for i, key in enumerate(_keys(md, chunks)):
+        obj = cpu.allocate((2, 32, tokens, 1024), torch.bfloat16, MemoryFormat.KV_2LTD)
+        obj.tensor.view(torch.uint8).fill_(i + 1)
+        cpu.put(key, obj)
+        obj.ref_count_down()
+    conn.send(p2p.peer_init_url)
+    conn.recv()  # done
+    p2p.close()
+    channel.close()
+    cpu.close()
+    alloc.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunk-mib", type=int, default=32)
+    p.add_argument("--reps", type=int, default=5)
+    a = p.parse_args()
+
+    import torch
+
+    from lmcache.controller.cache_controller import CacheController
+    from lmcache.controller.chunk_index import WorkerInfo
+    from lmcache.controller.index.memory import MemoryChunkIndex
+    from lmcache.controller.protocol import ADMIT
+    from lmcache.token_database.chunked import ChunkedTokenDatabase
+
+    ctl = CacheController(MemoryChunkIndex(), ChunkedTokenDatabase(None, chunk_size=256),
+                          controller_host="127.0.0.1",
+                          controller_monitor_ports={"pull": 0, "reply": 0})
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    peer = ctx.Process(target=_peer, args=(child, a.chunks, a.chunk_mib, ctl.reply_port))
+    peer.start()
+    url = parent.recv()
+    md, alloc, cpu, channel, p2p, tokens = _setup("bench-B", a.chunks, a.chunk_mib, ctl.reply_port)
+    keys = _keys(md, a.chunks)
+    ctl.index.register(WorkerInfo("bench-A", 0, "127.0.0.1", 1, peer_init_url=url,
+                                  last_heartbeat_time=time.time(), tiers=["LocalCPUBackend"]))
+    ctl.index.apply("bench-A", 0, "LocalCPUBackend", [(ADMIT, k.chunk_hash) for k in keys])
+    nbytes = a.chunks * a.chunk_mib * MiB
+
+    def pull() -> None:
+        objs = p2p.batched_get_blocking(keys)
+        assert all(o is not None for o in objs), "a chunk was not pulled"
+        for i, o in enumerate(objs):
+            v = o.tensor.view(torch.uint8).view(-1)
+            assert int(v[0]) == int(v[-1]) == i + 1, "wrong bytes"
+            o.ref_count_down()
+
+    # the raw channel read of the same bytes: acquire once, read the same descs repeatedly
+    from lmcache.controller.protocol import decode, encode  # noqa: F401 (same wire as the tier)
+    pull()  # warm-up (hello, peer metadata)
+    agent, lookup_url = p2p._peer(url)
+    acq = p2p._request(lookup_url, {"op": "acquire", "keys": [[k.to_string(), False] for k in keys]}, 30)
+    remote = [(int(c[0]), int(c[1])) for c in acq["chunks"]]
+    local_objs = [cpu.allocate((2, 32, tokens, 1024), torch.bfloat16) for _ in keys]
+    base = alloc.buffer.data_ptr()
+    local = [(o.tensor.data_ptr() - base, o.nbytes) for o in local_objs]
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(3)
+    dst = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
+    t = {"p2p": [], "raw": [], "memcpy": []}
+    for _ in range(a.reps):  # round robin
+        t0 = time.perf_counter(); pull(); t["p2p"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); channel.read(agent, local, remote); t["raw"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); dst.copy_(src); t["memcpy"].append(time.perf_counter() - t0)
+    p2p._request(lookup_url, {"op": "release", "lease": acq["lease"]}, 30)
+    for o in local_objs:
+        o.ref_count_down()
+    gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in t.items()}
+    print(f"\nP2P pull of {a.chunks} x {a.chunk_mib} MiB ({nbytes / MiB:.0f} MiB per call), "
+          f"median of {a.reps}")
+    print(f"{'path':58} {'GB/s':>7} {'x raw read':>10} {'x memcpy':>9}")
+    rows = [("P2PBackend.batched_get_blocking (lookup+acquire+alloc+read+release)", "p2p"),
+            ("NixlChannel.read, same descs, one call (raw channel)", "raw"),
+            ("ceiling: copy_ of the same bytes, one process (memcpy)", "memcpy")]
+    for label, k in rows:
+        print(f"{label[:58]:58} {gbs[k]:7.2f} {gbs[k] / gbs['raw']:10.2f} {gbs[k] / gbs['memcpy']:9.2f}")
+    parent.send("done")
+    peer.join(60)
+    p2p.close()
+    channel.close()
+    cpu.close()
+    alloc.close()
+    ctl.close()
+
+
+if __name__ == "__main__":
+    main()

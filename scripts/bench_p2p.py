@@ -43,7 +43,7 @@ def _setup(name: str, chunks: int, chunk_mib: int, reply_port: int):
 
     tokens = chunk_mib * MiB // (2 * 32 * 1024 * 2)
     md = LMCacheMetadata("bench/8b-shaped", 1, 0, torch.bfloat16, (32, 2, tokens, 8, 128))
-    size = (chunks + 2) * chunk_mib * MiB + (64 << 20)
+    size = (2 * chunks + 2) * chunk_mib * MiB + (64 << 20)  # pulled + raw-read objects
     alloc = CPUMemoryAllocator(size, pin_memory=False)
     alloc.buffer.fill_(0)  # touch every page
     cpu = LocalCPUBackend(alloc, LRUCachePolicy(), max_local_cpu_size=size / (1 << 30))
@@ -102,7 +102,8 @@ def main() -> None:
                           controller_monitor_ports={"pull": 0, "reply": 0})
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    peer = ctx.Process(target=_peer, args=(child, a.chunks, a.chunk_mib, ctl.reply_port))
+    peer = ctx.Process(target=_peer, args=(child, a.chunks, a.chunk_mib, ctl.reply_port),
+                       daemon=True)  # (never outlives a failed run)
     peer.start()
     url = parent.recv()
     md, alloc, cpu, channel, p2p, tokens = _setup("bench-B", a.chunks, a.chunk_mib, ctl.reply_port)

@@ -47,16 +47,18 @@ def bind_url(args: argparse.Namespace) -> str:
 
 
 def check_mp_config(cfg) -> None:
-    """ValueError for options the MP server does not run: CacheBlend (the BlendServer is not
-    built: blending needs the model's layers, which live in vLLM's process) and gpu connectors
-    other than the paged ones."""
+    """ValueError for options the MP server does not run: blend options other than
+    ``cacheblend`` (served by the BlendServer: segment store, CB lookup and re-RoPE retrieve;
+    the token selection stays in the engine) and gpu connectors other than the paged ones."""
     from lmcache.config.checks import option_name
 
-    if cfg.get("blend") is not None:
-        raise ValueError(f"blend={option_name(cfg.blend)}: the MP server has no CacheBlend "
-                         "variant (BlendServer); use blend=none or the in-process connector")
+    blend = option_name(cfg.blend) if cfg.get("blend") is not None else None
+    if blend is not None and blend != "cacheblend":
+        raise ValueError(f"blend={blend}: the MP server's CacheBlend variant (BlendServer) "
+                         "runs blend=cacheblend only; use blend=none or blend=cacheblend")
     conn = option_name(cfg.get("gpu_connector"))
-    if conn not in ("vllm_paged", "vllm_layerwise"):
+    allowed = ("vllm_paged", "vllm_layerwise") + (("vllm_buffer_layerwise",) if blend else ())
+    if conn not in allowed:
         raise ValueError(f"gpu_connector={conn}: the MP server moves KV with vllm_paged or "
                          "vllm_layerwise")
 
@@ -82,7 +84,19 @@ def build_server(args: argparse.Namespace):
     chunk_size = int(cfg.token_database.get("chunk_size", cfg.chunk_size))
     pool = EnginePool(partial(containers.build_mp_engine, cfg), chunk_size)
     sessions = SessionManager(args.session_timeout, check_pids=not args.no_check_pids)
-    return MPServer(pool, sessions, bind_url(args), event_timeout=args.event_timeout)
+    blend = None
+    if cfg.get("blend") is not None:
+        from lmcache.mp_server.blend_server import BlendServer
+
+        db = cfg.token_database
+        seps = db.get("separator_tokens")
+        blend = BlendServer(db.get("blend_special_str", " # # "),
+                            None if seps is None else [int(t) for t in seps],
+                            db.get("hash_algorithm", "sha256_cbor"), db.get("hash_seed"),
+                            capacity_bytes=max(1, int(float(cfg.get("max_local_cpu_size", 5.0))
+                                                      * (1 << 30))))
+    return MPServer(pool, sessions, bind_url(args), event_timeout=args.event_timeout,
+                    blend=blend)
 
 
 def main(argv: list[str] | None = None) -> int:

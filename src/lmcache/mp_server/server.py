@@ -39,7 +39,8 @@ from lmcache.v1.multiprocess.protocol import RequestType, pack, unpack
 
 logger = logging.getLogger(__name__)
 
-_TRANSFERS = (RequestType.STORE, RequestType.RETRIEVE, RequestType.OFFLOAD, RequestType.CLEAR)
+_TRANSFERS = (RequestType.STORE, RequestType.RETRIEVE, RequestType.OFFLOAD, RequestType.CLEAR,
+              RequestType.CB_STORE, RequestType.CB_RETRIEVE)
 
 
 class MPServer:
@@ -51,11 +52,13 @@ class MPServer:
         url: ZMQ address to bind, e.g. ``"tcp://*:5555"``.
         event_timeout: seconds a transfer waits for the client's CUDA event before failing.
         reap_interval: seconds between liveness checks.
+        blend: a BlendServer (``blend=cacheblend``) serving CB_STORE/CB_LOOKUP/CB_RETRIEVE;
+            None refuses them.
     """
 
     def __init__(self, engine_pool: EnginePool, sessions: SessionManager,
                  url: str = "tcp://*:5555", event_timeout: float = 60.0,
-                 reap_interval: float = 1.0) -> None:
+                 reap_interval: float = 1.0, blend: Any = None) -> None:
         self.pool = engine_pool
         self.sessions = sessions
         self.offload = OffloadServer(engine_pool)
@@ -68,6 +71,12 @@ class MPServer:
                          "released_requests": 0, "unknown_instance": 0,
                          "event_wait_seconds": 0.0, "store_seconds": 0.0, "retrieve_seconds": 0.0}
         self.transfers = KVTransfers(engine_pool, sessions, event_timeout, self.counters)
+        self.blend = blend
+        self.blend_transfers = None
+        if blend is not None:
+            from lmcache.mp_server.blend_transfers import BlendTransfers
+
+            self.blend_transfers = BlendTransfers(blend, self.transfers)
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -86,6 +95,7 @@ class MPServer:
             RequestType.END_SESSION: self._end_session,
             RequestType.HEARTBEAT: self._heartbeat,
             RequestType.REPORT_BLOCK_ALLOCATIONS: lambda c, p: None,
+            RequestType.CB_LOOKUP: self._cb_lookup,
         }
 
     # ---- loop ----------------------------------------------------------------------------
@@ -142,6 +152,10 @@ class MPServer:
             logger.warning("lmcache MP server: undecodable request: %s", e)
             self._reply(client, header and 0, False, f"undecodable request: {e}")
             return
+        if rtype.name.startswith("CB_") and self.blend is None:
+            self._reply(client, number, False, f"{rtype.name}: this MP server runs without "
+                        "CacheBlend; start it with blend=cacheblend")
+            return
         if rtype in _TRANSFERS:
             self._transfers.put((client, number, rtype, payloads))
             return
@@ -194,7 +208,8 @@ class MPServer:
                 "instances": len(self.sessions.instances),
                 "requests": len(self.sessions.requests), "counters": dict(self.counters),
                 "pinned_lookups": int(sum(e.stats.value("pinned_lookups")
-                                          for e in self.pool.all_engines()))}
+                                          for e in self.pool.all_engines())),
+                "blend": self.blend.stats() if self.blend is not None else None}
 
     def _lookup(self, client: bytes, payloads: list) -> int:
         """Chunks of the key's tokens cached for EVERY worker (pinned for the request)."""
@@ -237,6 +252,13 @@ class MPServer:
                              ctx.num_layers)
         return self.pool.engines_of(key.model_name, key.world_size)
 
+    def _cb_lookup(self, client: bytes, payloads: list) -> list:
+        self.sessions.touch(client)
+        key = payloads[0] if isinstance(payloads, list) and len(payloads) == 1 else None
+        if not isinstance(key, IPCCacheEngineKey) or not key.is_token_mode:
+            raise ValueError(f"CB_LOOKUP takes [one token-mode key], got {payloads!r:.200}")
+        return self.blend.lookup(key)
+
     def _free_lookup_locks(self, client: bytes, payloads: list) -> None:
         """Release a request's lookup pins when the freed range covers what it counted (a
         retrieve of the rest releases them otherwise; the engines' lease bounds them)."""
@@ -249,6 +271,8 @@ class MPServer:
 
     def _end_session(self, client: bytes, payloads: list) -> None:
         self._release(self.sessions.end_request(str(payloads[0])), str(payloads[0]))
+        if self.blend is not None:
+            self.blend.unpin(str(payloads[0]))
 
     def _release(self, session, request_id: str) -> None:
         if session is None:
@@ -278,6 +302,8 @@ class MPServer:
             try:
                 if rtype is RequestType.OFFLOAD:
                     result: Any = self.offload.handle(payloads)
+                elif rtype in (RequestType.CB_STORE, RequestType.CB_RETRIEVE):
+                    result = self.blend_transfers.run(rtype, payloads)
                 elif rtype is RequestType.CLEAR:
                     result = self.transfers.clear()
                 else:

@@ -117,6 +117,25 @@ class _AdapterBase:
         self.link.close()
         self.mq_client.close()
 
+    # CacheBlend (a blend=cacheblend server): see lmcache.v1.multiprocess.blend_client
+    def cb_lookup(self, request_id: str, token_ids, cache_salt: str = "") -> list:
+        """Cached segments of ``token_ids`` anywhere in it: ``[(start, end, stored_start)]``."""
+        from lmcache.v1.multiprocess.blend_client import cb_lookup
+        return cb_lookup(self, request_id, token_ids, cache_salt)
+
+    def cb_store(self, token_ids, block_ids, event: Any = None, request_id: Optional[str] = None,
+                 cache_salt: str = "") -> int:
+        """Store the segments of ``token_ids`` (KV in ``block_ids``); segments newly stored."""
+        from lmcache.v1.multiprocess.blend_client import cb_store
+        return cb_store(self, token_ids, block_ids, event, request_id, cache_salt)
+
+    def cb_retrieve(self, request_id: str, token_ids, block_ids, ranges, rope_parameters=None,
+                    is_neox_style: bool = True, event: Any = None, cache_salt: str = "") -> list:
+        """Load cached segments at ``ranges`` with K re-positioned; one bool per range."""
+        from lmcache.v1.multiprocess.blend_client import cb_retrieve
+        return cb_retrieve(self, request_id, token_ids, block_ids, ranges, rope_parameters,
+                           is_neox_style, event, cache_salt)
+
 
 class LMCacheMPSchedulerAdapter(_AdapterBase):
     """Scheduler side: lookups (which pin the hit chunks for the request), lock release,

@@ -21,6 +21,12 @@ HEARTBEAT                    [instance_id, role]                             {"e
 REPORT_BLOCK_ALLOCATIONS     [records]                                       None
 OFFLOAD                      [key, dtype, shape, kv bytes]                   int (tokens stored)
 CLEAR                        []                                              None
+CB_STORE                     [key, instance_id, block_ids, event_handle]     [event_handle, bool,
+                                                                              segments stored]
+CB_LOOKUP                    [key]                                           [[start, end,
+                                                                              stored_start], ...]
+CB_RETRIEVE                  [key, instance_id, block_ids, event_handle,     [event_handle,
+                              ranges, rope]                                   [bool per range]]
 ===========================  ==============================================  =====================
 
 ``block_ids`` of STORE/RETRIEVE are the vLLM blocks of every key's ``[start, end)`` range, key
@@ -29,6 +35,10 @@ after the KV it wants stored/overwritten is ready (``b""``: nothing to wait for)
 event handle is empty when the server finished the copy before answering (lmcache's server
 does). CLEAR (an administrator's or a benchmark's) drops every stored chunk of every tier.
 A STORE/RETRIEVE that fails answers False (never an error), so the engine recomputes.
+CB_* (CacheBlend, ``blend=cacheblend`` servers only: :mod:`lmcache.mp_server.blend_server`)
+store / find / load segments between separator tokens at any position; ``ranges`` are
+``[start, end]`` of CB_LOOKUP's answer, ``rope`` is ``{"rope_parameters": {...},
+"is_neox_style": bool}``.
 """
 
 from __future__ import annotations
@@ -59,6 +69,9 @@ class RequestType(enum.IntEnum):
     REPORT_BLOCK_ALLOCATIONS = 10
     OFFLOAD = 11
     CLEAR = 12
+    CB_STORE = 13
+    CB_LOOKUP = 14
+    CB_RETRIEVE = 15
 
 
 _RESPONSE_CLASSES: dict[RequestType, Any] = {
@@ -74,6 +87,9 @@ _RESPONSE_CLASSES: dict[RequestType, Any] = {
     RequestType.REPORT_BLOCK_ALLOCATIONS: type(None),
     RequestType.OFFLOAD: int,
     RequestType.CLEAR: type(None),
+    RequestType.CB_STORE: list,
+    RequestType.CB_LOOKUP: list,
+    RequestType.CB_RETRIEVE: list,
 }
 
 # The result a client uses when a request is lost (server gone, timeout): a miss, never KV.
@@ -82,6 +98,9 @@ _FAILURE_RESULTS: dict[RequestType, Any] = {
     RequestType.RETRIEVE: [b"", [False]],
     RequestType.LOOKUP: 0,
     RequestType.OFFLOAD: 0,
+    RequestType.CB_STORE: [b"", False, 0],
+    RequestType.CB_LOOKUP: [],
+    RequestType.CB_RETRIEVE: [b"", []],
 }
 
 _EXT = {1: IPCCacheEngineKey, 2: CudaIPCWrapper, 3: RequestAllocationRecord}

@@ -190,8 +190,10 @@ class BlendServer:
                 new_pos = torch.arange(s, e, dtype=torch.int64)
                 if not torch.equal(new_pos, seg.positions):
                     cos, sin = emb.rotation(seg.positions, new_pos, kv.device)
-                    for layer in range(kv.shape[1]):
-                        emb.rotate(kv[0, layer], cos, sin)
+                    # every layer's heads share a token's rotation: one call on [T, L*H*D]
+                    k = kv[0].transpose(0, 1).contiguous()
+                    emb.rotate(k.view(e - s, -1), cos, sin)
+                    kv[0].copy_(k.transpose(0, 1))
                 scatter_kv(kv_caches, slots[s - start:e - start].to(kv.device), layout, kv)
                 results.append(True)
             self.counters["retrieved_segments"] += sum(results)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from instance import C, seed_data  # noqa: E402
-from procs import Controller, Instance, eventually, p2p_overrides  # noqa: E402
+from p2p_instance import C, seed_data  # noqa: E402
+from p2p_procs import Controller, Instance, eventually, p2p_overrides  # noqa: E402
 
 pytest.importorskip("nixl_cu12", reason="NIXL (pip nixl-cu12) is needed for the P2P tests")
 

@@ -13,7 +13,7 @@ from lmcache.controller.index.memory import MemoryChunkIndex
 from lmcache.controller.protocol import ADMIT, decode, encode
 from lmcache.token_database.chunked import ChunkedTokenDatabase
 
-from conftest import C, Worker, eventually, tokens
+from controller_fleet import C, Worker, eventually, tokens
 
 
 def test_register_events_and_lookup(controller, make_worker):

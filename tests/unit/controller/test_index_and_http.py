@@ -18,7 +18,7 @@ from lmcache.controller.index.valkey import ValkeyChunkIndex
 from lmcache.controller.protocol import ADMIT, EVICT
 from lmcache.token_database.chunked import ChunkedTokenDatabase
 
-from conftest import C, eventually, tokens
+from controller_fleet import C, eventually, tokens
 
 _SERVERS = Path(__file__).resolve().parents[2] / "integration" / "storage" / "storage_servers.py"
 _spec = importlib.util.spec_from_file_location("lmcache_p2p_storage_servers", _SERVERS)

@@ -1,5 +1,5 @@
 """Real processes for the controller / P2P tests: the controller (``python -m
-lmcache.controller``) and instances (``instance.py``), with bounded waits everywhere."""
+lmcache.controller``) and instances (``p2p_instance.py``), with bounded waits everywhere."""
 
 from __future__ import annotations
 
@@ -92,11 +92,11 @@ def p2p_overrides(instance_id: str, ctl: Controller, heartbeat: float = 0.3) -> 
 
 
 class Instance:
-    """``instance.py`` with ``overrides``; :meth:`call` sends one command, waits for its reply."""
+    """``p2p_instance.py`` with ``overrides``; :meth:`call` sends one command, waits for its reply."""
 
     def __init__(self, overrides: list[str], log: Optional[Path] = None) -> None:
         self.log = open(log, "w") if log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([PY, str(HERE / "instance.py"), json.dumps(overrides)],
+        self.proc = subprocess.Popen([PY, str(HERE / "p2p_instance.py"), json.dumps(overrides)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, env=_env())
         self._lines: queue.Queue = queue.Queue()

@@ -303,6 +303,8 @@ def test_no_config_file_selects_an_option_twice():
                 if isinstance(options, list):
                     checked += 1
                     assert len(options) == len(set(options)), (name, group, options)
-                    if group.endswith("storage/backends"):
+                    if group.endswith("storage/backends") and options != ["pd"]:
+                        # the CPU tier leads every tier list; a PD decoder holds what it
+                        # receives in the pd tier alone (its receive buffer is the CPU memory)
                         assert options[0] == "local_cpu", (name, options)
     assert checked >= len(DEPLOYMENTS)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from lmcache.keys import CacheEngineKey
@@ -295,6 +296,8 @@ def _as_tensor(tokens: Tokens) -> torch.Tensor:
         tokens_to_list(tokens[:0])  # validates the dtype
         return tokens.to(device="cpu", dtype=torch.int64)
     try:
+        if isinstance(tokens, (list, tuple)):  # one C loop (numpy) instead of int() per token
+            return torch.from_numpy(np.fromiter(tokens, dtype=np.int64, count=len(tokens)))
         return torch.tensor(tokens_to_list(tokens), dtype=torch.int64)
     except (TypeError, RuntimeError, OverflowError) as err:
         raise ValueError(f"tokens must be a sequence of ints: {err}") from None

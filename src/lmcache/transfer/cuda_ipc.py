@@ -7,6 +7,12 @@ so ``write``/``read`` are device-to-device copies (``copy_`` on a private stream
 a deadline). Notifications travel over ZMQ PUSH/PULL after the copy has finished. A peer's death
 is seen through its pid (same host): TransferError, never a silent write into orphaned memory.
 Used where NIXL's wheel cannot be installed (the device machine); ``transfer_channel=cuda_ipc``.
+
+The per-call path is lean (a 2 GiB copy lasts ~1 ms): descs are checked and merged in one pass
+(:func:`plan_copies`; a bad desc falls back to the shared checks for their exact error), the
+planned tensor views of recent desc lists are reused, the peer's pid is checked once before
+the copy is queued and once after it finished, and the copy's completion event is spun on
+(``spin_s``) before it is polled with sleeps until the deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import zmq
 
 from lmcache.transfer.base import (
     Desc,
+    RegionInfo,
     TransferChannel,
     TransferError,
     check_pairs,
@@ -31,6 +38,8 @@ from lmcache.transfer.base import (
 )
 
 logger = logging.getLogger(__name__)
+
+_PLAN_CACHE_SIZE = 64
 
 
 def _pid_alive(pid: int) -> bool:
@@ -57,24 +66,92 @@ def _merged(local: list, remote: list) -> list:
     return out
 
 
+class _BadDesc(Exception):
+    pass
+
+
+def plan_copies(local_descs: Sequence[Desc], remote_descs: Sequence[Desc],
+                local_lengths: Sequence[int], remote_lengths: Sequence[int]) -> list:
+    """Check descs and pair them into copies in one pass: a list of ``((li, lo, n), (ri, ro,
+    n))`` (region index, byte offset, byte length), adjacent pairs merged (see :func:`_merged`).
+
+    ``*_lengths`` are the byte lengths of the regions on each side. Raises ValueError for a
+    bad desc with the message of :func:`~lmcache.transfer.base.resolve_descs` /
+    :func:`~lmcache.transfer.base.check_pairs` (the slow checks run only then).
+    """
+    out: list = []
+    try:
+        if len(local_descs) != len(remote_descs) or not local_descs:
+            raise _BadDesc
+        pli = plo = pri = pro = pn = -1
+        for ld, rd in zip(local_descs, remote_descs):
+            if len(ld) == 2:
+                li = 0
+                lo, n = ld
+            else:
+                li, lo, n = ld
+            if len(rd) == 2:
+                ri = 0
+                ro, rn = rd
+            else:
+                ri, ro, rn = rd
+            if (type(li) is not int or type(lo) is not int or type(n) is not int
+                    or type(ri) is not int or type(ro) is not int or type(rn) is not int
+                    or not isinstance(ld, (tuple, list)) or not isinstance(rd, (tuple, list))
+                    or n != rn or n <= 0 or lo < 0 or ro < 0 or li < 0 or ri < 0
+                    or lo + n > local_lengths[li] or ro + n > remote_lengths[ri]):
+                raise _BadDesc
+            if li == pli and ri == pri and lo == plo + pn and ro == pro + pn:
+                pn += n
+                out[-1] = ((li, plo, pn), (ri, pro, pn))
+            else:
+                pli, plo, pri, pro, pn = li, lo, ri, ro, n
+                out.append(((li, lo, n), (ri, ro, n)))
+    except (_BadDesc, TypeError, ValueError, IndexError):
+        # the slow shared checks name the bad desc (region addresses do not matter here)
+        check_pairs(resolve_descs(local_descs, _regions(local_lengths), "local"),
+                    resolve_descs(remote_descs, _regions(remote_lengths), "remote"))
+        raise ValueError(f"bad descs: local {local_descs!r:.200}, "
+                         f"remote {remote_descs!r:.200}") from None
+    return out
+
+
+def _regions(lengths: Sequence[int]) -> list[RegionInfo]:
+    return [RegionInfo(0, n, 0, "VRAM") for n in lengths]
+
+
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as a 1-D uint8 view of its bytes (descs are byte offsets)."""
+    return t.reshape(-1).view(torch.uint8)
+
+
 class CudaIpcChannel(TransferChannel):
     """CUDA regions shared with peers of the same host through CUDA IPC handles.
 
     Args:
         agent_name: unique name among peers; regions: contiguous CUDA tensors;
         timeout_s: default deadline (s); notify_host: interface of the notification socket;
-        poll_interval_s: sleep between polls of a copy's completion event.
-    Raises: ValueError for non-CUDA regions; RuntimeError when CUDA is absent.
+        poll_interval_s: sleep between polls of a copy's completion event once ``spin_s``
+            has passed; spin_s: how long a call first polls the event without sleeping (a
+            sleep's wake-up costs ~0.1 ms, a tenth of a 2 GiB copy).
+    Raises: ValueError for non-CUDA regions or bad intervals; RuntimeError when CUDA is absent.
     """
 
     kind = "cuda_ipc"
 
     def __init__(self, agent_name: str, regions: Sequence[torch.Tensor], timeout_s: float = 5.0,
-                 notify_host: str = "127.0.0.1", poll_interval_s: float = 0.0001):
+                 notify_host: str = "127.0.0.1", poll_interval_s: float = 0.0001,
+                 spin_s: float = 0.02):
         super().__init__(agent_name, regions, timeout_s)
         if any(r.mem_type != "VRAM" for r in self._region_infos):
             raise ValueError("CudaIpcChannel registers CUDA tensors only")
+        if not poll_interval_s > 0 or not spin_s >= 0:
+            raise ValueError(f"poll_interval_s must be > 0 and spin_s >= 0 seconds, got "
+                             f"{poll_interval_s!r} and {spin_s!r}")
         self.poll_interval_s = float(poll_interval_s)
+        self.spin_s = float(spin_s)
+        self._flat = [_flat_bytes(t) for t in self._regions]
+        self._lengths = [r.length for r in self._region_infos]
         self._handles = []
         for t in self._regions:
             st = t.untyped_storage()
@@ -84,7 +161,8 @@ class CudaIpcChannel(TransferChannel):
         self._pull.setsockopt(zmq.LINGER, 0)
         port = self._pull.bind_to_random_port(f"tcp://{notify_host}")
         self._address = f"tcp://{notify_host}:{port}"
-        self._peers: dict[str, dict] = {}  # name -> {"tensors", "push", "pid"}
+        # name -> {"tensors", "lengths", "push", "pid", "plans"}
+        self._peers: dict[str, dict] = {}
         self._stream = torch.cuda.Stream(device=self._regions[0].device)
 
     def agent_metadata(self) -> bytes:
@@ -100,6 +178,9 @@ class CudaIpcChannel(TransferChannel):
             raise ValueError("peer metadata has no CUDA IPC handle per region")
         if not isinstance(md.get("notify"), str) or not isinstance(md.get("pid"), int):
             raise ValueError("peer metadata has no notification address or pid")
+        if any(r.mem_type != "VRAM" or r.length <= 0 for r in md["regions"]):
+            raise ValueError(f"peer {name!r} registers regions that are not CUDA memory: "
+                             f"{md['regions']!r:.200}")
         tensors = []
         try:
             for (fields, offset), r in zip(ipc, md["regions"]):
@@ -115,7 +196,8 @@ class CudaIpcChannel(TransferChannel):
         push.connect(md["notify"])
         with self._lock:
             self.remove_peer(name)
-            self._peers[name] = {"tensors": tensors, "push": push, "pid": md["pid"]}
+            self._peers[name] = {"tensors": tensors, "push": push, "pid": md["pid"],
+                                 "lengths": [r.length for r in md["regions"]], "plans": {}}
             self._peer_regions[name] = md["regions"]
         return name
 
@@ -124,6 +206,7 @@ class CudaIpcChannel(TransferChannel):
             p = self._peers.pop(name, None)
             self._peer_regions.pop(name, None)
         if p is not None:
+            p["plans"].clear()
             p["push"].close(0)
 
     def _alive(self, peer: str, op: str) -> dict:
@@ -132,29 +215,60 @@ class CudaIpcChannel(TransferChannel):
             raise TransferError(f"cuda_ipc {op}: peer {peer!r} (pid {p and p['pid']}) is gone")
         return p
 
+    def _views(self, p: dict, local_descs, remote_descs) -> list:
+        """(local view, remote view) uint8 tensor pairs, one per merged copy; the plan of a
+        desc list equal to one of the last 64 planned for this peer is reused."""
+        try:
+            key = (tuple(local_descs), tuple(remote_descs))
+            views = p["plans"].get(key)
+        except TypeError:  # unhashable (lists) or not iterable: planned every time
+            key, views = None, None
+        if views is not None:
+            return views
+        spans = plan_copies(local_descs, remote_descs, self._lengths, p["lengths"])
+        remote = p["tensors"]
+        views = [(self._flat[li][lo:lo + n], remote[ri][ro:ro + n])
+                 for (li, lo, n), (ri, ro, _) in spans]
+        if key is not None:
+            plans = p["plans"]
+            if len(plans) >= _PLAN_CACHE_SIZE:
+                plans.pop(next(iter(plans)))
+            plans[key] = views
+        return views
+
     def _copy(self, op: str, peer: str, local_descs, remote_descs, timeout_s) -> None:
         timeout = self._deadline(timeout_s)
-        regions = self._peer(peer, op)
+        self._peer(peer, op)
         p = self._alive(peer, op)
-        local = resolve_descs(local_descs, self._region_infos, "local")
-        remote = resolve_descs(remote_descs, regions, "remote")
-        check_pairs(local, remote)
-        pairs = _merged([d if len(d) == 3 else (0, *d) for d in local_descs],
-                        [d if len(d) == 3 else (0, *d) for d in remote_descs])
-        deadline = time.monotonic() + timeout
-        self._stream.wait_stream(torch.cuda.current_stream(self._stream.device))
-        with torch.cuda.stream(self._stream):
-            for (li, lo, n), (ri, ro, _) in pairs:
-                a = self._regions[li][lo:lo + n]
-                b = p["tensors"][ri][ro:ro + n]
-                (b if op == "write" else a).copy_(a if op == "write" else b, non_blocking=True)
+        views = self._views(p, local_descs, remote_descs)
+        start = time.monotonic()
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            if op == "write":
+                for a, b in views:
+                    b.copy_(a, non_blocking=True)
+            else:
+                for a, b in views:
+                    a.copy_(b, non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self._stream)
-        while not done.query():
-            if time.monotonic() > deadline:
-                raise TransferError(f"cuda_ipc {op} to peer {peer!r} did not finish within {timeout:g} s")
-            time.sleep(self.poll_interval_s)
+            done.record(stream)
+        self._wait(done, start, timeout, op, peer)
         self._alive(peer, op)
+
+    def _wait(self, done: torch.cuda.Event, start: float, timeout: float, op: str,
+              peer: str) -> None:
+        """Spin on ``done`` for ``spin_s``, then poll it with sleeps; TransferError at the
+        deadline."""
+        deadline = start + timeout
+        spin_until = min(deadline, start + self.spin_s)
+        while not done.query():
+            now = time.monotonic()
+            if now > spin_until:
+                if now > deadline:
+                    raise TransferError(
+                        f"cuda_ipc {op} to peer {peer!r} did not finish within {timeout:g} s")
+                time.sleep(self.poll_interval_s)
 
     def read(self, peer: str, local_descs: Sequence[Desc], remote_descs: Sequence[Desc],
              timeout_s: Optional[float] = None) -> None:
@@ -167,7 +281,6 @@ class CudaIpcChannel(TransferChannel):
         self._copy("write", peer, local_descs, remote_descs, timeout_s)
         if notify is not None:
             self.send_notification(peer, notify)
-
     def send_notification(self, peer: str, msg: bytes) -> None:
         if not isinstance(msg, bytes):
             raise ValueError(f"msg must be bytes, got {type(msg).__name__}")

@@ -16,10 +16,13 @@ Ceilings, measured in the same run on the same buffers:
   cuda_ipc (GPU memory, two processes on one GPU):
     d2d      torch ``copy_`` device to device of the same bytes in one process (cudaMemcpy D2D),
              one call for all bytes and one call per chunk.
-The ratio is channel GB/s over the best ceiling (target >= 0.80).
+  bare copy_ (cuda_ipc): ``copy_`` of the same bytes straight into / out of the peer's region
+             as this process opened it (no channel code): the IPC memory's own copy rate.
+The ratio is channel GB/s over the best ceiling (target >= 0.80). With several ``--chunks``
+sizes a fixed cost per call and a bandwidth are fitted through the smallest and largest.
 
 Usage:  python scripts/bench_transfer.py [--channel nixl|cuda_ipc] [--chunks 8] [--json out.json]
-GPU:    python scripts/bench_transfer.py --channel cuda_ipc --chunks 64   (16k tokens of 8B = 2 GiB)
+GPU:    python scripts/bench_transfer.py --channel cuda_ipc --chunks 64 256  (2 GiB = 16k tokens of 8B; 8 GiB)
 """
 
 from __future__ import annotations
@@ -82,11 +85,23 @@ def _cma(pid: int, local: int, remote: int, n: int, write: bool) -> None:
         done += got
 
 
+def _fit(sizes: list, times: list) -> tuple[float, float]:
+    """(fixed seconds per call, GB/s) of t = fixed + bytes / bandwidth through the smallest
+    and the largest size."""
+    (b1, t1), (b2, t2) = (sizes[0], times[0]), (sizes[-1], times[-1])
+    if t2 <= t1:
+        return float("nan"), float("nan")
+    bw = (b2 - b1) / (t2 - t1)
+    return t1 - b1 / bw, bw / 1e9
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--channel", choices=["nixl", "cuda_ipc"], default="nixl")
     p.add_argument("--chunk-mib", type=int, default=32)
-    p.add_argument("--chunks", type=int, default=8)
+    p.add_argument("--chunks", type=int, nargs="+", default=[8],
+                   help="chunks per call; several sizes (e.g. 64 256) are measured in one run "
+                        "and a fixed cost per call + bandwidth is fitted through them")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
     p.add_argument("--scatter", action="store_true",
@@ -95,7 +110,10 @@ def main(argv=None) -> int:
     import torch
 
     chunk = a.chunk_mib * MiB
-    nbytes = chunk * a.chunks
+    sizes = sorted(set(a.chunks))
+    if sizes[0] < 1:
+        p.error(f"--chunks must be >= 1, got {a.chunks}")
+    nbytes = chunk * sizes[-1]
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_peer, args=(child, a.channel, nbytes), daemon=True)
@@ -105,64 +123,80 @@ def main(argv=None) -> int:
     peer = ch.add_peer(md)
     conn.send(("add", ch.agent_metadata()))
     conn.recv()
-    region.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=region.device))
-    descs = [(i * chunk, chunk) for i in range(a.chunks)]
-    remote = list(reversed(descs)) if a.scatter else descs
-    gbs = lambda t: nbytes / t / 1e9  # noqa: E731
+    region.random_(0, 256)
+    other = torch.empty_like(region)
+    other.fill_(1)
     sync = torch.cuda.synchronize if a.channel == "cuda_ipc" else None
-    paths = {"channel write": lambda: ch.write(peer, descs, remote),
-             "channel read": lambda: ch.read(peer, descs, remote)}
-    if a.channel == "nixl":
-        other = torch.empty_like(region)
-        other.fill_(1)
-        libc = ctypes.CDLL(None)
-        libc.memcpy.restype = ctypes.c_void_p
-        paths["ceiling memcpy (1 thread)"] = lambda: libc.memcpy(
-            ctypes.c_void_p(other.data_ptr()), ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nbytes))
-        paths["ceiling cma write"] = lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, True)
-        paths["ceiling cma read"] = lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nbytes, False)
-    else:
-        other = torch.empty_like(region)
-        paths["ceiling d2d copy_ (one call)"] = lambda: other.copy_(region)
+    libc = ctypes.CDLL(None)
+    libc.memcpy.restype = ctypes.c_void_p
+    results = []
+    for n in sizes:
+        nb = n * chunk
+        descs = [(i * chunk, chunk) for i in range(n)]
+        remote = list(reversed(descs)) if a.scatter else descs
+        paths = {"channel write": lambda: ch.write(peer, descs, remote),
+                 "channel read": lambda: ch.read(peer, descs, remote)}
+        if a.channel == "nixl":
+            paths["ceiling memcpy (1 thread)"] = lambda: libc.memcpy(
+                ctypes.c_void_p(other.data_ptr()), ctypes.c_void_p(region.data_ptr()), ctypes.c_size_t(nb))
+            paths["ceiling cma write"] = lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nb, True)
+            paths["ceiling cma read"] = lambda: _cma(peer_pid, region.data_ptr(), peer_addr, nb, False)
+        else:
+            # the peer's region as this process opened it (the channel's own view): a bare
+            # copy_ into / out of it separates the channel's per-call work from the IPC memory
+            theirs = ch._peers[peer]["tensors"][0]
+            mine, out = region[:nb], other[:nb]
+            paths["bare copy_ into the peer (one call)"] = lambda: theirs[:nb].copy_(mine)
+            paths["bare copy_ from the peer (one call)"] = lambda: mine.copy_(theirs[:nb])
+            paths["ceiling d2d copy_ (one call)"] = lambda: out.copy_(mine)
 
-        def per_chunk():
-            for o, n in descs:
-                other[o:o + n].copy_(region[o:o + n])
-        paths["ceiling d2d copy_ (per chunk)"] = per_chunk
-    ch.write(peer, descs, remote)
-    conn.send(("checksum", nbytes))
-    want = int(region.sum(dtype=torch.int64))
-    assert conn.recv() == want, "peer bytes differ after write"
-    # round robin: every rep times each path once, so that drifting machine load hits all alike
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for rep in range(a.reps + 1):
-        for name, fn in paths.items():
-            if sync:
-                sync()
-            t0 = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            if rep:  # the first round is a warm-up
-                times[name].append(time.perf_counter() - t0)
-    rows = {k: gbs(statistics.median(v)) for k, v in times.items()}
-    ceiling = max(v for k, v in rows.items() if k.startswith("ceiling"))
-    print(f"channel={a.channel} bytes={nbytes / MiB:.0f} MiB in {a.chunks} x {a.chunk_mib} MiB descs, "
-          f"median of {a.reps}, paths timed round robin{', remote descs scattered' if a.scatter else ''}")
-    print(f"{'path':34s} {'GB/s':>8s} {'x ceiling':>10s}")
-    for k, v in rows.items():
-        print(f"{k:34s} {v:8.2f} {v / ceiling:10.2f}")
+            def per_chunk(descs=descs):
+                for o, m in descs:
+                    other[o:o + m].copy_(region[o:o + m])
+            paths["ceiling d2d copy_ (per chunk)"] = per_chunk
+        ch.write(peer, descs, remote)
+        conn.send(("checksum", nb))  # (scattered: the same chunks in another order)
+        assert conn.recv() == int(region[:nb].sum(dtype=torch.int64)), "peer bytes differ after write"
+        # round robin: every rep times each path once, so that drifting machine load hits all alike
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for rep in range(a.reps + 1):
+            for name, fn in paths.items():
+                if sync:
+                    sync()
+                t0 = time.perf_counter()
+                fn()
+                if sync:
+                    sync()
+                if rep:  # the first round is a warm-up
+                    times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows = {k: nb / v / 1e9 for k, v in med.items()}
+        ceiling = max(v for k, v in rows.items() if k.startswith("ceiling"))
+        print(f"channel={a.channel} bytes={nb / MiB:.0f} MiB in {n} x {a.chunk_mib} MiB descs, "
+              f"median of {a.reps}, paths timed round robin{', remote descs scattered' if a.scatter else ''}")
+        print(f"{'path':38s} {'ms':>8s} {'GB/s':>8s} {'x ceiling':>10s}")
+        for k, v in rows.items():
+            print(f"{k:38s} {med[k] * 1e3:8.3f} {v:8.2f} {v / ceiling:10.2f}")
+        print()
+        results.append({"chunks": n, "bytes": nb, "median_s": med, "gbps": rows,
+                        "ceiling_gbps": ceiling, "write_ratio": rows["channel write"] / ceiling,
+                        "read_ratio": rows["channel read"] / ceiling})
+    fits = {}
+    if len(sizes) > 1:
+        print(f"fit t = fixed + bytes / bandwidth through {sizes[0]} and {sizes[-1]} chunks")
+        print(f"{'path':38s} {'fixed us':>9s} {'GB/s':>8s}")
+        for k in results[0]["median_s"]:
+            fixed, bw = _fit([r["bytes"] for r in results], [r["median_s"][k] for r in results])
+            fits[k] = {"fixed_us": fixed * 1e6, "gbps": bw}
+            print(f"{k:38s} {fixed * 1e6:9.1f} {bw:8.2f}")
     conn.send(("stop",))
     conn.recv()
     ch.close()
     proc.join(10)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"channel": a.channel, "scatter": a.scatter, "bytes": nbytes,
-                       "chunk_bytes": chunk, "reps": a.reps,
-                       "gbps": rows, "ceiling_gbps": ceiling,
-                       "write_ratio": rows["channel write"] / ceiling,
-                       "read_ratio": rows["channel read"] / ceiling}, f, indent=1)
+            json.dump({"channel": a.channel, "scatter": a.scatter, "chunk_bytes": chunk,
+                       "reps": a.reps, **results[0], "sizes": results, "fit": fits}, f, indent=1)
     return 0
 
 

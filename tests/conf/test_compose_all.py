@@ -67,8 +67,11 @@ def _slot_groups() -> list[str]:
 
 
 SLOT_GROUPS = [g for g in _slot_groups() if g != "deployment"]
+# allocator=gpu is built with the P2P tier over cuda_ipc by tests/integration/p2p/test_p2p_cuda_ipc.py
+# (GPU); the engine round trip below is not claimed for a GPU-resident tier
 OPTION_CASES = [(g, o) for g in list_groups() if g in SLOT_GROUPS for o in list_options(g)
-                if (g, o) != ("transfer_channel", "cuda_ipc") or torch.cuda.is_available()]
+                if ((g, o) != ("transfer_channel", "cuda_ipc") or torch.cuda.is_available())
+                and (g, o) != ("allocator", "gpu")]
 DEPLOYMENTS = list_options("deployment")
 PRIMARY_CONFIGS = [f"{g}/{o}" for g in list_groups()
                    if g not in SLOT_GROUPS and g != "deployment" for o in list_options(g)]

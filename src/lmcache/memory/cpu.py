@@ -51,11 +51,9 @@ class CPUMemoryAllocator:
             logger.warning("pin_memory=True but CUDA is not available: buffer is not pinned")
         # A normal (not inference-mode) tensor even when built under vLLM's inference_mode:
         # tiers fill MemoryObjs from other threads, outside inference mode.
-        with torch.inference_mode(False):
-            self._buffer: Optional[torch.Tensor] = torch.empty(
-                size_bytes, dtype=torch.uint8, pin_memory=pin
-            )
         self.pinned = pin
+        with torch.inference_mode(False):
+            self._buffer: Optional[torch.Tensor] = self._new_buffer(size_bytes)
         self._capacity = size_bytes
         self._free_offsets: list[int] = [0]  # sorted starts of free blocks
         self._free_sizes: list[int] = [size_bytes]  # parallel to _free_offsets
@@ -180,6 +178,10 @@ class CPUMemoryAllocator:
             self._buffer = None
 
     # ---- internals --------------------------------------------------------------------
+    def _new_buffer(self, size_bytes: int) -> torch.Tensor:
+        """The uint8 buffer of ``size_bytes`` (CPU; pinned when :attr:`pinned`)."""
+        return torch.empty(size_bytes, dtype=torch.uint8, pin_memory=self.pinned)
+
     def _nbytes(self, shape: Sequence[int], dtype: torch.dtype) -> int:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
@@ -244,6 +246,6 @@ class CPUMemoryAllocator:
 
     def __repr__(self) -> str:
         return (
-            f"CPUMemoryAllocator(capacity={self._capacity}, used={self._used}, "
+            f"{type(self).__name__}(capacity={self._capacity}, used={self._used}, "
             f"active={self._active}, free_blocks={len(self._free_offsets)}, pinned={self.pinned})"
         )

@@ -39,7 +39,7 @@ import time
 MiB = 1 << 20
 
 
-def _make_channel(kind: str, name: str, nbytes: int):
+def _make_channel(kind: str, name: str, nbytes: int, spin_s: float = 0.02):
     import torch
 
     if kind == "nixl":
@@ -51,7 +51,7 @@ def _make_channel(kind: str, name: str, nbytes: int):
     from lmcache.transfer.cuda_ipc import CudaIpcChannel
 
     region = torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda")
-    return CudaIpcChannel(name, [region], timeout_s=60.0), region
+    return CudaIpcChannel(name, [region], timeout_s=60.0, spin_s=spin_s), region
 
 
 def _peer(conn, kind: str, nbytes: int) -> None:
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
                         "and a fixed cost per call + bandwidth is fitted through them")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--spin-s", type=float, default=0.02,
+                   help="cuda_ipc: CudaIpcChannel spin_s (0: poll the copy's event with sleeps only)")
     p.add_argument("--scatter", action="store_true",
                    help="remote descs in reverse chunk order (no two adjacent: one copy per chunk)")
     a = p.parse_args(argv)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     proc = ctx.Process(target=_peer, args=(child, a.channel, nbytes), daemon=True)
     proc.start()
     md, peer_pid, peer_addr = conn.recv()
-    ch, region = _make_channel(a.channel, "bench-a", nbytes)
+    ch, region = _make_channel(a.channel, "bench-a", nbytes, a.spin_s)
     peer = ch.add_peer(md)
     conn.send(("add", ch.agent_metadata()))
     conn.recv()
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"channel": a.channel, "scatter": a.scatter, "chunk_bytes": chunk,
-                       "reps": a.reps, **results[0], "sizes": results, "fit": fits}, f, indent=1)
+                       "reps": a.reps, "spin_s": a.spin_s, **results[0], "sizes": results, "fit": fits}, f, indent=1)
     return 0
 
 

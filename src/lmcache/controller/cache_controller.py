@@ -12,9 +12,9 @@ it over ZMQ (:mod:`lmcache.controller.protocol`):
 
 A worker whose last heartbeat is older than ``lmcache_worker_timeout`` seconds is dropped with
 every index entry of it. The operations of LMCache's controller API (:mod:`.http_api`):
-:meth:`lookup`, :meth:`clear`, :meth:`pin`, :meth:`move`, :meth:`health`,
-:meth:`query_worker_info`, :meth:`query_instance`; the ones that act on an instance are sent to
-each of its workers' command ports (REQ/REP, ``command_timeout_secs`` each).
+:meth:`lookup` here; :meth:`clear`, :meth:`pin`, :meth:`move`, :meth:`health`,
+:meth:`query_worker_info`, :meth:`query_instance` (sent to each worker of the instance) in
+:mod:`.instance_operations`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
+import numpy as np
+import torch
 import zmq
 
 from lmcache.controller.chunk_index import ChunkIndex, WorkerInfo
+from lmcache.controller.instance_operations import InstanceOperations
 from lmcache.controller.protocol import ProtocolError, decode, encode
 from lmcache.token_database.base import TokenDatabase
 
@@ -37,7 +40,7 @@ logger = logging.getLogger(__name__)
 CPU_TIER = "LocalCPUBackend"
 
 
-class CacheController:
+class CacheController(InstanceOperations):
     """Args:
         index: the chunk index option (``memory`` or ``valkey``).
         token_database: hashes tokens exactly as the workers do (same chunk_size,
@@ -200,40 +203,42 @@ class CacheController:
         return dropped
 
     # ---- lookups ----------------------------------------------------------------------
-    def hashes(self, tokens: Sequence[int]) -> list[tuple[int, int]]:
-        """``[(end, chunk_hash)]`` of the chunks of ``tokens`` (the workers' token database)."""
+    def hashes(self, tokens) -> list[tuple[int, int]]:
+        """``[(end, chunk_hash)]`` of the chunks of ``tokens`` (the workers' token database):
+        a sequence of ints, or a 1-D int tensor or numpy array."""
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(tokens)
+        elif not isinstance(tokens, (list, torch.Tensor)):
+            tokens = list(tokens)
         return [(end, h) for _, end, h in
-                self.token_database.process_tokens(list(tokens), make_key=False)]
+                self.token_database.process_tokens(tokens, make_key=False)]
 
     def lookup(self, tokens: Sequence[int]) -> dict[str, tuple[str, int]]:
         """LMCache's lookup: ``{instance_id: (location, leading tokens held)}`` for every
         instance holding at least the first chunk. An instance holds a chunk when each of its
         registered workers holds it in some tier; ``location`` is the fastest tier (in the
-        worker's tier order) holding the instance's last counted chunk."""
+        worker's tier order) holding the instance's last counted chunk.
+
+        ``tokens``: a sequence of ints, or a 1-D int tensor / numpy array (no conversion)."""
         chunks = self.hashes(tokens)
+        hashes = [h for _, h in chunks]
         workers: dict[str, list[WorkerInfo]] = {}
         for w in self.index.workers():
             workers.setdefault(w.instance_id, []).append(w)
-        need = {inst: len(ws) for inst, ws in workers.items()}
-        alive, last = set(workers), {}
-        all_holders = self.index.holders([h for _, h in chunks])
-        for i, holders in enumerate(all_holders):
-            held: dict[str, set[int]] = {}
-            for inst, wid, _loc in holders:
-                if inst in alive:
-                    held.setdefault(inst, set()).add(wid)
-            alive = {inst for inst, wids in held.items() if len(wids) == need[inst]}
-            if not alive:
-                break
-            for inst in alive:
-                last[inst] = i
+        held = self.index.held_prefixes(hashes)
+        count = {inst: min(held.get((inst, w.worker_id), 0) for w in ws)
+                 for inst, ws in workers.items()}
+        count = {inst: n for inst, n in count.items() if n > 0}
+        last = sorted({n - 1 for n in count.values()})
+        at = dict(zip(last, self.index.holders([hashes[i] for i in last]))) if last else {}
         out: dict[str, tuple[str, int]] = {}
-        for inst, i in last.items():
+        for inst, n in count.items():
             tiers = workers[inst][0].tiers
             first = min(w.worker_id for w in workers[inst])
-            locs = [loc for h_inst, wid, loc in all_holders[i] if h_inst == inst and wid == first]
-            best = min(locs, key=lambda t: tiers.index(t) if t in tiers else len(tiers))
-            out[inst] = (best, chunks[i][0])
+            locs = [loc for h_inst, wid, loc in at[n - 1] if h_inst == inst and wid == first]
+            if locs:  # (else evicted since: not counted)
+                best = min(locs, key=lambda t: tiers.index(t) if t in tiers else len(tiers))
+                out[inst] = (best, chunks[n - 1][0])
         return out
 
     def p2p_lookup(self, instance_id: str, worker_id: int,
@@ -246,100 +251,13 @@ class CacheController:
                  if w.worker_id == worker_id and w.instance_id != instance_id and w.peer_init_url}
         if not peers or not hashes:
             return none
-        counts = dict.fromkeys(peers, 0)
-        alive = set(peers)
-        for i, holders in enumerate(self.index.holders(list(hashes))):
-            here = {inst for inst, wid, loc in holders
-                    if wid == worker_id and loc in self.p2p_locations}
-            alive &= here
-            if not alive:
-                break
-            for inst in alive:
-                counts[inst] = i + 1
+        held = self.index.held_prefixes(list(hashes), self.p2p_locations)
+        counts = {inst: held.get((inst, worker_id), 0) for inst in peers}
         best = max(counts, key=lambda i: (counts[i], peers[i].last_heartbeat_time))
         if counts[best] == 0:
             return none
         return {"instance_id": best, "location": CPU_TIER, "num_hit_chunks": counts[best],
                 "peer_init_url": peers[best].peer_init_url}
-
-    # ---- operations on instances -----------------------------------------------------
-    def _workers_of(self, instance_id: str, worker_ids: Optional[Sequence[int]] = None
-                    ) -> list[WorkerInfo]:
-        ws = [w for w in self.index.workers() if w.instance_id == instance_id
-              and (worker_ids is None or w.worker_id in worker_ids)]
-        if not ws:
-            raise KeyError(f"no registered worker of instance {instance_id!r}")
-        return sorted(ws, key=lambda w: w.worker_id)
-
-    def send_command(self, worker: WorkerInfo, msg: dict[str, Any]) -> dict[str, Any]:
-        """One command to one worker (REQ/REP); ``{"error": ...}`` on timeout or failure."""
-        sock = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, int(self.command_timeout_secs * 1000))
-        sock.setsockopt(zmq.SNDTIMEO, int(self.command_timeout_secs * 1000))
-        try:
-            sock.connect(f"tcp://{worker.ip}:{worker.port}")
-            sock.send(encode(msg))
-            return decode(sock.recv(), reply=True)
-        except (zmq.ZMQError, ProtocolError) as e:
-            return {"error": f"worker {worker.instance_id}/{worker.worker_id} at "
-                             f"{worker.ip}:{worker.port}: {type(e).__name__}: {e}"}
-        finally:
-            sock.close()
-
-    def _broadcast(self, workers: list[WorkerInfo], msg: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(self._pool.map(lambda w: self.send_command(w, msg), workers))
-
-    @staticmethod
-    def _sum_tokens(replies: list[dict[str, Any]], what: str) -> int:
-        errors = [r["error"] for r in replies if "error" in r]
-        if errors:
-            raise RuntimeError(f"{what} failed: {'; '.join(errors)}")
-        return max((int(r.get("num_tokens", 0)) for r in replies), default=0)
-
-    def clear(self, instance_id: str, location: str) -> int:
-        """Clear the tier ``location`` (a tier name, or ``"all"``) on every worker of the
-        instance; returns the tokens cleared (largest over the workers)."""
-        return self._sum_tokens(self._broadcast(self._workers_of(instance_id),
-                                                {"op": "clear", "location": location}), "clear")
-
-    def pin(self, instance_id: str, location: str, tokens: Sequence[int]) -> int:
-        """Pin the cached prefix of ``tokens`` in ``location`` on the instance's workers;
-        returns the tokens pinned."""
-        return self._sum_tokens(self._broadcast(self._workers_of(instance_id), {
-            "op": "pin", "location": location, "tokens": list(tokens)}), "pin")
-
-    def move(self, old_position: Sequence[str], new_position: Sequence[str],
-             tokens: Sequence[int], copy: bool = False) -> int:
-        """Copy the cached prefix of ``tokens`` from ``(instance, location)`` to ``(instance,
-        location)`` (the destination's workers pull it over P2P when the instances differ),
-        then, unless ``copy``, remove it from the source. Returns the tokens moved."""
-        (src_inst, src_loc), (dst_inst, dst_loc) = old_position, new_position
-        src = self._workers_of(src_inst)
-        dsts = self._workers_of(dst_inst)
-        moved = self._sum_tokens(self._broadcast(dsts, {
-            "op": "move", "tokens": list(tokens), "src_instance": src_inst,
-            "src_location": src_loc, "dst_location": dst_loc,
-            "remove_source": not copy and src_inst == dst_inst}), "move")
-        if not copy and src_inst != dst_inst and moved:
-            self._sum_tokens(self._broadcast(src, {"op": "clear", "location": src_loc,
-                                                   "tokens": list(tokens)[:moved]}), "move")
-        return moved
-
-    def health(self, instance_id: str) -> dict[int, int]:
-        """``{worker_id: error_code}`` (0 = healthy; 1 = did not answer)."""
-        workers = self._workers_of(instance_id)
-        replies = self._broadcast(workers, {"op": "health"})
-        return {w.worker_id: (1 if "error" in r else int(r.get("error_code", 0)))
-                for w, r in zip(workers, replies)}
-
-    def query_worker_info(self, instance_id: str,
-                          worker_ids: Optional[Sequence[int]] = None) -> list[WorkerInfo]:
-        return self._workers_of(instance_id, worker_ids)
-
-    def query_instance(self, ip: str) -> Optional[str]:
-        """The instance id of a worker at ``ip`` (None: none)."""
-        return next((w.instance_id for w in self.index.workers() if w.ip == ip), None)
 
     def close(self) -> None:
         """Stop the threads, close the sockets and the index (idempotent)."""

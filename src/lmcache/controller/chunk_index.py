@@ -11,7 +11,7 @@ dtype) is checked by the peer that serves a chunk, so the index only needs the h
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,6 +95,25 @@ class ChunkIndex(abc.ABC):
     @abc.abstractmethod
     def holders(self, hashes: Sequence[int]) -> list[list[Holder]]:
         """For each hash, every (instance, worker, location) holding it."""
+
+    def held_prefixes(self, hashes: Sequence[int],
+                      locations: Collection[str] | None = None) -> dict[tuple[str, int], int]:
+        """For each registered worker ``(instance_id, worker_id)``: how many leading ``hashes``
+        it holds, each in some tier (in one of ``locations`` when given). This default makes
+        one pass over :meth:`holders`; an option may answer it faster."""
+        out = {(w.instance_id, w.worker_id): 0 for w in self.workers()}
+        alive = set(out)
+        for i, holders in enumerate(self.holders(hashes) if alive else ()):
+            here = {(inst, wid) for inst, wid, loc in holders
+                    if locations is None or loc in locations}
+            for who in alive - here:
+                out[who] = i
+            alive &= here
+            if not alive:
+                break
+        for who in alive:
+            out[who] = len(hashes)
+        return out
 
     @abc.abstractmethod
     def num_entries(self) -> int:

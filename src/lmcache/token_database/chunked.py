@@ -19,8 +19,8 @@ from lmcache.token_database.base import (
     num_masked_prefix,
     tokens_to_list,
 )
+from lmcache.token_database.cbor_chain import CborTokens
 from lmcache.token_database.hashing import (
-    CborTokens,
     make_hash_fn,
     none_hash,
     random_root_in_lmcache,

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import time
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from lmcache.controller.cache_controller import CacheController
-from lmcache.controller.chunk_index import WorkerInfo
+from lmcache.controller.chunk_index import ChunkIndex, WorkerInfo
 from lmcache.controller.http_api import create_app
 from lmcache.controller.index.memory import MemoryChunkIndex
 from lmcache.controller.index.valkey import ValkeyChunkIndex
@@ -36,13 +39,13 @@ def valkey_url(tmp_path_factory):
 
 @pytest.fixture(params=["memory", "valkey"])
 def make_index(request, valkey_url):
-    made = []
+    made, tag = [], uuid.uuid4().hex  # one key prefix per test (shared by its handles)
 
     def make():
         if request.param == "memory":
             idx = made[0] if made else MemoryChunkIndex()  # (memory: one per process)
         else:
-            idx = ValkeyChunkIndex(valkey_url, prefix=f"t{id(made)}:")
+            idx = ValkeyChunkIndex(valkey_url, prefix=f"t{tag}:")
         made.append(idx)
         return idx
 
@@ -80,6 +83,60 @@ def test_index_options_agree(make_index):
     other = make_index()
     assert [w.instance_id for w in other.workers()] == ["B"]
     assert other.holders([2]) == [[("B", 0, "LocalCPUBackend")]]
+
+
+def test_held_prefixes(make_index):
+    """Leading chunks each registered worker holds (any tier, or the given ones); the option's
+    answer equals the generic one computed from holders()."""
+    idx = make_index()
+    for inst, wid in (("A", 0), ("A", 1), ("B", 0), ("C", 0)):
+        idx.register(info(inst, wid))
+    idx.apply("A", 0, "LocalCPUBackend", [(ADMIT, h) for h in (10, 11, 12, 13)])
+    idx.apply("A", 1, "LocalCPUBackend", [(ADMIT, h) for h in (10, 11)])
+    idx.apply("A", 1, "LocalDiskBackend", [(ADMIT, 12)])
+    idx.apply("B", 0, "LocalDiskBackend", [(ADMIT, h) for h in (10, 11, 12, 13, 14)])
+    idx.apply("B", 0, "LocalDiskBackend", [(EVICT, 13)])
+    idx.apply("Z", 0, "LocalCPUBackend", [(ADMIT, 10)])  # never registered: not reported
+    hashes = [10, 11, 12, 13, 14]
+    cases = [(None, {("A", 0): 4, ("A", 1): 3, ("B", 0): 3, ("C", 0): 0}),
+             ({"LocalCPUBackend"}, {("A", 0): 4, ("A", 1): 2, ("B", 0): 0, ("C", 0): 0}),
+             ({"LocalDiskBackend"}, {("A", 0): 0, ("A", 1): 0, ("B", 0): 3, ("C", 0): 0})]
+    for locations, expected in cases:
+        assert idx.held_prefixes(hashes, locations) == expected, locations
+        assert ChunkIndex.held_prefixes(idx, hashes, locations) == expected, locations
+    assert idx.held_prefixes([], None) == dict.fromkeys(expected, 0)
+    assert idx.held_prefixes([99, 10], None) == dict.fromkeys(expected, 0)
+    # a dropped worker's bit is reused by the next one; nothing of the old one shows
+    assert idx.remove_worker("A", 0) == 4
+    idx.register(info("D"))
+    idx.apply("D", 0, "LocalCPUBackend", [(ADMIT, 10)])
+    assert idx.held_prefixes(hashes) == {("A", 1): 3, ("B", 0): 3, ("C", 0): 0, ("D", 0): 1}
+    idx.replace("D", 0, "LocalCPUBackend", [10, 11, 12])
+    idx.apply("A", 1, "LocalDiskBackend", [(EVICT, 12)])
+    assert idx.held_prefixes(hashes) == {("A", 1): 2, ("B", 0): 3, ("C", 0): 0, ("D", 0): 3}
+
+
+def test_lookup_of_a_two_worker_instance(make_index):
+    """An instance counts the chunks all its workers hold; its location is its first worker's
+    fastest tier holding the last counted chunk; a token array is accepted as a list is."""
+    ctl = _controller(make_index())
+    try:
+        t = tokens(13, 4)
+        hashes = [h for _, h in ctl.hashes(t)]
+        for inst, wid in (("A", 0), ("A", 1), ("B", 0)):
+            ctl.index.register(info(inst, wid))
+        ctl.index.apply("A", 0, "LocalDiskBackend", [(ADMIT, h) for h in hashes])
+        ctl.index.apply("A", 0, "LocalCPUBackend", [(ADMIT, hashes[2])])
+        ctl.index.apply("A", 1, "LocalCPUBackend", [(ADMIT, h) for h in hashes[:3]])
+        ctl.index.apply("B", 0, "LocalDiskBackend", [(ADMIT, h) for h in hashes[1:]])
+        expected = {"A": ("LocalCPUBackend", 3 * C)}
+        assert ctl.lookup(t) == expected
+        assert ctl.lookup(np.array(t, dtype=np.int32)) == expected
+        assert ctl.lookup(torch.tensor(t)) == expected
+        assert ctl.lookup(t[:2 * C + 5]) == {"A": ("LocalDiskBackend", 2 * C)}
+        assert ctl.lookup([]) == {}
+    finally:
+        ctl.close()
 
 
 def _controller(index) -> CacheController:

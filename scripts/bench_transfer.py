@@ -39,7 +39,7 @@ import time
 MiB = 1 << 20
 
 
-def _make_channel(kind: str, name: str, nbytes: int, spin_s: float = 0.02):
+def _make_channel(kind: str, name: str, nbytes: int, spin_s=None):
     import torch
 
     if kind == "nixl":
@@ -51,7 +51,8 @@ def _make_channel(kind: str, name: str, nbytes: int, spin_s: float = 0.02):
     from lmcache.transfer.cuda_ipc import CudaIpcChannel
 
     region = torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda")
-    return CudaIpcChannel(name, [region], timeout_s=60.0, spin_s=spin_s), region
+    extra = {} if spin_s is None else {"spin_s": spin_s}
+    return CudaIpcChannel(name, [region], timeout_s=60.0, **extra), region
 
 
 def _peer(conn, kind: str, nbytes: int) -> None:
@@ -104,8 +105,9 @@ def main(argv=None) -> int:
                         "and a fixed cost per call + bandwidth is fitted through them")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default=None)
-    p.add_argument("--spin-s", type=float, default=0.02,
-                   help="cuda_ipc: CudaIpcChannel spin_s (0: poll the copy's event with sleeps only)")
+    p.add_argument("--spin-s", type=float, default=None,
+                   help="cuda_ipc: CudaIpcChannel spin_s (default: the channel's; 0: poll the "
+                        "copy's event with sleeps only)")
     p.add_argument("--scatter", action="store_true",
                    help="remote descs in reverse chunk order (no two adjacent: one copy per chunk)")
     a = p.parse_args(argv)

@@ -15,9 +15,11 @@ Ceilings, measured in the same run on the same buffers:
              so this is the raw cross-process copy in place of a raw UCX transfer.
   cuda_ipc (GPU memory, two processes on one GPU):
     d2d      torch ``copy_`` device to device of the same bytes in one process (cudaMemcpy D2D),
-             one call for all bytes and one call per chunk.
+             one call for all bytes and one call per chunk; and the kernel copy, one call.
   bare copy_ (cuda_ipc): ``copy_`` of the same bytes straight into / out of the peer's region
-             as this process opened it (no channel code): the IPC memory's own copy rate.
+             as this process opened it (no channel code): the IPC memory's own copy rate;
+             "kernel": the same through an elementwise kernel on 8-byte words (SM copy,
+             lmcache.transfer.cuda_ipc.kernel_copy) instead of cudaMemcpyAsync.
 The ratio is channel GB/s over the best ceiling (target >= 0.80). With several ``--chunks``
 sizes a fixed cost per call and a bandwidth are fitted through the smallest and largest.
 
@@ -39,7 +41,7 @@ import time
 MiB = 1 << 20
 
 
-def _make_channel(kind: str, name: str, nbytes: int, spin_s=None):
+def _make_channel(kind: str, name: str, nbytes: int, spin_s=None, copy=None):
     import torch
 
     if kind == "nixl":
@@ -52,6 +54,8 @@ def _make_channel(kind: str, name: str, nbytes: int, spin_s=None):
 
     region = torch.full((nbytes,), 7, dtype=torch.uint8, device="cuda")
     extra = {} if spin_s is None else {"spin_s": spin_s}
+    if copy is not None:
+        extra["copy"] = copy
     return CudaIpcChannel(name, [region], timeout_s=60.0, **extra), region
 
 
@@ -108,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--spin-s", type=float, default=None,
                    help="cuda_ipc: CudaIpcChannel spin_s (default: the channel's; 0: poll the "
                         "copy's event with sleeps only)")
+    p.add_argument("--copy", choices=["memcpy", "kernel"], default=None,
+                   help="cuda_ipc: CudaIpcChannel copy (default: the channel's)")
     p.add_argument("--scatter", action="store_true",
                    help="remote descs in reverse chunk order (no two adjacent: one copy per chunk)")
     a = p.parse_args(argv)
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
     proc = ctx.Process(target=_peer, args=(child, a.channel, nbytes), daemon=True)
     proc.start()
     md, peer_pid, peer_addr = conn.recv()
-    ch, region = _make_channel(a.channel, "bench-a", nbytes, a.spin_s)
+    ch, region = _make_channel(a.channel, "bench-a", nbytes, a.spin_s, a.copy)
     peer = ch.add_peer(md)
     conn.send(("add", ch.agent_metadata()))
     conn.recv()
@@ -131,6 +137,12 @@ def main(argv=None) -> int:
     other = torch.empty_like(region)
     other.fill_(1)
     sync = torch.cuda.synchronize if a.channel == "cuda_ipc" else None
+    if a.channel == "cuda_ipc":
+        try:
+            from lmcache.transfer.cuda_ipc import kernel_copy
+        except ImportError:  # an older channel module (before/after runs): the same kernel
+            def kernel_copy(dst, src):
+                torch.add(src.view(torch.int64), 0, out=dst.view(torch.int64))
     libc = ctypes.CDLL(None)
     libc.memcpy.restype = ctypes.c_void_p
     results = []
@@ -152,7 +164,10 @@ def main(argv=None) -> int:
             mine, out = region[:nb], other[:nb]
             paths["bare copy_ into the peer (one call)"] = lambda: theirs[:nb].copy_(mine)
             paths["bare copy_ from the peer (one call)"] = lambda: mine.copy_(theirs[:nb])
+            paths["bare kernel copy into the peer"] = lambda: kernel_copy(theirs[:nb], mine)
+            paths["bare kernel copy from the peer"] = lambda: kernel_copy(mine, theirs[:nb])
             paths["ceiling d2d copy_ (one call)"] = lambda: out.copy_(mine)
+            paths["ceiling d2d kernel copy (one call)"] = lambda: kernel_copy(out, mine)
 
             def per_chunk(descs=descs):
                 for o, m in descs:
@@ -200,7 +215,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"channel": a.channel, "scatter": a.scatter, "chunk_bytes": chunk,
-                       "reps": a.reps, "spin_s": a.spin_s, **results[0], "sizes": results, "fit": fits}, f, indent=1)
+                       "reps": a.reps, "spin_s": a.spin_s, "copy": a.copy, **results[0], "sizes": results, "fit": fits}, f, indent=1)
     return 0
 
 

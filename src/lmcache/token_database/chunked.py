@@ -8,7 +8,6 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 
 from lmcache.keys import CacheEngineKey
@@ -20,6 +19,7 @@ from lmcache.token_database.base import (
     tokens_to_list,
 )
 from lmcache.token_database.cbor_chain import CborTokens
+from lmcache.token_database.token_array import ints_to_numpy
 from lmcache.token_database.hashing import (
     make_hash_fn,
     none_hash,
@@ -297,7 +297,7 @@ def _as_tensor(tokens: Tokens) -> torch.Tensor:
         return tokens.to(device="cpu", dtype=torch.int64)
     try:
         if isinstance(tokens, (list, tuple)):  # one C loop (numpy) instead of int() per token
-            return torch.from_numpy(np.fromiter(tokens, dtype=np.int64, count=len(tokens)))
+            return torch.from_numpy(ints_to_numpy(tokens))
         return torch.tensor(tokens_to_list(tokens), dtype=torch.int64)
     except (TypeError, RuntimeError, OverflowError) as err:
         raise ValueError(f"tokens must be a sequence of ints: {err}") from None

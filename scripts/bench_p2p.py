@@ -9,9 +9,15 @@ CacheController in-process (A registered in its index) and pulls every chunk wit
 allocate, ``NixlChannel.read``, release — then checks the bytes and frees them.
 
 Compared in the same run: the raw ``NixlChannel.read`` of the same bytes (the same descs,
-one call), and a one-process ``copy_`` of the same bytes (memcpy). Median of ``--reps``.
+one call), and a one-process ``copy_`` of the same bytes (memcpy). Median of ``--reps``. Each
+rep runs the three in a rotated order (each follows each other one equally often: a call right
+after the memcpy shares the cores with its spinning OpenMP threads) after a ``--gap-ms`` pause
+(the pull's background lease release does not land in the next timed call). All local memory
+is in the one pre-faulted buffer; the bytes are checked outside the timed call. The pull's time
+is also split into its ``channel.read`` and the rest.
 
-Usage: python scripts/bench_p2p.py [--chunks 8] [--chunk-mib 32] [--reps 5]
+Usage: python scripts/bench_p2p.py [--chunks 8] [--chunk-mib 32] [--reps 5] [--gap-ms 50]
+       [--per-rep]
 """
 
 from __future__ import annotations
@@ -87,6 +93,9 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--chunk-mib", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--gap-ms", type=float, default=50.0,
+                   help="pause before each timed call, ms")
+    p.add_argument("--per-rep", action="store_true", help="also print every rep's ms")
     a = p.parse_args()
 
     import torch
@@ -113,8 +122,7 @@ def main() -> None:
     ctl.index.apply("bench-A", 0, "LocalCPUBackend", [(ADMIT, k.chunk_hash) for k in keys])
     nbytes = a.chunks * a.chunk_mib * MiB
 
-    def pull() -> None:
-        objs = p2p.batched_get_blocking(keys)
+    def check(objs) -> None:
         assert all(o is not None for o in objs), "a chunk was not pulled"
         for i, o in enumerate(objs):
             v = o.tensor.view(torch.uint8).view(-1)
@@ -122,24 +130,46 @@ def main() -> None:
             o.ref_count_down()
 
     # the raw channel read of the same bytes: acquire once, read the same descs repeatedly
-    from lmcache.controller.protocol import decode, encode  # noqa: F401 (same wire as the tier)
-    pull()  # warm-up (hello, peer metadata)
-    agent, lookup_url = p2p._peer(url)
-    acq = p2p._request(lookup_url, {"op": "acquire", "keys": [[k.to_string(), False] for k in keys]}, 30)
+    check(p2p.batched_get_blocking(keys))  # warm-up (hello, peer metadata)
+    agent, lookup_url = p2p.client.peer(url)
+    acq = p2p.client.request(lookup_url, p2p.client.acquire_message(keys), 30)
     remote = [(int(c[0]), int(c[1])) for c in acq["chunks"]]
     local_objs = [cpu.allocate((2, 32, tokens, 1024), torch.bfloat16) for _ in keys]
     base = alloc.buffer.data_ptr()
     local = [(o.tensor.data_ptr() - base, o.nbytes) for o in local_objs]
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(3)
     dst = torch.empty(nbytes, dtype=torch.uint8).fill_(0)
-    t = {"p2p": [], "raw": [], "memcpy": []}
-    for _ in range(a.reps):  # round robin
-        t0 = time.perf_counter(); pull(); t["p2p"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); channel.read(agent, local, remote); t["raw"].append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); dst.copy_(src); t["memcpy"].append(time.perf_counter() - t0)
-    p2p._request(lookup_url, {"op": "release", "lease": acq["lease"]}, 30)
+    got: list = []
+    in_read: list[float] = []  # time the pulls spent inside channel.read
+    raw_read = channel.read
+
+    def timed_read(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return raw_read(*args, **kw)
+        finally:
+            in_read.append(time.perf_counter() - t0)
+
+    paths = {"p2p": lambda: got.append(p2p.batched_get_blocking(keys)),
+             "raw": lambda: raw_read(agent, local, remote),
+             "memcpy": lambda: dst.copy_(src)}
+    t: dict[str, list[float]] = {k: [] for k in paths}
+    channel.read = timed_read  # (the tier's reads only: the raw path calls raw_read)
+    order = list(paths)
+    for rep in range(a.reps):  # round robin, rotated: each path follows each other one
+        for k in order[rep % 3:] + order[:rep % 3]:
+            time.sleep(a.gap_ms / 1000)  # the last call's background work (a release) settles
+            t0 = time.perf_counter()
+            paths[k]()
+            t[k].append(time.perf_counter() - t0)
+            if got:
+                check(got.pop())  # (bytes checked outside the timed call)
+    p2p.client.request(lookup_url, {"op": "release", "lease": acq["lease"]}, 30)
     for o in local_objs:
         o.ref_count_down()
+    if a.per_rep:
+        print({k: [round(x * 1e3, 1) for x in v] for k, v in t.items()})
+    rest = [p - r for p, r in zip(t["p2p"], in_read)]
     gbs = {k: nbytes / statistics.median(v) / 1e9 for k, v in t.items()}
     print(f"\nP2P pull of {a.chunks} x {a.chunk_mib} MiB ({nbytes / MiB:.0f} MiB per call), "
           f"median of {a.reps}")
@@ -149,6 +179,9 @@ def main() -> None:
             ("ceiling: copy_ of the same bytes, one process (memcpy)", "memcpy")]
     for label, k in rows:
         print(f"{label[:58]:58} {gbs[k]:7.2f} {gbs[k] / gbs['raw']:10.2f} {gbs[k] / gbs['memcpy']:9.2f}")
+    print(f"the tier's pull, median ms: {statistics.median(t['p2p']) * 1e3:.1f} of which "
+          f"channel.read {statistics.median(in_read) * 1e3:.1f}, the rest (lookup, acquire, "
+          f"allocation, release hand-off) {statistics.median(rest) * 1e3:.2f}")
     parent.send("done")
     peer.join(60)
     p2p.close()

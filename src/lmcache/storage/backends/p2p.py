@@ -32,14 +32,13 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
-import zmq
-
-from lmcache.controller.protocol import ProtocolError, decode, encode, tcp_url
-from lmcache.keys import CacheEngineKey, LayerCacheEngineKey, name_to_dtype
+from lmcache.controller.protocol import tcp_url
+from lmcache.keys import CacheEngineKey, name_to_dtype
 from lmcache.memory.memory_format import MemoryFormat
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.storage.backends.base import StorageBackendInterface
+from lmcache.storage.backends.p2p_client import P2PClient
 from lmcache.storage.backends.p2p_server import P2PPeerServer
 
 logger = logging.getLogger(__name__)
@@ -103,12 +102,9 @@ class P2PBackend(StorageBackendInterface):
                                     p2p_host, int(p2p_init_ports[w]), int(p2p_lookup_ports[w]),
                                     self.lease_secs)
         self.peer_init_url = f"{p2p_host}:{self.server.init_port}"
-        self._ctx = zmq.Context()
         self._lock = threading.Lock()
-        self._peers: dict[str, tuple[str, str]] = {}      # peer_init_url -> (agent, lookup_url)
-        self._answers: dict[CacheEngineKey, tuple[float, str]] = {}  # key -> (expiry, peer url)
-        self._controller_down_until = 0.0
         self._quarantine: list[tuple[float, list[MemoryObj]]] = []
+        self._layout: Optional[tuple[list, Any, MemoryFormat]] = None  # of the last pull
         self._pool = ThreadPoolExecutor(max_workers=num_get_workers, thread_name_prefix="lmc-p2p")
         self.before_read: Optional[Callable[[], None]] = None
         """Called between a peer's acquire and the read (a test seam: fault tests stop the
@@ -116,78 +112,15 @@ class P2PBackend(StorageBackendInterface):
         self.stats = {"lookups": 0, "lookup_failures": 0, "hit_chunks": 0, "pulls": 0,
                       "pulled_chunks": 0, "pulled_bytes": 0, "pull_failures": 0,
                       "layout_mismatches": 0}
-
-    # ---- requests ---------------------------------------------------------------------
-    def _request(self, url: str, msg: dict, timeout: float) -> Optional[dict]:
-        sock = self._ctx.socket(zmq.REQ)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, max(1, int(timeout * 1000)))
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
-        sock.setsockopt(zmq.MAXMSGSIZE, 16 * 1024 * 1024)
-        try:
-            sock.connect(url)
-            sock.send(encode(msg))
-            reply = decode(sock.recv(), reply=True)
-            return None if "error" in reply else reply
-        except (zmq.ZMQError, ProtocolError):
-            return None
-        finally:
-            sock.close()
-
-    def _lookup(self, keys: Sequence[CacheEngineKey]) -> tuple[int, str]:
-        """(chunks of ``keys`` a peer holds, its peer_init_url) from the controller."""
-        now = time.monotonic()
-        if now < self._controller_down_until or not keys:
-            return 0, ""
-        self.stats["lookups"] += 1
-        reply = self._request(self.reply_url, {
-            "op": "p2p_lookup", "instance_id": self.instance_id,
-            "worker_id": self.metadata.worker_id, "hashes": [k.chunk_hash for k in keys]},
-            self.lookup_timeout)
-        if reply is None:
-            self.stats["lookup_failures"] += 1
-            self._controller_down_until = time.monotonic() + self.retry_interval
-            return 0, ""
-        n, url = int(reply.get("num_hit_chunks", 0)), str(reply.get("peer_init_url") or "")
-        if n and url:
-            expiry = time.monotonic() + self.lookup_cache_secs
-            with self._lock:
-                if len(self._answers) > 100000:
-                    self._answers.clear()
-                for key in keys[:n]:
-                    self._answers[key] = (expiry, url)
-        return (n, url) if url else (0, "")
-
-    def _peer(self, init_url: str) -> Optional[tuple[str, str]]:
-        """(agent name, lookup url) of the peer at ``init_url``, saying hello first if new."""
-        with self._lock:
-            known = self._peers.get(init_url)
-        if known is not None:
-            return known
-        reply = self._request(tcp_url(init_url, "peer_init_url"), {"op": "hello"},
-                              self.blocking_timeout_secs)
-        if reply is None or not isinstance(reply.get("metadata"), bytes):
-            return None
-        try:
-            agent = self.channel.add_peer(reply["metadata"])
-        except Exception as e:  # noqa: BLE001 - a peer we cannot load is no peer
-            logger.warning("P2P peer at %s: its channel metadata was refused: %s", init_url, e)
-            return None
-        peer = (agent, tcp_url(str(reply["lookup_url"]), "lookup_url"))
-        with self._lock:
-            self._peers[init_url] = peer
-        return peer
-
-    def _forget_peer(self, init_url: str) -> None:
-        with self._lock:
-            self._peers.pop(init_url, None)
-            self._answers.clear()
+        self.client = P2PClient(transfer_channel, self.instance_id, w, self.reply_url,
+                                self.lookup_timeout, self.retry_interval, self.lookup_cache_secs,
+                                self.blocking_timeout_secs, self.stats)
 
     # ---- reads --------------------------------------------------------------------------
     def batched_contains(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
         """Chunks of the prefix of ``keys`` another instance holds (the controller's answer;
         nothing is pinned: the peer holds chunks only while they are pulled)."""
-        n, _ = self._lookup(list(keys))
+        n, _ = self.client.lookup(list(keys))
         self.stats["hit_chunks"] += n
         return n
 
@@ -213,12 +146,9 @@ class P2PBackend(StorageBackendInterface):
         if not keys:
             return out
         self._purge_quarantine()
-        now = time.monotonic()
-        with self._lock:
-            answer = self._answers.get(keys[0])
-        url = answer[1] if answer is not None and answer[0] > now else None
+        url = self.client.cached_peer(keys[0])
         if url is None:
-            n, url = self._lookup(keys)
+            n, url = self.client.lookup(keys)
             if not n:
                 return out
         objs = self._pull(url, keys)
@@ -227,37 +157,25 @@ class P2PBackend(StorageBackendInterface):
 
     def _pull(self, init_url: str, keys: list[CacheEngineKey]) -> list[MemoryObj]:
         deadline = time.monotonic() + self.blocking_timeout_secs
-        peer = self._peer(init_url)
+        peer = self.client.peer(init_url)
         if peer is None:
             self.stats["pull_failures"] += 1
             return []
         agent, lookup_url = peer
         self.stats["pulls"] += 1
-        reply = self._request(lookup_url, {
-            "op": "acquire",
-            "keys": [[k.to_string(), isinstance(k, LayerCacheEngineKey)] for k in keys]},
-            max(0.001, deadline - time.monotonic()))
+        pending = self.client.send(lookup_url, self.client.acquire_message(keys),
+                                   max(0.001, deadline - time.monotonic()))
+        guess = self._allocate_guess(len(keys))  # while the peer answers
+        reply = pending.result()
         if reply is None:
+            self._free(guess)
             self.stats["pull_failures"] += 1
-            self._forget_peer(init_url)
+            self.client.forget_peer(init_url)
             return []
         acquired_at = time.monotonic()
         lease, chunks = int(reply.get("lease", 0)), list(reply.get("chunks", []))[:len(keys)]
-        objs: list[MemoryObj] = []
         try:
-            for offset, nbytes, shape, dtype_name, fmt in chunks:
-                dtype = name_to_dtype(dtype_name)
-                if not self._expected(list(shape), dtype, int(fmt)):
-                    self.stats["layout_mismatches"] += 1
-                    break
-                obj = self.cpu.allocate(list(shape), dtype, MemoryFormat(int(fmt)))
-                if obj is None:
-                    break
-                if obj.nbytes != nbytes:
-                    obj.ref_count_down()
-                    self.stats["layout_mismatches"] += 1
-                    break
-                objs.append(obj)
+            objs = self._allocate(chunks, guess)
             if not objs:
                 return []
             local = [(obj.tensor.data_ptr() - self._base, obj.nbytes) for obj in objs]
@@ -270,28 +188,76 @@ class P2PBackend(StorageBackendInterface):
             except Exception as e:  # noqa: BLE001 - TransferError, a peer gone: a miss
                 logger.warning("P2P pull of %d chunks from %s failed: %s", len(objs), init_url, e)
                 self.stats["pull_failures"] += 1
-                self._quarantine.append((time.monotonic() + 2 * self.blocking_timeout_secs,
-                                         objs))
-                objs = []
-                self._forget_peer(init_url)
-                try:
-                    self.channel.remove_peer(agent)
-                except Exception:  # noqa: BLE001
-                    pass
+                with self._lock:
+                    self._quarantine.append((time.monotonic() + 2 * self.blocking_timeout_secs,
+                                             objs))
+                self.client.forget_peer(init_url, drop_channel_peer=True)
                 return []
             if time.monotonic() - acquired_at > self.lease_secs - 1.0:  # lease may have lapsed
                 self.stats["pull_failures"] += 1
-                for obj in objs:
-                    obj.ref_count_down()
-                objs = []
+                self._free(objs)
                 return []
             self.stats["pulled_chunks"] += len(objs)
             self.stats["pulled_bytes"] += sum(o.nbytes for o in objs)
             return objs
         finally:
             if lease:
-                self._pool.submit(self._request, lookup_url, {"op": "release", "lease": lease},
-                                  self.blocking_timeout_secs)
+                self._pool.submit(self.client.request, lookup_url,
+                                  {"op": "release", "lease": lease}, self.blocking_timeout_secs)
+
+    def _allocate_guess(self, n: int) -> list[MemoryObj]:
+        """Up to ``n`` objects of the last pull's first chunk layout, without evicting (the
+        peer may hold fewer chunks than asked)."""
+        guess: list[MemoryObj] = []
+        if self._layout is not None:
+            shape, dtype, fmt = self._layout
+            try:
+                while len(guess) < n:
+                    obj = self.cpu.allocate(shape, dtype, fmt, evict=False)
+                    if obj is None:
+                        break
+                    guess.append(obj)
+            except Exception as e:  # noqa: BLE001 - then the pull allocates after the reply
+                logger.warning("P2P: allocating ahead of the peer's answer failed: %s", e)
+        return guess
+
+    def _allocate(self, chunks: list, guess: list[MemoryObj]) -> list[MemoryObj]:
+        """Local memory for the acquired ``chunks`` (a prefix: up to the first chunk of an
+        unexpected layout or that does not fit): a guessed object where its layout matches,
+        a new allocation otherwise; unused guesses are freed."""
+        objs: list[MemoryObj] = []
+        try:
+            for i, (_, nbytes, shape, dtype_name, fmt) in enumerate(chunks):
+                shape, dtype, fmt = list(shape), name_to_dtype(dtype_name), int(fmt)
+                if not self._expected(shape, dtype, fmt):
+                    self.stats["layout_mismatches"] += 1
+                    break
+                if i == 0:
+                    self._layout = (shape, dtype, MemoryFormat(fmt))
+                obj = guess[i] if i < len(guess) else None
+                if obj is not None and (list(obj.shape) != shape or obj.dtype != dtype
+                                        or int(obj.fmt) != fmt):
+                    obj.ref_count_down()
+                    obj = None
+                if i < len(guess):
+                    guess[i] = None  # (taken or freed)
+                if obj is None:
+                    obj = self.cpu.allocate(shape, dtype, MemoryFormat(fmt))
+                    if obj is None:
+                        break
+                if obj.nbytes != nbytes:
+                    obj.ref_count_down()
+                    self.stats["layout_mismatches"] += 1
+                    break
+                objs.append(obj)
+        finally:
+            self._free([g for g in guess if g is not None])
+        return objs
+
+    @staticmethod
+    def _free(objs: Sequence[MemoryObj]) -> None:
+        for obj in objs:
+            obj.ref_count_down()
 
     def _purge_quarantine(self) -> None:
         now = time.monotonic()
@@ -347,4 +313,4 @@ class P2PBackend(StorageBackendInterface):
         for _, objs in held:
             for obj in objs:
                 obj.ref_count_down()
-        self._ctx.term()
+        self.client.close()

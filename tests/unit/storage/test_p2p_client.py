@@ -1,0 +1,147 @@
+"""P2PClient's kept REQ sockets against a real ZMQ ROUTER server (each connection has its own
+routing id, so the server sees whether a request came on a kept or a fresh socket): one socket
+kept per URL across requests, a timed-out socket replaced (a late reply never answers the next
+request), error replies and a closed client answer None, and a controller that does not answer
+costs one lookup timeout and then lookups are skipped."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from lmcache.controller.protocol import decode, encode
+from lmcache.keys import CacheEngineKey
+from lmcache.storage.backends.p2p_client import P2PClient
+
+
+class Router:
+    """A ROUTER server run by the test, one request at a time."""
+
+    def __init__(self) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.url = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+    def recv(self, timeout: float = 5.0) -> tuple[bytes, dict]:
+        assert self.sock.poll(int(timeout * 1000)), "no request arrived"
+        ident, _, body = self.sock.recv_multipart()
+        return ident, decode(body)
+
+    def reply(self, ident: bytes, msg: dict) -> None:
+        self.sock.send_multipart([ident, b"", encode(msg)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def server():
+    s = Router()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def client():
+    stats = {"lookups": 0, "lookup_failures": 0}
+    c = P2PClient(None, "B", 0, "tcp://127.0.0.1:1", lookup_timeout=0.2, retry_interval=60.0,
+                  lookup_cache_secs=2.0, hello_timeout=1.0, stats=stats)
+    yield c
+    c.close()
+
+
+def serve(server: Router, replies: list, idents: list) -> threading.Thread:
+    def run() -> None:
+        for answer in replies:
+            ident, msg = server.recv()
+            idents.append(ident)
+            if answer is not None:
+                server.reply(ident, {**answer, "n": msg["n"]})
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_one_socket_is_kept_per_url(server, client):
+    idents: list = []
+    t = serve(server, [{"ok": True}] * 3, idents)
+    replies = [client.request(server.url, {"op": "x", "n": i}, 2.0) for i in range(3)]
+    t.join(5)
+    assert replies == [{"ok": True, "n": 0}, {"ok": True, "n": 1}, {"ok": True, "n": 2}]
+    assert len(set(idents)) == 1  # three round trips on one connection
+
+
+def test_a_timed_out_socket_is_replaced_and_its_late_reply_is_never_read(server, client):
+    t0 = time.monotonic()
+    assert client.request(server.url, {"op": "x", "n": 1}, 0.2) is None  # nobody answers yet
+    assert 0.15 < time.monotonic() - t0 < 1.5
+    late, msg = server.recv()
+    assert msg["n"] == 1
+    server.reply(late, {"late": True, "n": 1})  # to the closed socket: dropped
+    idents: list = []
+    t = serve(server, [{"ok": True}], idents)
+    assert client.request(server.url, {"op": "x", "n": 2}, 2.0) == {"ok": True, "n": 2}
+    t.join(5)
+    assert idents and idents[0] != late  # a fresh connection
+
+
+def test_error_reply_is_none_and_the_socket_stays_usable(server, client):
+    idents: list = []
+    t = serve(server, [{"error": "bad"}, {"ok": True}], idents)
+    assert client.request(server.url, {"op": "x", "n": 1}, 2.0) is None
+    assert client.request(server.url, {"op": "x", "n": 2}, 2.0) == {"ok": True, "n": 2}
+    t.join(5)
+    assert len(set(idents)) == 1
+
+
+def test_pending_replies_overlap_work_and_a_closed_client_answers_none(server, client):
+    idents: list = []
+    t = serve(server, [{"ok": True}], idents)
+    pending = client.send(server.url, {"op": "x", "n": 7}, 2.0)
+    busy = sum(range(10000))  # (the caller works while the server answers)
+    assert pending.result() == {"ok": True, "n": 7} and busy == 49995000
+    assert pending.result() is None  # a reply is read once
+    t.join(5)
+    client.close()
+    assert client.request(server.url, {"op": "x", "n": 8}, 0.2) is None
+
+
+def test_a_silent_controller_costs_one_timeout_then_lookups_are_skipped(client):
+    keys = [CacheEngineKey("m", 1, 0, h, torch.float32) for h in (1, 2)]
+    t0 = time.monotonic()
+    assert client.lookup(keys) == (0, "")
+    assert 0.15 < time.monotonic() - t0 < 1.5  # lookup_timeout 0.2 s (nothing listens)
+    t0 = time.monotonic()
+    assert client.lookup(keys) == (0, "")  # within retry_interval: not asked
+    assert time.monotonic() - t0 < 0.05
+    assert client.stats == {"lookups": 1, "lookup_failures": 1}
+
+
+def test_a_controller_answer_is_cached_for_its_keys(server):
+    stats = {"lookups": 0, "lookup_failures": 0}
+    c = P2PClient(None, "B", 0, server.url, lookup_timeout=2.0, retry_interval=1.0,
+                  lookup_cache_secs=30.0, hello_timeout=1.0, stats=stats)
+    try:
+        keys = [CacheEngineKey("m", 1, 0, h, torch.float32) for h in (1, 2, 3)]
+
+        def answer() -> None:
+            ident, msg = server.recv()
+            assert msg["hashes"] == [1, 2, 3] and msg["instance_id"] == "B"
+            server.sock.send_multipart([ident, b"", msgpack.packb(
+                {"num_hit_chunks": 2, "peer_init_url": "127.0.0.1:5555"})])
+
+        t = threading.Thread(target=answer)
+        t.start()
+        assert c.lookup(keys) == (2, "127.0.0.1:5555")
+        t.join(5)
+        assert [c.cached_peer(k) for k in keys] == ["127.0.0.1:5555", "127.0.0.1:5555", None]
+    finally:
+        c.close()

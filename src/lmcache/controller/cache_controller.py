@@ -206,8 +206,8 @@ class CacheController(InstanceOperations):
     def hashes(self, tokens) -> list[tuple[int, int]]:
         """``[(end, chunk_hash)]`` of the chunks of ``tokens`` (the workers' token database):
         a sequence of ints, or a 1-D int tensor or numpy array."""
-        if isinstance(tokens, np.ndarray):
-            tokens = torch.from_numpy(tokens)
+        if isinstance(tokens, np.ndarray):  # (a copy: the array may be read-only)
+            tokens = torch.from_numpy(np.array(tokens, copy=True))
         elif not isinstance(tokens, (list, torch.Tensor)):
             tokens = list(tokens)
         return [(end, h) for _, end, h in

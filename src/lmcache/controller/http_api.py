@@ -14,6 +14,11 @@
 
 An unknown instance is 404, a worker that fails or does not answer 503 (both with ``detail``
 naming it), a malformed body 422 (FastAPI's validation).
+
+``POST /lookup`` also takes the prompt in a compact body, by ``Content-Type``:
+``application/json`` (LMCache's, the default), ``application/msgpack`` (the same map
+``{"tokens": [...]}``) or ``application/octet-stream`` (the token ids as little-endian int32,
+4 bytes each: no per-token parsing at all). Another content type is 415.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ from __future__ import annotations
 import uuid
 from typing import Optional
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+import msgpack
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from lmcache.controller.cache_controller import CacheController
 
@@ -73,6 +82,49 @@ def _call(name: str, fn, *args):
         raise HTTPException(status_code=503, detail=f"{name}: {type(e).__name__}: {e}") from None
 
 
+TOKEN_BODY_TYPES = ("application/json", "application/msgpack", "application/octet-stream")
+"""Content types ``POST /lookup`` accepts (see the module docstring)."""
+
+
+def parse_tokens(content_type: Optional[str], body: bytes):
+    """The tokens of a ``/lookup`` body: a list of ints (JSON, msgpack) or an int32 array
+    (octet-stream).
+
+    Raises:
+        HTTPException: 415 for another content type.
+        RequestValidationError: (422) a body that does not hold a list of ints, or an
+            octet-stream body whose length is not a multiple of 4.
+    """
+    kind = (content_type or "application/json").split(";")[0].strip().lower()
+    try:
+        if kind == "application/json":
+            return LookupRequest.model_validate_json(body).tokens
+        if kind == "application/msgpack":
+            try:
+                obj = msgpack.unpackb(body, raw=False, strict_map_key=False)
+            except (ValueError, msgpack.ExtraData) as e:
+                raise RequestValidationError([{"type": "msgpack", "loc": ("body",),
+                                               "msg": f"not a msgpack body: {e}"}]) from None
+            return LookupRequest.model_validate(obj).tokens
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+    if kind == "application/octet-stream":
+        if len(body) % 4:
+            raise RequestValidationError([{
+                "type": "int32_array", "loc": ("body",),
+                "msg": f"an int32 token array has a multiple of 4 bytes, got {len(body)}"}])
+        return np.frombuffer(body, dtype="<i4")
+    raise HTTPException(status_code=415, detail=f"/lookup takes a body of type "
+                                                f"{', '.join(TOKEN_BODY_TYPES)}; got {kind!r}")
+
+
+_LOOKUP_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": LookupRequest.model_json_schema()},
+    "application/msgpack": {"schema": LookupRequest.model_json_schema()},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "token ids, little-endian int32"}}}}}
+
+
 def _event(name: str) -> str:
     return f"{name}{uuid.uuid4()}"
 
@@ -81,9 +133,10 @@ def create_app(controller: CacheController) -> FastAPI:
     """The FastAPI application serving ``controller``."""
     app = FastAPI(title="lmcache cache controller")
 
-    @app.post("/lookup")
-    def lookup(req: LookupRequest):
-        info = _call("lookup", controller.lookup, req.tokens)
+    @app.post("/lookup", openapi_extra=_LOOKUP_BODY)
+    async def lookup(request: Request):
+        tokens = parse_tokens(request.headers.get("content-type"), await request.body())
+        info = await run_in_threadpool(_call, "lookup", controller.lookup, tokens)
         return {"event_id": _event("Lookup"),
                 "layout_info": {k: [loc, n] for k, (loc, n) in info.items()}}
 

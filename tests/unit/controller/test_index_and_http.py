@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from lmcache.controller.cache_controller import CacheController
 from lmcache.controller.chunk_index import ChunkIndex, WorkerInfo
-from lmcache.controller.http_api import create_app
+from lmcache.controller.http_api import TOKEN_BODY_TYPES, create_app
 from lmcache.controller.index.memory import MemoryChunkIndex
 from lmcache.controller.index.valkey import ValkeyChunkIndex
 from lmcache.controller.protocol import ADMIT, EVICT
@@ -187,6 +188,27 @@ def test_http_api(controller):
     r = http.post("/clear", json={"instance_id": "nobody", "location": "LocalCPUBackend"})
     assert r.status_code == 404 and "nobody" in r.json()["detail"]
     assert http.post("/lookup", json={"tokens": "abc"}).status_code == 422
+    # the compact bodies: msgpack of the same map, little-endian int32 token ids
+    layout = {"A": ["LocalCPUBackend", 2 * C]}
+    r = http.post("/lookup", content=msgpack.packb({"tokens": t + [1, 2, 3]}),
+                  headers={"content-type": "application/msgpack"})
+    assert r.status_code == 200 and r.json()["layout_info"] == layout
+    r = http.post("/lookup", content=np.array(t + [1, 2], "<i4").tobytes(),
+                  headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200 and r.json()["layout_info"] == layout
+    r = http.post("/lookup", content=np.array(t[:C], "<i4").tobytes(),
+                  headers={"content-type": "application/octet-stream"})
+    assert r.json()["layout_info"] == {"A": ["LocalCPUBackend", C]}
+    for body, ctype, status, why in (
+            (b"\x01\x02\x03", "application/octet-stream", 422, "multiple of 4 bytes, got 3"),
+            (msgpack.packb({"tokens": ["x"]}), "application/msgpack", 422, "int"),
+            (b"\xc1", "application/msgpack", 422, "not a msgpack body"),
+            (b"{}", "application/json", 422, "tokens"),
+            (b"1 2", "text/plain", 415, "application/octet-stream")):
+        r = http.post("/lookup", content=body, headers={"content-type": ctype})
+        assert r.status_code == status and why in str(r.json()["detail"]), (ctype, r.json())
+    spec = http.get("/openapi.json").json()["paths"]["/lookup"]["post"]["requestBody"]
+    assert tuple(spec["content"]) == TOKEN_BODY_TYPES
     # the worker at port 9 does not answer: 503 naming it, within the command timeout
     t0 = time.monotonic()
     r = http.post("/clear", json={"instance_id": "A", "location": "LocalCPUBackend"})

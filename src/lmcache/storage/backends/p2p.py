@@ -20,25 +20,29 @@ longer than any read (``lease_secs`` > ``blocking_timeout_secs``); a read that f
 lease could have expired is discarded too.
 
 The tier stores nothing itself (``put`` is a no-op; peers pull from each other's CPU tiers).
-Its serving side is :class:`~lmcache.storage.backends.p2p_server.P2PPeerServer`.
+Its serving side is :class:`~lmcache.storage.backends.p2p_server.P2PPeerServer`; its requests
+(kept ZMQ sockets, cached controller answers, hellos) are
+:class:`~lmcache.storage.backends.p2p_client.P2PClient`'s; the local memory of a pull
+(allocated while the peer answers ``acquire``; quarantine) is
+:class:`~lmcache.storage.backends.p2p_memory.PullMemory`'s. The lease release is sent in the
+background, off the pull's critical path.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 from lmcache.controller.protocol import tcp_url
-from lmcache.keys import CacheEngineKey, name_to_dtype
-from lmcache.memory.memory_format import MemoryFormat
+from lmcache.keys import CacheEngineKey
 from lmcache.memory.memory_obj import MemoryObj
 from lmcache.metadata import LMCacheMetadata
 from lmcache.storage.backends.base import StorageBackendInterface
 from lmcache.storage.backends.p2p_client import P2PClient
+from lmcache.storage.backends.p2p_memory import PullMemory, free
 from lmcache.storage.backends.p2p_server import P2PPeerServer
 
 logger = logging.getLogger(__name__)
@@ -102,9 +106,6 @@ class P2PBackend(StorageBackendInterface):
                                     p2p_host, int(p2p_init_ports[w]), int(p2p_lookup_ports[w]),
                                     self.lease_secs)
         self.peer_init_url = f"{p2p_host}:{self.server.init_port}"
-        self._lock = threading.Lock()
-        self._quarantine: list[tuple[float, list[MemoryObj]]] = []
-        self._layout: Optional[tuple[list, Any, MemoryFormat]] = None  # of the last pull
         self._pool = ThreadPoolExecutor(max_workers=num_get_workers, thread_name_prefix="lmc-p2p")
         self.before_read: Optional[Callable[[], None]] = None
         """Called between a peer's acquire and the read (a test seam: fault tests stop the
@@ -112,6 +113,7 @@ class P2PBackend(StorageBackendInterface):
         self.stats = {"lookups": 0, "lookup_failures": 0, "hit_chunks": 0, "pulls": 0,
                       "pulled_chunks": 0, "pulled_bytes": 0, "pull_failures": 0,
                       "layout_mismatches": 0}
+        self.memory = PullMemory(allocator_backend, metadata, self.stats)
         self.client = P2PClient(transfer_channel, self.instance_id, w, self.reply_url,
                                 self.lookup_timeout, self.retry_interval, self.lookup_cache_secs,
                                 self.blocking_timeout_secs, self.stats)
@@ -127,17 +129,6 @@ class P2PBackend(StorageBackendInterface):
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
         return self.batched_contains([key], pin) == 1
 
-    def _expected(self, shape: list, dtype, fmt: int) -> bool:
-        md = self.metadata
-        if dtype != md.kv_dtype or fmt not in (int(MemoryFormat.KV_2LTD), int(MemoryFormat.KV_T2D),
-                                               int(MemoryFormat.KV_MLA_FMT),
-                                               int(MemoryFormat.BINARY)):
-            return False
-        if fmt == int(MemoryFormat.KV_2LTD):
-            return (len(shape) == 4 and shape[0] == 2 and shape[1] == md.num_layers
-                    and 0 < shape[2] <= md.chunk_size and shape[3] == md.hidden_dim)
-        return all(isinstance(s, int) and s > 0 for s in shape)
-
     def batched_get_blocking(self, keys: Sequence[CacheEngineKey]) -> list[Optional[MemoryObj]]:
         """Pull the prefix of ``keys`` a peer holds: objects (+1 ref for the caller) then None
         from the first chunk not pulled; every failure is a miss within the deadline."""
@@ -145,7 +136,7 @@ class P2PBackend(StorageBackendInterface):
         out: list[Optional[MemoryObj]] = [None] * len(keys)
         if not keys:
             return out
-        self._purge_quarantine()
+        self.memory.purge()
         url = self.client.cached_peer(keys[0])
         if url is None:
             n, url = self.client.lookup(keys)
@@ -165,17 +156,17 @@ class P2PBackend(StorageBackendInterface):
         self.stats["pulls"] += 1
         pending = self.client.send(lookup_url, self.client.acquire_message(keys),
                                    max(0.001, deadline - time.monotonic()))
-        guess = self._allocate_guess(len(keys))  # while the peer answers
+        guess = self.memory.guess(len(keys))  # while the peer answers
         reply = pending.result()
         if reply is None:
-            self._free(guess)
+            free(guess)
             self.stats["pull_failures"] += 1
             self.client.forget_peer(init_url)
             return []
         acquired_at = time.monotonic()
         lease, chunks = int(reply.get("lease", 0)), list(reply.get("chunks", []))[:len(keys)]
         try:
-            objs = self._allocate(chunks, guess)
+            objs = self.memory.allocate(chunks, guess)
             if not objs:
                 return []
             local = [(obj.tensor.data_ptr() - self._base, obj.nbytes) for obj in objs]
@@ -188,14 +179,12 @@ class P2PBackend(StorageBackendInterface):
             except Exception as e:  # noqa: BLE001 - TransferError, a peer gone: a miss
                 logger.warning("P2P pull of %d chunks from %s failed: %s", len(objs), init_url, e)
                 self.stats["pull_failures"] += 1
-                with self._lock:
-                    self._quarantine.append((time.monotonic() + 2 * self.blocking_timeout_secs,
-                                             objs))
+                self.memory.quarantine(objs, 2 * self.blocking_timeout_secs)
                 self.client.forget_peer(init_url, drop_channel_peer=True)
                 return []
             if time.monotonic() - acquired_at > self.lease_secs - 1.0:  # lease may have lapsed
                 self.stats["pull_failures"] += 1
-                self._free(objs)
+                free(objs)
                 return []
             self.stats["pulled_chunks"] += len(objs)
             self.stats["pulled_bytes"] += sum(o.nbytes for o in objs)
@@ -204,69 +193,6 @@ class P2PBackend(StorageBackendInterface):
             if lease:
                 self._pool.submit(self.client.request, lookup_url,
                                   {"op": "release", "lease": lease}, self.blocking_timeout_secs)
-
-    def _allocate_guess(self, n: int) -> list[MemoryObj]:
-        """Up to ``n`` objects of the last pull's first chunk layout, without evicting (the
-        peer may hold fewer chunks than asked)."""
-        guess: list[MemoryObj] = []
-        if self._layout is not None:
-            shape, dtype, fmt = self._layout
-            try:
-                while len(guess) < n:
-                    obj = self.cpu.allocate(shape, dtype, fmt, evict=False)
-                    if obj is None:
-                        break
-                    guess.append(obj)
-            except Exception as e:  # noqa: BLE001 - then the pull allocates after the reply
-                logger.warning("P2P: allocating ahead of the peer's answer failed: %s", e)
-        return guess
-
-    def _allocate(self, chunks: list, guess: list[MemoryObj]) -> list[MemoryObj]:
-        """Local memory for the acquired ``chunks`` (a prefix: up to the first chunk of an
-        unexpected layout or that does not fit): a guessed object where its layout matches,
-        a new allocation otherwise; unused guesses are freed."""
-        objs: list[MemoryObj] = []
-        try:
-            for i, (_, nbytes, shape, dtype_name, fmt) in enumerate(chunks):
-                shape, dtype, fmt = list(shape), name_to_dtype(dtype_name), int(fmt)
-                if not self._expected(shape, dtype, fmt):
-                    self.stats["layout_mismatches"] += 1
-                    break
-                if i == 0:
-                    self._layout = (shape, dtype, MemoryFormat(fmt))
-                obj = guess[i] if i < len(guess) else None
-                if obj is not None and (list(obj.shape) != shape or obj.dtype != dtype
-                                        or int(obj.fmt) != fmt):
-                    obj.ref_count_down()
-                    obj = None
-                if i < len(guess):
-                    guess[i] = None  # (taken or freed)
-                if obj is None:
-                    obj = self.cpu.allocate(shape, dtype, MemoryFormat(fmt))
-                    if obj is None:
-                        break
-                if obj.nbytes != nbytes:
-                    obj.ref_count_down()
-                    self.stats["layout_mismatches"] += 1
-                    break
-                objs.append(obj)
-        finally:
-            self._free([g for g in guess if g is not None])
-        return objs
-
-    @staticmethod
-    def _free(objs: Sequence[MemoryObj]) -> None:
-        for obj in objs:
-            obj.ref_count_down()
-
-    def _purge_quarantine(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            due = [objs for t, objs in self._quarantine if t <= now]
-            self._quarantine = [(t, o) for t, o in self._quarantine if t > now]
-        for objs in due:
-            for obj in objs:
-                obj.ref_count_down()
 
     def get_blocking(self, key: CacheEngineKey) -> Optional[MemoryObj]:
         return self.batched_get_blocking([key])[0]
@@ -308,9 +234,5 @@ class P2PBackend(StorageBackendInterface):
         self._closed = True
         self.server.close()
         self._pool.shutdown(wait=True, cancel_futures=False)
-        with self._lock:
-            held, self._quarantine = self._quarantine, []
-        for _, objs in held:
-            for obj in objs:
-                obj.ref_count_down()
+        self.memory.purge(everything=True)
         self.client.close()

@@ -117,6 +117,23 @@ def test_held_prefixes(make_index):
     assert idx.held_prefixes(hashes) == {("A", 1): 2, ("B", 0): 3, ("C", 0): 0, ("D", 0): 3}
 
 
+def test_valkey_server_refusing_scripts_answers_held_prefixes_without(tmp_path):
+    """A server that runs no scripts (SCRIPT disabled, as on some managed services): the
+    index answers from pipelined SMEMBERS instead, with the same values."""
+    server = servers.start_valkey(port=servers.free_port(), data_dir=tmp_path,
+                                  **{"rename-command": 'SCRIPT ""'})
+    idx = ValkeyChunkIndex(f"valkey://127.0.0.1:{server.port}", prefix="noscript:")
+    try:
+        idx.register(info("A"))
+        idx.apply("A", 0, "LocalCPUBackend", [(ADMIT, h) for h in (1, 2)])
+        assert idx.held_prefixes([1, 2, 3]) == {("A", 0): 2}
+        assert not idx._scripts  # refused once, not asked again
+        assert idx.held_prefixes([1, 3], {"LocalCPUBackend"}) == {("A", 0): 1}
+    finally:
+        idx.close()
+        server.terminate()
+
+
 def test_lookup_of_a_two_worker_instance(make_index):
     """An instance counts the chunks all its workers hold; its location is its first worker's
     fastest tier holding the last counted chunk; a token array is accepted as a list is."""

@@ -11,15 +11,18 @@ Layout (``prefix`` default ``lmcache:controller:``; ``W`` = ``instance_id \\x1f 
 * ``<prefix>chunk:<hash>`` SET of ``W \\x1e location``; ``<prefix>held:<W>`` SET of
   ``<hash> \\x1e location`` (the reverse entries, so dropping a worker costs its own entries).
 
-Each batch of events is one pipelined round trip; a lookup of n hashes is one round trip of n
-SMEMBERS. A server that cannot be reached raises ``valkey.exceptions.ConnectionError`` to the
+Each batch of events is one pipelined round trip; ``holders`` of n hashes is one round trip of n
+SMEMBERS; ``held_prefixes`` (the controller's lookups) is one round trip running a Lua script
+on the server (:data:`HELD_PREFIXES_LUA`: the n SMEMBERS happen there and only a count per
+worker comes back; a server that refuses scripts gets the pipelined SMEMBERS). A server that cannot be reached raises ``valkey.exceptions.ConnectionError`` to the
 controller, which logs it and answers "no holder" / an error (it never crashes).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Collection, Iterable, Sequence
 
 import msgpack
 import valkey
@@ -28,6 +31,30 @@ from lmcache.controller.chunk_index import ChunkIndex, Holder, WorkerInfo
 from lmcache.controller.protocol import ADMIT, EVICT, split_worker_key, worker_key
 
 _SEP = "\x1e"
+logger = logging.getLogger(__name__)
+
+HELD_PREFIXES_LUA = r"""
+-- KEYS: the chunk sets of the hashes, in order; ARGV: the locations that count (none: any).
+-- Returns {worker, leading chunks held, ...} for each worker holding the first chunk.
+local any, ok = #ARGV == 0, {}
+for _, loc in ipairs(ARGV) do ok[loc] = true end
+local alive, counts = nil, {}
+for i, key in ipairs(KEYS) do
+  local here = {}
+  for _, m in ipairs(redis.call('SMEMBERS', key)) do
+    local cut = string.find(m, '\30[^\30]*$')
+    if cut and (any or ok[string.sub(m, cut + 1)]) then here[string.sub(m, 1, cut - 1)] = true end
+  end
+  if alive == nil then alive = here
+  else for w in pairs(alive) do if not here[w] then alive[w] = nil end end end
+  local empty = true
+  for w in pairs(alive) do counts[w] = i; empty = false end
+  if empty then break end
+end
+local out = {}
+for w, n in pairs(counts) do out[#out + 1] = w; out[#out + 1] = n end
+return out
+"""
 
 
 class ValkeyChunkIndex(ChunkIndex):
@@ -50,6 +77,8 @@ class ValkeyChunkIndex(ChunkIndex):
         self._client = valkey.Valkey.from_url(
             url.replace("valkey://", "redis://", 1) if url.startswith("valkey://") else url,
             socket_timeout=socket_timeout_secs, socket_connect_timeout=socket_timeout_secs)
+        self._held_prefixes = self._client.register_script(HELD_PREFIXES_LUA)
+        self._scripts = True  # False once the server refused to run the script
 
     # ---- keys -------------------------------------------------------------------------
     def _k(self, name: str) -> str:
@@ -141,6 +170,31 @@ class ValkeyChunkIndex(ChunkIndex):
                 instance_id, worker_id = split_worker_key(w)
                 row.append((instance_id, worker_id, loc))
             out.append(row)
+        return out
+
+    def held_prefixes(self, hashes: Sequence[int],
+                      locations: Collection[str] | None = None) -> dict[tuple[str, int], int]:
+        if not self._scripts:
+            return super().held_prefixes(hashes, locations)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hkeys(self._k("workers"))
+        if hashes:
+            self._held_prefixes(keys=[self._chunk(h) for h in hashes],
+                                args=sorted(locations or ()), client=pipe)
+        try:
+            replies = pipe.execute()
+        except valkey.exceptions.ResponseError as e:  # scripting refused (e.g. a managed server)
+            logger.warning("Valkey index: held_prefixes without a server script (%s)", e)
+            self._scripts = False
+            return super().held_prefixes(hashes, locations)
+        if locations is not None and not locations:
+            return {split_worker_key(w.decode()): 0 for w in replies[0]}
+        out = {split_worker_key(w.decode()): 0 for w in replies[0]}
+        flat = replies[1] if hashes else []
+        for w, n in zip(flat[::2], flat[1::2]):
+            who = split_worker_key(w.decode())
+            if who in out:
+                out[who] = int(n)
         return out
 
     def num_entries(self) -> int:

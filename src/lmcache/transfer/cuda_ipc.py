@@ -252,10 +252,11 @@ class CudaIpcChannel(TransferChannel):
         views = [(self._flat[li][lo:lo + n], remote[ri][ro:ro + n])
                  for (li, lo, n), (ri, ro, _) in spans]
         if key is not None:
-            plans = p["plans"]
-            if len(plans) >= _PLAN_CACHE_SIZE:
-                plans.pop(next(iter(plans)))
-            plans[key] = views
+            with self._lock:  # (pulls of several threads plan at once)
+                plans = p["plans"]
+                if len(plans) >= _PLAN_CACHE_SIZE:
+                    plans.pop(next(iter(plans)), None)
+                plans[key] = views
         return views
 
     def _copy(self, op: str, peer: str, local_descs, remote_descs, timeout_s) -> None:

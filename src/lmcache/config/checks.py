@@ -246,6 +246,19 @@ def _check_p2p(c: dict) -> None:
                                  f"(as LMCache with enable_controller), got {c.get(key)!r}")
 
 
+def _check_gpu_allocator(c: dict) -> None:
+    """allocator=gpu (the tier memory on a GPU) serves the CPU tier and the P2P tier only: the
+    other tiers serialize or push objects as host memory."""
+    if option_name(c.get("allocator")) != "gpu":
+        return
+    tiers = [option_name(n) for n in (c.get("storage", {}).get("backends") or {}).values()]
+    other = [t for t in tiers if t not in ("local_cpu", "p2p")]
+    if other:
+        raise ValueError(f"allocator=gpu keeps the tier memory on the GPU, for "
+                         f"storage/backends local_cpu and p2p only; storage/backends has "
+                         f"{other}: use allocator=cpu")
+
+
 def check_config(
     cfg: DictConfig | Mapping[str, Any],
     metadata: LMCacheMetadata | None = None,
@@ -289,6 +302,7 @@ def check_config(
             raise ValueError(f"config has no {slot} option")
     _check_tiers(c)
     _check_p2p(c)
+    _check_gpu_allocator(c)
 
     if metadata is not None:
         size = c["allocator"].get("size_bytes")

@@ -281,3 +281,11 @@ def test_disk_tier_needs_a_directory_and_a_capacity(tmp_path):
                                          r"max_local_disk_size=0.0 GiB: give the tier's capacity"):
         check_config(cfg_with("storage/backends=[local_cpu,local_disk]", f"local_disk={tmp_path}"),
                      META)
+
+
+def test_gpu_allocator_serves_the_cpu_and_p2p_tiers_only():
+    check_config(cfg_with("allocator=gpu"), META)  # composes and passes: nothing is built
+    check_config(cfg_with("allocator=gpu", "transfer_channel=cuda_ipc", "deployment=p2p"), META)
+    with pytest.raises(ValueError, match=r"allocator=gpu .* \['local_disk'\]: use allocator=cpu"):
+        check_config(cfg_with("allocator=gpu", "storage/backends=[local_cpu,local_disk]",
+                              "local_disk=/tmp/x", "max_local_disk_size=1"), META)

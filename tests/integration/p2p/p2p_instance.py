@@ -80,7 +80,9 @@ def main() -> None:
             reply = {"p2p": dict(p2p.stats) if p2p else None,
                      "worker": dict(worker.stats) if worker else None,
                      "cpu_chunks": len(tiers[0]),
-                     "allocations": tiers[0].allocator.num_active_allocations}
+                     "allocations": tiers[0].allocator.num_active_allocations,
+                     "knows_peer": {u: p2p.client.knows(u) for u in msg.get("peers", [])}
+                     if p2p else {}}
         elif cmd == "pause_before_read":  # the next pull waits for this file after acquiring
             path = msg["path"]
 

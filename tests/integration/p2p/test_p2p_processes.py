@@ -58,6 +58,17 @@ def test_events_index_and_http_lookup(fleet):
     assert ctl.post("/health", {"instance_id": "B"})["error_codes"] == {"0": 0}
 
 
+def test_peers_meet_at_registration_before_any_pull(fleet):
+    # the controller names A in B's register/heartbeat replies; B's P2P tier says hello
+    # (NIXL metadata) in the background, so the first pull does not pay the set-up
+    ctl, a, b, _ = fleet
+    a_url = a.info["peer_init_url"]
+    assert eventually(lambda: b.call("stats", peers=[a_url])["knows_peer"] == {a_url: True}, 10)
+    assert b.call("stats")["p2p"]["pulls"] == 0
+    b_url = b.info["peer_init_url"]
+    assert eventually(lambda: a.call("stats", peers=[b_url])["knows_peer"] == {b_url: True}, 10)
+
+
 def test_b_pulls_exact_kv_from_a(fleet):
     ctl, a, b, _ = fleet
     assert b.call("lookup", seed=1, chunks=N)["tokens"] == N * C

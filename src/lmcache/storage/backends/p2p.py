@@ -31,6 +31,7 @@ background, off the pull's critical path.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -107,6 +108,9 @@ class P2PBackend(StorageBackendInterface):
                                     self.lease_secs)
         self.peer_init_url = f"{p2p_host}:{self.server.init_port}"
         self._pool = ThreadPoolExecutor(max_workers=num_get_workers, thread_name_prefix="lmc-p2p")
+        self._hello_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmc-p2p-hello")
+        self._hello_lock = threading.Lock()
+        self._hellos: set[str] = set()  # peers whose background hello is under way
         self.before_read: Optional[Callable[[], None]] = None
         """Called between a peer's acquire and the read (a test seam: fault tests stop the
         peer exactly there)."""
@@ -117,6 +121,30 @@ class P2PBackend(StorageBackendInterface):
         self.client = P2PClient(transfer_channel, self.instance_id, w, self.reply_url,
                                 self.lookup_timeout, self.retry_interval, self.lookup_cache_secs,
                                 self.blocking_timeout_secs, self.stats)
+
+    def connect_peers(self, init_urls: Sequence[str]) -> int:
+        """Say hello in the background to every peer of ``init_urls`` (``host:port``, from the
+        controller's register / heartbeat replies) not met yet, so that the first pull from it
+        does not pay the metadata exchange and connection set-up. Returns how many hellos were
+        started; a peer that does not answer is tried again at its next mention."""
+        started = 0
+        for url in init_urls:
+            url = str(url)
+            with self._hello_lock:
+                if url == self.peer_init_url or url in self._hellos or self.client.knows(url):
+                    continue
+                self._hellos.add(url)
+            started += 1
+
+            def hello(u: str = url) -> None:
+                try:
+                    self.client.peer(u)
+                finally:
+                    with self._hello_lock:
+                        self._hellos.discard(u)
+
+            self._hello_pool.submit(hello)
+        return started
 
     # ---- reads --------------------------------------------------------------------------
     def batched_contains(self, keys: Sequence[CacheEngineKey], pin: bool = False) -> int:
@@ -233,6 +261,7 @@ class P2PBackend(StorageBackendInterface):
             return
         self._closed = True
         self.server.close()
+        self._hello_pool.shutdown(wait=True, cancel_futures=True)
         self._pool.shutdown(wait=True, cancel_futures=False)
         self.memory.purge(everything=True)
         self.client.close()

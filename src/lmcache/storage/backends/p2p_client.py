@@ -174,6 +174,11 @@ class P2PClient:
             self._peers[init_url] = peer
         return peer
 
+    def knows(self, init_url: str) -> bool:
+        """Whether the peer at ``init_url`` said hello and was not forgotten since."""
+        with self._lock:
+            return init_url in self._peers
+
     def forget_peer(self, init_url: str, drop_channel_peer: bool = False) -> None:
         """Say hello again before the next pull from ``init_url``; forget every cached answer
         and the peer's idle sockets (with ``drop_channel_peer``, its channel metadata too)."""

@@ -21,6 +21,7 @@ controller, which logs it and answers "no holder" / an error (it never crashes).
 from __future__ import annotations
 
 import time
+import hashlib
 import logging
 from collections.abc import Collection, Iterable, Sequence
 
@@ -38,12 +39,17 @@ HELD_PREFIXES_LUA = r"""
 -- Returns {worker, leading chunks held, ...} for each worker holding the first chunk.
 local any, ok = #ARGV == 0, {}
 for _, loc in ipairs(ARGV) do ok[loc] = true end
-local alive, counts = nil, {}
+local alive, counts, who = nil, {}, {}  -- who: member -> its worker (false: not counted)
 for i, key in ipairs(KEYS) do
   local here = {}
   for _, m in ipairs(redis.call('SMEMBERS', key)) do
-    local cut = string.find(m, '\30[^\30]*$')
-    if cut and (any or ok[string.sub(m, cut + 1)]) then here[string.sub(m, 1, cut - 1)] = true end
+    local w = who[m]
+    if w == nil then  -- each distinct member is split once (the same few recur in every chunk)
+      local cut = string.find(m, '\30[^\30]*$')
+      w = cut ~= nil and (any or ok[string.sub(m, cut + 1)] == true) and string.sub(m, 1, cut - 1)
+      who[m] = w
+    end
+    if w then here[w] = true end
   end
   if alive == nil then alive = here
   else for w in pairs(alive) do if not here[w] then alive[w] = nil end end end
@@ -77,7 +83,7 @@ class ValkeyChunkIndex(ChunkIndex):
         self._client = valkey.Valkey.from_url(
             url.replace("valkey://", "redis://", 1) if url.startswith("valkey://") else url,
             socket_timeout=socket_timeout_secs, socket_connect_timeout=socket_timeout_secs)
-        self._held_prefixes = self._client.register_script(HELD_PREFIXES_LUA)
+        self._script_sha = hashlib.sha1(HELD_PREFIXES_LUA.encode()).hexdigest()
         self._scripts = True  # False once the server refused to run the script
 
     # ---- keys -------------------------------------------------------------------------
@@ -176,13 +182,20 @@ class ValkeyChunkIndex(ChunkIndex):
                       locations: Collection[str] | None = None) -> dict[tuple[str, int], int]:
         if not self._scripts:
             return super().held_prefixes(hashes, locations)
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hkeys(self._k("workers"))
-        if hashes:
-            self._held_prefixes(keys=[self._chunk(h) for h in hashes],
-                                args=sorted(locations or ()), client=pipe)
+        keys, args = [self._chunk(h) for h in hashes], sorted(locations or ())
         try:
-            replies = pipe.execute()
+            for attempt in range(2):  # (the script loaded after a NOSCRIPT reply, once)
+                pipe = self._client.pipeline(transaction=False)
+                pipe.hkeys(self._k("workers"))
+                if keys:  # one round trip: EVALSHA, not a Script object's SCRIPT EXISTS first
+                    pipe.evalsha(self._script_sha, len(keys), *keys, *args)
+                replies = pipe.execute(raise_on_error=False)
+                if not (keys and isinstance(replies[1], valkey.exceptions.NoScriptError)):
+                    break
+                self._client.script_load(HELD_PREFIXES_LUA)
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
         except valkey.exceptions.ResponseError as e:  # scripting refused (e.g. a managed server)
             logger.warning("Valkey index: held_prefixes without a server script (%s)", e)
             self._scripts = False

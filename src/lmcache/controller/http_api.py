@@ -107,7 +107,7 @@ def parse_tokens(content_type: Optional[str], body: bytes):
                                                "msg": f"not a msgpack body: {e}"}]) from None
             return LookupRequest.model_validate(obj).tokens
     except ValidationError as e:
-        raise RequestValidationError(e.errors(include_url=False)) from None
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
     if kind == "application/octet-stream":
         if len(body) % 4:
             raise RequestValidationError([{

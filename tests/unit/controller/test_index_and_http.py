@@ -221,9 +221,11 @@ def test_http_api(controller):
             (msgpack.packb({"tokens": ["x"]}), "application/msgpack", 422, "int"),
             (b"\xc1", "application/msgpack", 422, "not a msgpack body"),
             (b"{}", "application/json", 422, "tokens"),
+            (b'{"tokens": [1, x' + b"2, " * 5000, "application/json", 422, "Invalid JSON"),
             (b"1 2", "text/plain", 415, "application/octet-stream")):
         r = http.post("/lookup", content=body, headers={"content-type": ctype})
         assert r.status_code == status and why in str(r.json()["detail"]), (ctype, r.json())
+        assert len(r.content) < 1000  # the error names the problem, never echoes the body
     spec = http.get("/openapi.json").json()["paths"]["/lookup"]["post"]["requestBody"]
     assert tuple(spec["content"]) == TOKEN_BODY_TYPES
     # the worker at port 9 does not answer: 503 naming it, within the command timeout

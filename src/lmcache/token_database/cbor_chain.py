@@ -175,11 +175,13 @@ def encode_numpy(values: np.ndarray, chunk_size: int) -> Optional[tuple[np.ndarr
     return data, bounds
 
 
-def encode_jit(values: np.ndarray, chunk_size: int, kernel=None
-               ) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """Like :func:`encode_numpy`, with the compiled loop ``kernel`` (default
-    :func:`jit_encoder`'s). Raises RuntimeError when numba is not available."""
-    kernel = kernel or jit_encoder()
+def encode_jit(values: np.ndarray, chunk_size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Like :func:`encode_numpy` (``values``: 1-D, C-contiguous int64), with the compiled loop.
+
+    Raises:
+        RuntimeError: numba is not available here.
+    """
+    kernel = jit_encoder()
     if kernel is None:
         raise RuntimeError("numba is not available for the compiled CBOR encoder")
     n = values.size

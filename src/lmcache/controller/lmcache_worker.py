@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -28,8 +27,8 @@ from typing import Any, Optional
 import zmq
 
 from lmcache.controller.protocol import ProtocolError, decode, encode, tcp_url
+from lmcache.controller.worker_commands import WorkerCommands
 from lmcache.metadata import LMCacheMetadata
-from lmcache.storage.backends.base import KV_ADMIT
 from lmcache.storage.manager import StorageManager
 from lmcache.token_database.base import TokenDatabase
 
@@ -117,6 +116,8 @@ class LMCacheWorker:
         if p2p is not None:  # the address its server really bound (a port 0 picks a free one)
             self.peer_init_url = p2p.peer_init_url
         self._p2p = p2p
+        self.commands = WorkerCommands(storage_manager, token_database, metadata.chunk_size,
+                                       self.instance_id)
         for tier in storage_manager.backends:
             if callable(getattr(tier, "keys", None)):  # tiers with an index report events
                 tier.add_kv_listener(self._on_kv_event)
@@ -256,69 +257,10 @@ class LMCacheWorker:
             except zmq.ZMQError:
                 pass
 
-    def _tiers(self, location: str) -> list:
-        if location in (None, "", "all"):
-            return list(self.storage_manager.backends)
-        tiers = [t for t in self.storage_manager.backends if t.name == location]
-        if not tiers:
-            raise ValueError(f"no tier named {location!r}; tiers: "
-                             f"{', '.join(self.storage_manager.tier_names)}")
-        return tiers
-
-    def _chunks(self, tokens: Sequence[int]) -> list[tuple[int, Any]]:
-        return [(end, key) for _, end, key in self.token_database.process_tokens(list(tokens))]
-
     def handle_command(self, msg: dict) -> dict:
-        """Run one controller command (``clear``, ``pin``, ``move``, ``health``)."""
-        op = msg["op"]
-        if op == "health":
-            return {"error_code": 0}
-        if op == "clear":
-            tiers = self._tiers(msg.get("location"))
-            if msg.get("tokens"):
-                chunks = self._chunks(msg["tokens"])
-                n = max((end for end, key in chunks
-                         if any([t.remove(key) for t in tiers])), default=0)
-                return {"num_tokens": n}
-            cleared = sum(int(t.clear() or 0) for t in tiers)
-            return {"num_tokens": cleared * self.metadata.chunk_size}
-        if op == "pin":
-            tier = self._tiers(msg.get("location"))[0]
-            n = 0
-            for end, key in self._chunks(msg["tokens"]):
-                if not tier.contains(key, pin=True):
-                    break
-                n = end
-            return {"num_tokens": n}
-        if op == "move":
-            return {"num_tokens": self._move(msg)}
-        raise ValueError(f"unknown command {op!r}")
-
-    def _move(self, msg: dict) -> int:
-        dst = self._tiers(msg["dst_location"])[0]
-        chunks = self._chunks(msg["tokens"])
-        keys = [k for _, k in chunks]
-        if msg["src_instance"] == self.instance_id:
-            src = self._tiers(msg["src_location"])[0]
-        else:
-            src = next((t for t in self.storage_manager.backends if t.name == "P2PBackend"), None)
-            if src is None:
-                raise ValueError("move from another instance needs the p2p tier "
-                                 "(storage/backends=[...,p2p])")
-        objs = src.batched_get_blocking(keys)
-        n = 0
-        for (end, key), obj in zip(chunks, objs):
-            if obj is None:
-                break
-            dst.put(key, obj)
-            n = end
-        for obj in objs:
-            if obj is not None:
-                obj.ref_count_down()
-        if msg.get("remove_source") and src is not dst:
-            for _, key in chunks[:sum(o is not None for o in objs)]:
-                src.remove(key)
-        return n
+        """Run one controller command (``clear``, ``pin``, ``move``, ``health``); see
+        :class:`~lmcache.controller.worker_commands.WorkerCommands`."""
+        return self.commands.handle(msg)
 
     def close(self) -> None:
         """Flush pending events, deregister (best effort), stop (idempotent)."""

@@ -145,3 +145,33 @@ def test_a_controller_answer_is_cached_for_its_keys(server):
         assert [c.cached_peer(k) for k in keys] == ["127.0.0.1:5555", "127.0.0.1:5555", None]
     finally:
         c.close()
+
+
+def test_concurrent_callers_share_one_hello(server):
+    pytest.importorskip("nixl_cu12", reason="NIXL (pip nixl-cu12) loads the peer's metadata")
+    from lmcache.transfer.nixl import NixlChannel
+
+    mine, theirs = (NixlChannel(n, [torch.zeros(4096, dtype=torch.uint8)]) for n in ("b", "a"))
+    c = P2PClient(mine, "B", 0, "tcp://127.0.0.1:1", lookup_timeout=1.0, retry_interval=1.0,
+                  lookup_cache_secs=1.0, hello_timeout=5.0, stats={})
+    try:
+        init_url = server.url[len("tcp://"):]
+        got: list = []
+        callers = [threading.Thread(target=lambda: got.append(c.peer(init_url)))
+                   for _ in range(3)]
+        for t in callers:
+            t.start()
+        ident, msg = server.recv()
+        assert msg == {"op": "hello"}
+        time.sleep(0.1)  # the other callers wait for this hello instead of sending their own
+        server.reply(ident, {"metadata": theirs.agent_metadata(), "instance_id": "A",
+                             "lookup_url": "127.0.0.1:7777"})
+        for t in callers:
+            t.join(5)
+        assert got == [("a", "tcp://127.0.0.1:7777")] * 3
+        assert not server.sock.poll(200)  # no second hello
+        assert c.knows(init_url)
+    finally:
+        c.close()
+        mine.close()
+        theirs.close()

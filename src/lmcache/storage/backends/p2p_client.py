@@ -75,6 +75,7 @@ class P2PClient:
         self._lock = threading.Lock()
         self._idle: dict[str, list[zmq.Socket]] = {}
         self._peers: dict[str, tuple[str, str]] = {}  # peer_init_url -> (agent, lookup_url)
+        self._meeting: dict[str, threading.Lock] = {}  # peer_init_url -> its hello's lock
         self._answers: dict[CacheEngineKey, tuple[float, str]] = {}  # key -> (expiry, peer url)
         self._controller_down_until = 0.0
         self._closed = False
@@ -154,11 +155,20 @@ class P2PClient:
 
     def peer(self, init_url: str) -> Optional[tuple[str, str]]:
         """(channel agent name, lookup url) of the peer at ``init_url``; says hello first if it
-        is new (None when it does not answer or its metadata is refused)."""
+        is new (None when it does not answer or its metadata is refused). One hello per peer
+        at a time: a concurrent caller (a pull, a background hello) waits for it and shares
+        its answer (a second ``add_peer`` would replace the agent under a running read)."""
         with self._lock:
             known = self._peers.get(init_url)
+            meeting = self._meeting.setdefault(init_url, threading.Lock())
         if known is not None:
             return known
+        with meeting:
+            with self._lock:
+                known = self._peers.get(init_url)
+            return known if known is not None else self._hello(init_url)
+
+    def _hello(self, init_url: str) -> Optional[tuple[str, str]]:
         url = tcp_url(init_url, "peer_init_url")
         reply = self.request(url, {"op": "hello"}, self.hello_timeout)
         self._drop_sockets(url)  # (one hello per peer: keep no socket for it)

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from lmcache.config import values as v
@@ -36,6 +35,7 @@ from lmcache.config.legacy_sources import (ENV_PREFIX, EXTRA_CONFIG_PREFIX, NON_
                                            is_other_tools_variable, misspelled_prefix,
                                            old_env_prefix, old_key_hint, read_yaml)
 from lmcache.config.legacy_p2p import p2p_tier_position, translate_controller
+from lmcache.config.legacy_pd import translate_pd
 from lmcache.config.lmcache_keys import (ALIASES, FEATURES, HASH_ALGORITHMS, IGNORED_OLD_KEYS,
                                          KNOWN_KEYS, SUPPORTED, UNSUPPORTED, UNSUPPORTED_DEFAULTS)
 from lmcache.config.overrides import override_value
@@ -201,55 +201,6 @@ def _option(group: str, name: str, key: str, value: Any, source: str) -> str:
     return name
 
 
-_GiB = 1 << 30
-
-
-def _translate_pd(values: dict[str, Any], src: Callable[[str], str]) -> list[tuple[str, str]]:
-    """LMCache's enable_pd and pd_* keys → storage/backends=[pd], transfer_channel and the pd
-    tier's values (pd_buffer_size bytes → the allocator's max_local_cpu_size GiB)."""
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"LMCache config key {key}={values.get(key)!r} (from {src(key)}): {why}")
-
-    role = values.get("pd_role")
-    if role not in ("sender", "receiver"):
-        raise bad("pd_role", "enable_pd needs pd_role sender (the prefiller) or receiver "
-                             "(the decoder); LMCache's 'both' is not supported")
-    device = values.get("pd_buffer_device") or "cpu"
-    if device != "cpu":
-        raise bad("pd_buffer_device", "lmcache's PD buffer is the CPU allocator: use cpu")
-    channel = values.get("transfer_channel") or "nixl"
-    out = [("storage/backends=[pd]", src("enable_pd")),
-           ("transfer_channel=" + _option("transfer_channel", channel, "transfer_channel",
-                                          channel, src("transfer_channel")),
-            src("transfer_channel")),
-           ("++save_unfull_chunk=true", src("enable_pd")),
-           (f"++storage.backends.pd.pd_role={role}", src("pd_role"))]
-    for key in ("pd_peer_host", "pd_peer_init_port", "pd_peer_alloc_port",
-                "pd_condition_poll_interval_sec"):
-        if values.get(key) is not None:
-            out.append((f"++storage.backends.pd.{key}={override_value(values[key])}", src(key)))
-    for key in ("pd_peer_init_port", "pd_peer_alloc_port"):
-        if values.get(key) is None:
-            raise bad(key, "enable_pd needs the decoder's ports (pd_peer_init_port, "
-                           "pd_peer_alloc_port) on both sides")
-    timeout = values.get("pd_allocation_timeout_sec")
-    if timeout is not None and timeout != math.inf:
-        out.append((f"++storage.backends.pd.pd_allocation_timeout_sec={timeout!r}",
-                    src("pd_allocation_timeout_sec")))
-    elif timeout == math.inf:
-        logger.info("pd_allocation_timeout_sec=inf (from %s): lmcache waits for a full decoder "
-                    "buffer at most the pd tier's pd_allocation_timeout_sec (5 s), never forever",
-                    src("pd_allocation_timeout_sec"))
-    if values.get("pd_buffer_size") is not None:
-        out.append((f"++max_local_cpu_size={values['pd_buffer_size'] / _GiB!r}",
-                    src("pd_buffer_size")))
-    if values.get("pd_proxy_host") is not None or values.get("pd_proxy_port") is not None:
-        logger.info("pd_proxy_host/pd_proxy_port (from %s): lmcache's prefiller pushes the KV "
-                    "before its step ends, so the proxy needs no notice; the keys are accepted",
-                    src("pd_proxy_host"))
-    return out
-
-
 def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[str, str]]:
     def src(k: str) -> str:
         return sources.get(k, "LMCache's default")
@@ -297,7 +248,7 @@ def _translate(values: dict[str, Any], sources: dict[str, str]) -> list[tuple[st
             raise ValueError(f"LMCache config key enable_pd=True (from {src('enable_pd')}) "
                              f"cannot be combined with {', '.join(tier_keys)}: the pd tier "
                              "comes alone (its buffer is the allocator)")
-        groups.extend(_translate_pd(values, src))
+        groups.extend(translate_pd(values, src, _option))
     ctl_groups, ctl_settings = translate_controller(values, get, src, _option)
     groups.extend(ctl_groups)
     settings.extend(ctl_settings)

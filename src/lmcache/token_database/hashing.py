@@ -24,6 +24,9 @@ lmcache keeps a deterministic root so that disk and remote tiers still hit after
 LMCache's there. For ``builtin`` with a seed, the root is Python's ``hash(seed)`` as a process
 started with ``PYTHONHASHSEED=<seed>`` computes it (SipHash-1-3 keyed as CPython keys it), whatever
 this process's own ``PYTHONHASHSEED``.
+
+The sha256_cbor / xxhash_cbor chain over a whole prompt at once (every token CBOR-encoded in one
+pass, the same values): :mod:`lmcache.token_database.cbor_chain`.
 """
 
 from __future__ import annotations

@@ -120,21 +120,6 @@ def _regions(lengths: Sequence[int]) -> list[RegionInfo]:
     return [RegionInfo(0, n, 0, "VRAM") for n in lengths]
 
 
-def kernel_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst[:] = src`` for 1-D uint8 CUDA tensors of equal length through an elementwise kernel
-    on 8-byte words (``torch.add(src, 0, out=dst)`` on int64 views: the SMs move the bytes)
-    instead of ``copy_``'s cudaMemcpyAsync; ``copy_`` where the views cannot be 8-byte words
-    (a length or offset not a multiple of 8). Queued on the current stream."""
-    if dst.numel() % 8 == 0 and dst.storage_offset() % 8 == 0 and src.storage_offset() % 8 == 0:
-        torch.add(src.view(torch.int64), 0, out=dst.view(torch.int64))
-    else:
-        dst.copy_(src, non_blocking=True)
-
-
-def _memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    dst.copy_(src, non_blocking=True)
-
-
 def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor as a 1-D uint8 view of its bytes (descs are byte offsets)."""
     return t.reshape(-1).view(torch.uint8)
@@ -148,28 +133,21 @@ class CudaIpcChannel(TransferChannel):
         timeout_s: default deadline (s); notify_host: interface of the notification socket;
         poll_interval_s: sleep between polls of a copy's completion event once ``spin_s``
             has passed; spin_s: how long a call first polls the event without sleeping (a
-            sleep's wake-up costs ~0.1 ms, a tenth of a 2 GiB copy);
-        copy: ``"memcpy"`` (``copy_``: cudaMemcpyAsync device to device) or ``"kernel"``
-            (:func:`kernel_copy`: an elementwise kernel on 8-byte words).
-    Raises: ValueError for non-CUDA regions, bad intervals or copy; RuntimeError when CUDA
-    is absent.
+            sleep's wake-up costs ~0.1 ms, a tenth of a 2 GiB copy).
+    Raises: ValueError for non-CUDA regions or bad intervals; RuntimeError when CUDA is absent.
     """
 
     kind = "cuda_ipc"
 
     def __init__(self, agent_name: str, regions: Sequence[torch.Tensor], timeout_s: float = 5.0,
                  notify_host: str = "127.0.0.1", poll_interval_s: float = 0.0001,
-                 spin_s: float = 0.02, copy: str = "memcpy"):
+                 spin_s: float = 0.02):
         super().__init__(agent_name, regions, timeout_s)
         if any(r.mem_type != "VRAM" for r in self._region_infos):
             raise ValueError("CudaIpcChannel registers CUDA tensors only")
         if not poll_interval_s > 0 or not spin_s >= 0:
             raise ValueError(f"poll_interval_s must be > 0 and spin_s >= 0 seconds, got "
                              f"{poll_interval_s!r} and {spin_s!r}")
-        if copy not in ("memcpy", "kernel"):
-            raise ValueError(f"copy must be 'memcpy' or 'kernel', got {copy!r}")
-        self.copy = copy
-        self._copy_fn = kernel_copy if copy == "kernel" else _memcpy
         self.poll_interval_s = float(poll_interval_s)
         self.spin_s = float(spin_s)
         self._flat = [_flat_bytes(t) for t in self._regions]
@@ -268,13 +246,12 @@ class CudaIpcChannel(TransferChannel):
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
-            fn = self._copy_fn
             if op == "write":
                 for a, b in views:
-                    fn(b, a)
+                    b.copy_(a, non_blocking=True)
             else:
                 for a, b in views:
-                    fn(a, b)
+                    a.copy_(b, non_blocking=True)
             done = torch.cuda.Event()
             done.record(stream)
         self._wait(done, start, timeout, op, peer)

@@ -1,6 +1,6 @@
-"""CudaIpcChannel's lean per-call path between two GPU processes (device only): both copy
-methods exact for merged, scattered, repeated (planned once) and odd-sized descs; byte offsets
-into a bf16 region; a bad desc named; a peer registering host memory refused."""
+"""CudaIpcChannel's lean per-call path between two GPU processes (device only): copies exact
+for merged, scattered, repeated (planned once) and odd-sized descs; byte offsets into a bf16
+region; a bad desc named; a peer registering host memory or a bad spin_s refused."""
 
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ def _call(conn, *cmd):
     return conn.recv()
 
 
-@pytest.mark.parametrize("copy", ["memcpy", "kernel"])
-def test_writes_and_reads_are_exact(peer, copy):
+@pytest.mark.parametrize("spin_s", [0.02, 0.0])
+def test_writes_and_reads_are_exact(peer, spin_s):
     conn, md = peer
     region = torch.zeros(4 * MiB, dtype=torch.uint8, device="cuda")
-    with CudaIpcChannel(f"lean-a-{copy}", [region], timeout_s=3.0, copy=copy) as ch:
+    with CudaIpcChannel(f"lean-a-{spin_s}", [region], timeout_s=3.0, spin_s=spin_s) as ch:
         name = ch.add_peer(md)
         assert _call(conn, "add", ch.agent_metadata()) == ch.name
         src = pattern(4 * MiB, 11).cuda()
@@ -59,7 +59,7 @@ def test_writes_and_reads_are_exact(peer, copy):
         want = b"".join(src[i * chunk:(i + 1) * chunk].cpu().numpy().tobytes()
                         for i in reversed(range(16)))
         assert _call(conn, "bytes", 0, 16 * chunk) == want
-        odd = [(3, 1001), (1005, 7), (2 * MiB + 1, 12345)]  # not 8-byte words: copy_ fallback
+        odd = [(3, 1001), (1005, 7), (2 * MiB + 1, 12345)]  # odd offsets and lengths
         ch.write(name, odd, [(5 * MiB + 9, 1001), (6 * MiB, 7), (7 * MiB + 3, 12345)])
         for (lo, n), ro in zip(odd, (5 * MiB + 9, 6 * MiB, 7 * MiB + 3)):
             assert _call(conn, "bytes", ro, n) == src[lo:lo + n].cpu().numpy().tobytes()
@@ -95,5 +95,5 @@ def test_a_peer_registering_host_memory_is_refused():
                            ipc=[[[0], 0]], notify="tcp://127.0.0.1:9", pid=1)
         with pytest.raises(ValueError, match="not CUDA memory"):
             ch.add_peer(md)
-        with pytest.raises(ValueError, match="copy must be 'memcpy' or 'kernel'"):
-            CudaIpcChannel("lean-d", [region], copy="dma")
+        with pytest.raises(ValueError, match="spin_s >= 0"):
+            CudaIpcChannel("lean-d", [region], spin_s=-1)

@@ -19,7 +19,8 @@ Ceilings, measured in the same run on the same buffers:
   bare copy_ (cuda_ipc): ``copy_`` of the same bytes straight into / out of the peer's region
              as this process opened it (no channel code): the IPC memory's own copy rate;
              "side stream": the same queued as the channel queues it (on a second stream
-             after the current one, completion event polled without sleeping), no desc work.
+             after the current one, completion event polled without sleeping), no desc work;
+             "event spin": on the current stream, completion event polled without sleeping.
 The ratio is channel GB/s over the best ceiling (target >= 0.80). With several ``--chunks``
 sizes a fixed cost per call and a bandwidth are fitted through the smallest and largest.
 
@@ -171,7 +172,14 @@ def main(argv=None) -> int:
                     done.record(side)
                 while not done.query():
                     pass
+            def current_stream(dst, src):
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream())
+                while not done.query():
+                    pass
             paths["bare copy_ into the peer, side stream"] = lambda: side_stream(theirs[:nb], mine)
+            paths["bare copy_ into the peer, event spin"] = lambda: current_stream(theirs[:nb], mine)
             paths["ceiling d2d copy_ (one call)"] = lambda: out.copy_(mine)
 
             def per_chunk(descs=descs):

@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 CPU_TIER = "LocalCPUBackend"
 
 
+class TokenError(ValueError):
+    """Tokens the workers' token database cannot hash: not ints, or an id beyond int64."""
+
+
 class CacheController(InstanceOperations):
     """Args:
         index: the chunk index option (``memory`` or ``valkey``).
@@ -207,13 +211,19 @@ class CacheController(InstanceOperations):
     # ---- lookups ----------------------------------------------------------------------
     def hashes(self, tokens) -> list[tuple[int, int]]:
         """``[(end, chunk_hash)]`` of the chunks of ``tokens`` (the workers' token database):
-        a sequence of ints, or a 1-D int tensor or numpy array."""
+        a sequence of ints, or a 1-D int tensor or numpy array.
+
+        Raises:
+            TokenError: (a ValueError) tokens that are not ints, or an id beyond int64."""
         if isinstance(tokens, np.ndarray):  # (a copy: the array may be read-only)
             tokens = torch.from_numpy(np.array(tokens, copy=True))
         elif not isinstance(tokens, (list, torch.Tensor)):
             tokens = list(tokens)
-        return [(end, h) for _, end, h in
-                self.token_database.process_tokens(tokens, make_key=False)]
+        try:
+            return [(end, h) for _, end, h in
+                    self.token_database.process_tokens(tokens, make_key=False)]
+        except ValueError as e:
+            raise TokenError(f"{e} (token ids are int64)") from None
 
     def lookup(self, tokens: Sequence[int]) -> dict[str, tuple[str, int]]:
         """LMCache's lookup: ``{instance_id: (location, leading tokens held)}`` for every
@@ -222,7 +232,8 @@ class CacheController(InstanceOperations):
         worker's tier order) holding the instance's last counted chunk.
 
         ``tokens``: a sequence of ints, or a 1-D int tensor / numpy array (an array skips the
-        per-token conversion of a list). Raises ValueError: tokens that are not ints."""
+        per-token conversion of a list). Raises TokenError (a ValueError): tokens that are not
+        ints, or an id beyond int64."""
         chunks = self.hashes(tokens)
         hashes = [h for _, h in chunks]
         workers: dict[str, list[WorkerInfo]] = {}

@@ -13,7 +13,8 @@
 =========================  ==================================================================
 
 An unknown instance is 404, a worker that fails or does not answer 503 (both with ``detail``
-naming it), a malformed body 422 (FastAPI's validation).
+naming it), a malformed body 422 (FastAPI's validation; also tokens the workers cannot hash,
+e.g. an id beyond int64).
 
 ``POST /lookup`` also takes the prompt in a compact body, by ``Content-Type``:
 ``application/json`` (LMCache's, the default), ``application/msgpack`` (the same map
@@ -24,16 +25,21 @@ naming it), a malformed body 422 (FastAPI's validation).
 from __future__ import annotations
 
 import uuid
-from typing import Optional
+from typing import Annotated, Optional
 
 import msgpack
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from lmcache.controller.cache_controller import CacheController
+from lmcache.controller.cache_controller import CacheController, TokenError
+
+
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+"""A token id of /pin and /move, checked here (422 naming it) before it goes to the workers;
+/lookup's ids are checked by the hashing itself (no per-token cost: :class:`TokenError`)."""
 
 
 class LookupRequest(BaseModel):
@@ -48,13 +54,13 @@ class ClearRequest(BaseModel):
 class PinRequest(BaseModel):
     instance_id: str
     location: str = "LocalCPUBackend"
-    tokens: list[int]
+    tokens: list[Int64]
 
 
 class MoveRequest(BaseModel):
     old_position: tuple[str, str]
     new_position: tuple[str, str]
-    tokens: list[int] = []
+    tokens: list[Int64] = []
     should_copy: bool = False
 
 
@@ -74,6 +80,8 @@ class QueryInstRequest(BaseModel):
 def _call(name: str, fn, *args):
     try:
         return fn(*args)
+    except TokenError as e:  # the body's tokens (e.g. an id beyond int64): the client's error
+        raise HTTPException(status_code=422, detail=f"{name}: {e}") from None
     except KeyError as e:
         raise HTTPException(status_code=404, detail=str(e.args[0])) from None
     except RuntimeError as e:

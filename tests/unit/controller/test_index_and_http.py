@@ -222,10 +222,21 @@ def test_http_api(controller):
             (b"\xc1", "application/msgpack", 422, "not a msgpack body"),
             (b"{}", "application/json", 422, "tokens"),
             (b'{"tokens": [1, x' + b"2, " * 5000, "application/json", 422, "Invalid JSON"),
-            (b"1 2", "text/plain", 415, "application/octet-stream")):
+            (b"1 2", "text/plain", 415, "application/octet-stream"),
+            # an id beyond int64 is the client's error (422 naming it), not a 503
+            (b'{"tokens": [1, 9223372036854775808]}', "application/json", 422, "int64"),
+            (b'{"tokens": [' + b"9" * 30 + b"]}", "application/json", 422, "int64"),
+            (msgpack.packb({"tokens": [2**64 - 1]}), "application/msgpack", 422, "int64")):
         r = http.post("/lookup", content=body, headers={"content-type": ctype})
         assert r.status_code == status and why in str(r.json()["detail"]), (ctype, r.json())
         assert len(r.content) < 1000  # the error names the problem, never echoes the body
+    r = http.post("/lookup", json={"tokens": [2**63 - 1, -(2**63)] + t[2:]})
+    assert r.status_code == 200 and r.json()["layout_info"] == {}
+    for path, body in (("/pin", {"instance_id": "A", "tokens": [1, 2**63]}),
+                       ("/move", {"old_position": ["A", "LocalCPUBackend"],
+                                  "new_position": ["A", "LocalDiskBackend"], "tokens": [2**70]})):
+        r = http.post(path, json=body)  # refused before anything is sent to the workers
+        assert r.status_code == 422 and "less than 9223372036854775808" in str(r.json()), r.json()
     spec = http.get("/openapi.json").json()["paths"]["/lookup"]["post"]["requestBody"]
     assert tuple(spec["content"]) == TOKEN_BODY_TYPES
     # the worker at port 9 does not answer: 503 naming it, within the command timeout

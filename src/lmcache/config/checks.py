@@ -244,6 +244,10 @@ def _check_p2p(c: dict) -> None:
             if not c.get(key):
                 raise ValueError(f"controller={option_name(c['controller'])} needs {key} "
                                  f"(as LMCache with enable_controller), got {c.get(key)!r}")
+        from lmcache.controller.protocol import tcp_url
+
+        for key in ("controller_pull_url", "controller_reply_url"):
+            tcp_url(c[key], key)  # 'host:port' with a port in 1..65535, before any engine starts
 
 
 def _check_gpu_allocator(c: dict) -> None:

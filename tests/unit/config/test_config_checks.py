@@ -289,3 +289,14 @@ def test_gpu_allocator_serves_the_cpu_and_p2p_tiers_only():
     with pytest.raises(ValueError, match=r"allocator=gpu .* \['local_disk'\]: use allocator=cpu"):
         check_config(cfg_with("allocator=gpu", "storage/backends=[local_cpu,local_disk]",
                               "local_disk=/tmp/x", "max_local_disk_size=1"), META)
+
+
+@pytest.mark.parametrize("key,value", [("controller_reply_url", "nohost"),
+                                       ("controller_reply_url", "localhost:99999"),
+                                       ("controller_pull_url", "localhost:")])
+def test_bad_controller_url_is_a_config_error(key, value):
+    """A bad controller URL is refused by the config check (before an engine starts), naming
+    the key and the value; it used to surface only when the p2p tier was built."""
+    check_config(cfg_with("deployment=p2p"), META)  # the deployment's own URLs pass
+    with pytest.raises(ValueError, match=rf"{key} must be 'host:port'.*{value!r}"):
+        check_config(cfg_with("deployment=p2p", f"{key}='{value}'"), META)

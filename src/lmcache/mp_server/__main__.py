@@ -67,7 +67,8 @@ def build_server(args: argparse.Namespace):
     """Compose the config and build the MPServer (nothing is served yet).
 
     Raises:
-        ValueError: a bad override, LMCache key or flag (names it).
+        ValueError: a bad override, LMCache key, value or flag (names it).
+        zmq.ZMQError: the address cannot be listened on.
     """
     from lmcache import containers
     from lmcache.config.compose import compose_config
@@ -80,6 +81,9 @@ def build_server(args: argparse.Namespace):
     overrides = [o for o, _ in pairs] + list(args.overrides)
     sources = [s for _, s in pairs] + ["lmcache-mp-server command line"] * len(args.overrides)
     cfg = compose_config(overrides, sources=sources)
+    from lmcache.config.checks import check_values
+
+    check_values(cfg)  # types and ranges of the top-level keys (max_local_cpu_size=-1, ...)
     check_mp_config(cfg)
     chunk_size = int(cfg.token_database.get("chunk_size", cfg.chunk_size))
     pool = EnginePool(partial(containers.build_mp_engine, cfg), chunk_size)
@@ -103,10 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import zmq
+
     try:
         server = build_server(args)
     except (ValueError, TypeError) as e:
         print(f"lmcache-mp-server: {e}", file=sys.stderr)
+        return 2
+    except zmq.ZMQError as e:  # an address that cannot be listened on (--host, --port, --url)
+        print(f"lmcache-mp-server: cannot listen: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())

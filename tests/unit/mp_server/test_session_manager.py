@@ -91,3 +91,9 @@ def test_server_command_line_refuses_what_it_cannot_run(capsys):
     assert "vllm_paged or vllm_layerwise" in capsys.readouterr().err
     assert main(["chunk_sise=5"]) == 2
     assert "chunk_size" in capsys.readouterr().err
+    # a bad value of a top-level key, and an address that cannot be listened on: one line, 2
+    assert main(["max_local_cpu_size=-1"]) == 2
+    assert "config key max_local_cpu_size=-1" in capsys.readouterr().err
+    assert main(["--host", "256.1.1.1", "--port", "5555"]) == 2
+    err = capsys.readouterr().err
+    assert "lmcache-mp-server: cannot listen" in err and "256.1.1.1" in err, err

@@ -259,6 +259,18 @@ def report_results(cfg, rows, hits, out: Path, say: Reporter) -> int:
     return EXIT_OK
 
 
+def check_documents(documents: Any, chunk_size: int) -> None:
+    """``documents.count`` >= 1 and ``documents.tokens`` >= 2 chunks, both integers.
+
+    Raises:
+        ExperimentConfigError: naming the key, its value and what was expected."""
+    for key, least, what in (("count", 1, "at least 1"),
+                             ("tokens", 2 * chunk_size, f"at least 2 chunks ({2 * chunk_size})")):
+        value = documents.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ExperimentConfigError(f"documents.{key}={value!r}: expected an integer {what}")
+
+
 def _job(cfg: DictConfig) -> int:
     from hydra.core.hydra_config import HydraConfig
 
@@ -269,9 +281,7 @@ def _job(cfg: DictConfig) -> int:
         if "p2p" not in tiers or cfg.get("controller") is None:
             raise ExperimentConfigError(f"the multi-instance experiment needs deployment=p2p (the "
                                         f"p2p tier and controller=lmcache_worker); tiers {tiers}")
-        if int(cfg.documents.count) < 1 or int(cfg.documents.tokens) < 2 * int(cfg.chunk_size):
-            raise ExperimentConfigError("documents.count >= 1 and documents.tokens >= 2 chunks "
-                                        f"expected, got {cfg.documents.count}, {cfg.documents.tokens}")
+        check_documents(cfg.documents, int(cfg.chunk_size))
         fields = lmcache_config.engine_kv_transfer(cfg, hc.runtime.choices,
                                                    list(hc.overrides.task), CONFIG_NAME)
         return run(cfg, hc.runtime.output_dir, fields)

@@ -1,0 +1,27 @@
+"""The multi-instance experiment's document settings are refused with the key, the value and
+what was expected (``documents.count=two`` used to say only "invalid literal for int()")."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmcache.experiments.lmcache_config import ExperimentConfigError
+from lmcache.experiments.multi_instance import check_documents
+
+
+def test_good_documents_pass():
+    check_documents({"count": 2, "tokens": 2048}, 256)
+    check_documents({"count": 1, "tokens": 512}, 256)
+
+
+@pytest.mark.parametrize("docs,message", [
+    ({"count": 0, "tokens": 2048}, "documents.count=0: expected an integer at least 1"),
+    ({"count": "two", "tokens": 2048}, "documents.count='two': expected an integer at least 1"),
+    ({"count": True, "tokens": 2048}, "documents.count=True"),
+    ({"count": 2, "tokens": 511}, "documents.tokens=511: expected an integer at least 2 chunks (512)"),
+    ({"count": 2, "tokens": 2.5}, "documents.tokens=2.5"),
+])
+def test_bad_documents_name_key_and_value(docs, message):
+    with pytest.raises(ExperimentConfigError) as e:
+        check_documents(docs, 256)
+    assert message in str(e.value)

@@ -43,6 +43,9 @@ class StorePath:
         xfer, chunks = eng._begin("store", tokens, mask, kwargs, lazy=True)
         store_location = kwargs.get("store_location")  # only that tier is checked and written
         where = None if store_location is None else [store_location]
+        backends = eng.storage_manager.backends
+        if where is None and not all(b.keeps_puts for b in backends):
+            where = [b.name for b in backends if b.keeps_puts]  # not p2p: it keeps nothing
         submit = getattr(eng.gpu_connector, "submit_from_gpu", None)
         job = _StoreJob(store_location)
         skipped, failed, searching = 0, 0, True

@@ -36,6 +36,10 @@ class StorageBackendInterface(abc.ABC):
     """
 
     name: str = "StorageBackend"
+    keeps_puts: bool = True
+    """False for a tier whose ``put`` keeps nothing (``p2p``: it only reads from peers). A
+    store's presence check asks only the tiers that keep puts: a chunk a peer holds is still
+    stored locally, and a down controller does not delay stores."""
     _kv_listeners: tuple = ()
 
     def add_kv_listener(self, listener: KVListener) -> None:

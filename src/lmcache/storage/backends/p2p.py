@@ -243,6 +243,8 @@ class P2PBackend(StorageBackendInterface):
         return futures
 
     # ---- the tier stores nothing ------------------------------------------------------
+    keeps_puts = False  # (a store's presence check does not ask the controller)
+
     def put(self, key: CacheEngineKey, obj: MemoryObj) -> None:
         """No-op: peers pull from each other's CPU tiers."""
 

@@ -125,6 +125,40 @@ def test_a_silent_controller_costs_one_timeout_then_lookups_are_skipped(client):
     assert client.stats == {"lookups": 1, "lookup_failures": 1}
 
 
+def test_a_controller_that_stays_down_is_asked_less_and_less_often(server):
+    """Each lookup of a down controller blocks for lookup_timeout (on vLLM's lookup path), so
+    the skip doubles per failure in a row (up to 16 x retry_interval) and resets on an answer."""
+    keys = [CacheEngineKey("m", 1, 0, h, torch.float32) for h in (1, 2)]
+    stats = {"lookups": 0, "lookup_failures": 0}
+    c = P2PClient(None, "B", 0, "tcp://127.0.0.1:1", lookup_timeout=0.01, retry_interval=10.0,
+                  lookup_cache_secs=2.0, hello_timeout=1.0, stats=stats)
+    try:
+        skips = []
+        for _ in range(7):
+            c._controller_down_until = 0.0  # (as if the skip had passed)
+            assert c.lookup(keys) == (0, "")
+            skips.append(round((c._controller_down_until - time.monotonic()) / 10.0))
+        assert skips == [1, 2, 4, 8, 16, 16, 16] and stats["lookup_failures"] == 7
+        c.reply_url, c.lookup_timeout = server.url, 5.0  # back: an answer resets the backoff
+        c._controller_down_until = 0.0
+
+        def answer() -> None:
+            ident, _ = server.recv()
+            server.sock.send_multipart([ident, b"", msgpack.packb(
+                {"num_hit_chunks": 0, "peer_init_url": ""})])
+
+        t = threading.Thread(target=answer)
+        t.start()
+        assert c.lookup(keys) == (0, "")
+        t.join(5)
+        assert stats == {"lookups": 8, "lookup_failures": 7}
+        c.reply_url, c.lookup_timeout = "tcp://127.0.0.1:1", 0.01
+        assert c.lookup(keys) == (0, "")
+        assert round((c._controller_down_until - time.monotonic()) / 10.0) == 1
+    finally:
+        c.close()
+
+
 def test_a_controller_answer_is_cached_for_its_keys(server):
     stats = {"lookups": 0, "lookup_failures": 0}
     c = P2PClient(None, "B", 0, server.url, lookup_timeout=2.0, retry_interval=1.0,

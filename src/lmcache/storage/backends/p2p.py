@@ -11,7 +11,8 @@ bytes through the one ``transfer_channel`` (NIXL), and releases the lease. The S
 writes the chunks back into the CPU tier, whose admit events tell the controller.
 
 Failures cost hits, never wrong KV or a hang: a controller that does not answer within
-``lookup_timeout_secs`` (then skipped for ``retry_interval_secs``), a peer that does not answer
+``lookup_timeout_secs`` (then skipped for ``retry_interval_secs``, doubled per failure in a row
+up to 16x), a peer that does not answer
 or dies mid-transfer (``TransferError`` within ``blocking_timeout_secs``), a chunk whose layout
 is not this worker's (different model shape or dtype) — each is a miss, counted in ``stats``.
 Local memory of a failed read is not reused until ``2 x blocking_timeout_secs`` later (a late

@@ -51,13 +51,19 @@ class PendingReply:
         return None if "error" in reply else reply
 
 
+MAX_DOUBLINGS = 4
+"""A controller that stays down is asked again after retry_interval x 1, 2, 4, 8, 16, 16, ..."""
+
+
 class P2PClient:
     """Args:
         channel: the transfer channel (``add_peer`` / ``remove_peer`` of a peer's metadata).
         instance_id, worker_id: who asks (the controller never offers this instance's chunks).
         reply_url: the controller's ``tcp://host:port`` REQ/REP URL.
         lookup_timeout: deadline of one controller lookup, seconds.
-        retry_interval: after a failed lookup, lookups are skipped this long, seconds.
+        retry_interval: after a failed lookup, lookups are skipped this long, seconds;
+            doubled after each further failure in a row (at most ``2**MAX_DOUBLINGS`` times),
+            so a controller that stays down costs one ``lookup_timeout`` per 16 intervals.
         lookup_cache_secs: how long a controller answer is reused, seconds.
         hello_timeout: deadline of a peer's hello, seconds.
         stats: counts ``lookups`` and ``lookup_failures`` in this dict.
@@ -78,6 +84,7 @@ class P2PClient:
         self._meeting: dict[str, threading.Lock] = {}  # peer_init_url -> its hello's lock
         self._answers: dict[CacheEngineKey, tuple[float, str]] = {}  # key -> (expiry, peer url)
         self._controller_down_until = 0.0
+        self._failures = 0  # failed lookups in a row
         self._closed = False
 
     # ---- sockets ----------------------------------------------------------------------
@@ -135,8 +142,11 @@ class P2PClient:
             "hashes": [k.chunk_hash for k in keys]}, self.lookup_timeout)
         if reply is None:
             self.stats["lookup_failures"] += 1
-            self._controller_down_until = time.monotonic() + self.retry_interval
+            self._failures += 1
+            self._controller_down_until = time.monotonic() + self.retry_interval * 2 ** min(
+                self._failures - 1, MAX_DOUBLINGS)
             return 0, ""
+        self._failures = 0
         n, url = int(reply.get("num_hit_chunks", 0)), str(reply.get("peer_init_url") or "")
         if n and url:
             expiry = time.monotonic() + self.lookup_cache_secs

@@ -3,6 +3,9 @@ what was expected (``documents.count=two`` used to say only "invalid literal for
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from lmcache.experiments.lmcache_config import ExperimentConfigError
@@ -25,3 +28,14 @@ def test_bad_documents_name_key_and_value(docs, message):
     with pytest.raises(ExperimentConfigError) as e:
         check_documents(docs, 256)
     assert message in str(e.value)
+
+
+def test_a_config_error_is_one_line_and_exit_2_and_lands_in_the_log(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lmcache.experiments.multi_instance",
+                           "deployment=p2p", "documents.count=0", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr  # printed once (the logger writes only to the log file)
+    assert out.count("documents.count=0: expected an integer at least 1") == 1, out
+    assert "Traceback" not in out
+    assert "documents.count=0" in (tmp_path / "multi_instance.log").read_text()

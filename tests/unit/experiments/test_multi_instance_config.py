@@ -39,3 +39,20 @@ def test_a_config_error_is_one_line_and_exit_2_and_lands_in_the_log(tmp_path):
     assert out.count("documents.count=0: expected an integer at least 1") == 1, out
     assert "Traceback" not in out
     assert "documents.count=0" in (tmp_path / "multi_instance.log").read_text()
+
+
+def test_the_table_fits_80_columns_when_piped(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from lmcache.experiments.console import Reporter
+    from lmcache.experiments.multi_instance import report_results
+
+    rows = [{"phase": p, "instance": "A", "query": q, "ttft_s": 1.2345, "text": "x",
+             "cached_tokens": 4096, "lmcache_lookup_s": 0.001, "lmcache_retrieve_s": 0.0125}
+            for p in ("A cold", "B no P2P", "B P2P", "A warm") for q in range(2)]
+    status = report_results(OmegaConf.create({"output": {"csv": "m.csv"}}), rows,
+                            {"B": {"p2p": 4096}}, tmp_path, Reporter(progress=False, width=80))
+    out = capsys.readouterr().out
+    assert status == 0 and "…" not in out, out
+    assert "│ B no P2P │  1234.5 │ 1234-1234 │       1.0 │        12.5 │   8192 │      │" in out
+    assert "same: greedy outputs equal the no-cache" in out

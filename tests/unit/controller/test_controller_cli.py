@@ -48,3 +48,19 @@ def test_the_command_exits_2_with_one_line():
     assert "Traceback" not in proc.stderr
     assert ("lmcache-controller: controller_port must be a port (1..65535), got 'abc'"
             in proc.stderr.splitlines())
+
+
+
+def test_help_shows_the_controller_s_own_keys():
+    """``--help`` renders this template (checked by hand: ``python -m lmcache.controller
+    --help``; a subprocess here would cost ~4 s of imports)."""
+    import importlib.resources
+
+    from omegaconf import OmegaConf
+
+    conf = importlib.resources.files("lmcache.conf") / "cache_controller" / "serve.yaml"
+    help_ = OmegaConf.create(conf.read_text())["hydra"]["help"]
+    assert help_["app_name"] == "lmcache-controller"
+    assert help_["header"].startswith("lmcache-controller (python -m lmcache.controller)")
+    assert "$CONFIG" in help_["template"] and "controller_index=valkey" in help_["footer"]
+    assert "$APP_CONFIG_GROUPS" not in help_["template"]  # not every group of lmcache's tree

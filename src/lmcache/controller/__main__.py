@@ -79,9 +79,9 @@ def serve(cfg: DictConfig) -> int:
         index.close()
         raise
     try:
-        from lmcache.token_database.cbor_chain import jit_encoder
+        from lmcache.token_database.cbor_chain import enable_compiled_encoder
 
-        jit_encoder()  # load the compiled token encoder now, not on the first long lookup
+        enable_compiled_encoder()  # this process runs no vLLM engine: long lookups use numba
         log.info("lmcache controller: HTTP on %s:%d, pull %d, reply %d, index %s",
                  plain["controller_host"], plain["controller_port"], controller.pull_port,
                  controller.reply_port, type(index).__name__)

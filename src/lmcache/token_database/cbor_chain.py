@@ -8,9 +8,13 @@ shortest form: a token ``v`` in [0, 2**32) is ``v`` itself (v < 24), ``0x18 v`` 
 encoded once and each chunk is hashed from a slice of the result: bit for bit cbor2's bytes
 (tests/unit/token_database/test_cbor_chain.py compares them with cbor2 on every int width).
 
-Two encoders give the same bytes: a compiled loop (numba, when importable; used from
-:data:`JIT_MIN_TOKENS` tokens: importing and loading it costs ~0.5-1 s once per process) and
-numpy array operations (always available). A token < 0 or >= 2**32 is left to cbor2 (the caller's
+Two encoders give the same bytes: numpy array operations (always; ~3 ms for 128k tokens on a
+2-core host) and a compiled loop (numba; ~0.6 ms), which a process must switch on with
+:func:`enable_compiled_encoder` and which is then used from :data:`JIT_MIN_TOKENS` tokens.
+Only processes that never start a vLLM engine afterwards may switch it on (the controller does):
+vLLM 0.32's CPU platform, when a worker starts, walks every imported module and fails on
+llvmlite's ``binding.ffi.lib`` (``vars()`` of it is not a dict), so importing numba before an
+engine starts in the same process breaks that engine's start. A token < 0 or >= 2**32 is left to cbor2 (the caller's
 slow path: :meth:`CborTokens.build` returns None).
 """
 
@@ -29,8 +33,8 @@ CBOR_DIGESTS = {"sha256_cbor": "sha256", "sha256_cbor_64bit": "sha256", "xxhash_
 """Hash algorithm names of :mod:`lmcache.token_database.hashing` this module computes."""
 
 JIT_MIN_TOKENS = 16384
-"""Token count from which the compiled encoder is used (below it numpy is fast enough and no
-process pays for importing numba)."""
+"""Token count from which the compiled encoder is used once switched on (below it numpy is as
+fast)."""
 
 _U32 = 1 << 32
 
@@ -89,13 +93,15 @@ def _encode_loop(values, chunk_size, out, bounds):  # pragma: no cover - compile
     return j
 
 
-_JIT = None  # None: not tried yet; False: numba unavailable; else the compiled _encode_loop
+_JIT = None  # None: not switched on; False: numba unavailable; else the compiled _encode_loop
 _JIT_LOCK = threading.Lock()
 
 
-def jit_encoder():
-    """The compiled encoder (numba, compiled once and cached on disk), or None when numba cannot
-    be imported or compiled here (then numpy encodes; logged once)."""
+def enable_compiled_encoder():
+    """Switch this process to the compiled encoder (numba, compiled once, cached on disk) for
+    long token sequences; returns it, or None when numba cannot be imported or compiled here
+    (then numpy encodes; logged once). Call it only in a process that will not start a vLLM
+    engine afterwards (see the module docstring); the lmcache controller calls it at start."""
     global _JIT
     if _JIT is None:
         with _JIT_LOCK:
@@ -179,11 +185,12 @@ def encode_jit(values: np.ndarray, chunk_size: int) -> Optional[tuple[np.ndarray
     """Like :func:`encode_numpy` (``values``: 1-D, C-contiguous int64), with the compiled loop.
 
     Raises:
-        RuntimeError: numba is not available here.
+        RuntimeError: :func:`enable_compiled_encoder` did not succeed in this process.
     """
-    kernel = jit_encoder()
-    if kernel is None:
-        raise RuntimeError("numba is not available for the compiled CBOR encoder")
+    kernel = _JIT
+    if not kernel:
+        raise RuntimeError("the compiled CBOR encoder is not switched on in this process "
+                           "(enable_compiled_encoder() returned None or was not called)")
     n = values.size
     ws = _workspace(n)
     bounds = np.empty(-(-n // chunk_size) + 1, np.int64)
@@ -192,8 +199,9 @@ def encode_jit(values: np.ndarray, chunk_size: int) -> Optional[tuple[np.ndarray
 
 
 def encode(values: np.ndarray, chunk_size: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """The compiled encoder from :data:`JIT_MIN_TOKENS` values when numba is there, else numpy."""
-    if values.size >= JIT_MIN_TOKENS and jit_encoder() is not None:
+    """The compiled encoder from :data:`JIT_MIN_TOKENS` values when this process switched it on,
+    else numpy."""
+    if values.size >= JIT_MIN_TOKENS and _JIT:
         return encode_jit(values, chunk_size)
     return encode_numpy(values, chunk_size)
 

@@ -3,7 +3,10 @@ cbor2 (sha256_cbor, xxhash_cbor), for every CBOR int width, partial chunks, any 
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import cbor2
 import numpy as np
@@ -14,9 +17,9 @@ from lmcache.token_database.cbor_chain import (
     JIT_MIN_TOKENS,
     CborTokens,
     cbor_chain,
+    enable_compiled_encoder,
     encode_jit,
     encode_numpy,
-    jit_encoder,
 )
 from lmcache.token_database.chunked import ChunkedTokenDatabase
 from lmcache.token_database.hashing import sha256_cbor, xxhash_cbor
@@ -67,9 +70,16 @@ def test_an_encoding_survives_a_later_one_on_the_same_thread():
 CBOR_EDGES = [0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1]
 
 
+# The compiled encoder must not be loaded in this pytest process (vLLM engines start here later,
+# and importing numba breaks their start: see cbor_chain's docstring). Its tests run in a child
+# pytest of this file with COMPILED set: test_compiled_encoder_in_a_process_of_its_own.
+COMPILED = os.environ.get("LMCACHE_TEST_COMPILED_CBOR") == "1"
+
+
 def _encoders():
     out = [("numpy", encode_numpy)]
-    if jit_encoder() is not None:
+    if COMPILED:
+        assert enable_compiled_encoder() is not None, "numba is a dependency: it must compile"
         out.append(("jit", encode_jit))
     return out
 
@@ -112,9 +122,37 @@ def test_encoders_refuse_what_cbor2_must_encode(enc_name, enc):
         assert enc(np.array(bad, np.int64), 2) is None, (enc_name, bad)
 
 
-def test_jit_and_numpy_encoders_agree_on_a_long_prompt():
-    if jit_encoder() is None:
-        pytest.skip("numba is not importable here: only the numpy encoder runs")
+if COMPILED:
+    def test_jit_and_numpy_encoders_agree_on_a_long_prompt():
+        _jit_and_numpy_agree()
+else:
+    def test_compiled_encoder_in_a_process_of_its_own():
+        """Every encoder test of this file again, with the compiled encoder switched on, in a
+        child pytest (5 jit variants and the long-prompt comparison; the database then takes it from
+        JIT_MIN_TOKENS tokens)."""
+        env = dict(os.environ, LMCACHE_TEST_COMPILED_CBOR="1")
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", __file__, "-v", "-p", "no:cacheprovider"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        passed = [ln for ln in proc.stdout.splitlines() if ln.endswith("PASSED") or " PASSED " in ln]
+        assert sum("jit" in ln for ln in passed) == 5, proc.stdout[-3000:]
+        assert "SKIPPED" not in proc.stdout and "FAILED" not in proc.stdout
+
+    def test_long_prompt_hashing_leaves_numba_unloaded():
+        """A 20k-token prompt hashed in a fresh process (as in a vLLM worker) takes the numpy
+        encoder: llvmlite, which vLLM's worker start trips on, is never imported."""
+        code = ("import sys, torch; from lmcache.token_database.chunked import "
+                "ChunkedTokenDatabase as D; d = D(None, chunk_size=256, "
+                "hash_algorithm='sha256_cbor'); "
+                "h = [x for _, _, x in d.process_tokens(list(range(20000)), make_key=False)]; "
+                "print(len(h), 'llvmlite' in sys.modules, 'numba' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, timeout=300).stdout.split()
+        assert out == ["78", "False", "False"]
+
+
+def _jit_and_numpy_agree():
     vals = torch.randint(0, 152064, (70000,), generator=torch.Generator().manual_seed(5)).numpy()
     d1, b1 = encode_numpy(vals, 256)
     d1 = d1.copy()

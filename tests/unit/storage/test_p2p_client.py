@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Optional
 
 import msgpack
 import pytest
@@ -40,19 +41,30 @@ class Router:
         self.sock.close()
         self.ctx.term()
 
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 @pytest.fixture
 def server():
-    s = Router()
-    yield s
-    s.close()
+    with Router() as s:
+        yield s
+
+
+def make_client(reply_url: str = "tcp://127.0.0.1:1", channel=None, **kw) -> P2PClient:
+    """A P2PClient as instance "B" (worker 0); ``kw`` overrides the fixture's timeouts and
+    stats (default: nothing listens at ``reply_url``)."""
+    args = {"lookup_timeout": 0.2, "retry_interval": 60.0, "lookup_cache_secs": 2.0,
+            "hello_timeout": 1.0, "stats": {"lookups": 0, "lookup_failures": 0}, **kw}
+    return P2PClient(channel, "B", 0, reply_url, **args)
 
 
 @pytest.fixture
 def client():
-    stats = {"lookups": 0, "lookup_failures": 0}
-    c = P2PClient(None, "B", 0, "tcp://127.0.0.1:1", lookup_timeout=0.2, retry_interval=60.0,
-                  lookup_cache_secs=2.0, hello_timeout=1.0, stats=stats)
+    c = make_client()
     yield c
     c.close()
 
@@ -68,6 +80,26 @@ def serve(server: Router, replies: list, idents: list) -> threading.Thread:
     t = threading.Thread(target=run)
     t.start()
     return t
+
+
+def lookup_answered(c: P2PClient, keys: list, server: Router,
+                    answer: dict) -> tuple[tuple[int, str], Optional[dict]]:
+    """``c.lookup(keys)`` while ``server`` (the controller's reply socket) answers the one
+    lookup it receives with ``answer`` (msgpack, as the controller does); returns the lookup's
+    result and the request the server saw (None if none came within 5 s)."""
+    seen: list = []
+
+    def run() -> None:
+        ident, msg = server.recv()
+        seen.append(msg)
+        server.sock.send_multipart([ident, b"", msgpack.packb(answer)])
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        return c.lookup(keys), (seen[0] if seen else None)
+    finally:
+        t.join(5)
 
 
 def test_one_socket_is_kept_per_url(server, client):
@@ -130,8 +162,7 @@ def test_a_controller_that_stays_down_is_asked_less_and_less_often(server):
     the skip doubles per failure in a row (up to 16 x retry_interval) and resets on an answer."""
     keys = [CacheEngineKey("m", 1, 0, h, torch.float32) for h in (1, 2)]
     stats = {"lookups": 0, "lookup_failures": 0}
-    c = P2PClient(None, "B", 0, "tcp://127.0.0.1:1", lookup_timeout=0.01, retry_interval=10.0,
-                  lookup_cache_secs=2.0, hello_timeout=1.0, stats=stats)
+    c = make_client(lookup_timeout=0.01, retry_interval=10.0, stats=stats)
     try:
         skips = []
         for _ in range(7):
@@ -141,16 +172,8 @@ def test_a_controller_that_stays_down_is_asked_less_and_less_often(server):
         assert skips == [1, 2, 4, 8, 16, 16, 16] and stats["lookup_failures"] == 7
         c.reply_url, c.lookup_timeout = server.url, 5.0  # back: an answer resets the backoff
         c._controller_down_until = 0.0
-
-        def answer() -> None:
-            ident, _ = server.recv()
-            server.sock.send_multipart([ident, b"", msgpack.packb(
-                {"num_hit_chunks": 0, "peer_init_url": ""})])
-
-        t = threading.Thread(target=answer)
-        t.start()
-        assert c.lookup(keys) == (0, "")
-        t.join(5)
+        result, _ = lookup_answered(c, keys, server, {"num_hit_chunks": 0, "peer_init_url": ""})
+        assert result == (0, "")
         assert stats == {"lookups": 8, "lookup_failures": 7}
         c.reply_url, c.lookup_timeout = "tcp://127.0.0.1:1", 0.01
         assert c.lookup(keys) == (0, "")
@@ -160,22 +183,13 @@ def test_a_controller_that_stays_down_is_asked_less_and_less_often(server):
 
 
 def test_a_controller_answer_is_cached_for_its_keys(server):
-    stats = {"lookups": 0, "lookup_failures": 0}
-    c = P2PClient(None, "B", 0, server.url, lookup_timeout=2.0, retry_interval=1.0,
-                  lookup_cache_secs=30.0, hello_timeout=1.0, stats=stats)
+    c = make_client(server.url, lookup_timeout=2.0, retry_interval=1.0, lookup_cache_secs=30.0)
     try:
         keys = [CacheEngineKey("m", 1, 0, h, torch.float32) for h in (1, 2, 3)]
-
-        def answer() -> None:
-            ident, msg = server.recv()
-            assert msg["hashes"] == [1, 2, 3] and msg["instance_id"] == "B"
-            server.sock.send_multipart([ident, b"", msgpack.packb(
-                {"num_hit_chunks": 2, "peer_init_url": "127.0.0.1:5555"})])
-
-        t = threading.Thread(target=answer)
-        t.start()
-        assert c.lookup(keys) == (2, "127.0.0.1:5555")
-        t.join(5)
+        result, msg = lookup_answered(c, keys, server,
+                                      {"num_hit_chunks": 2, "peer_init_url": "127.0.0.1:5555"})
+        assert result == (2, "127.0.0.1:5555")
+        assert msg["hashes"] == [1, 2, 3] and msg["instance_id"] == "B"
         assert [c.cached_peer(k) for k in keys] == ["127.0.0.1:5555", "127.0.0.1:5555", None]
     finally:
         c.close()
@@ -186,8 +200,8 @@ def test_concurrent_callers_share_one_hello(server):
     from lmcache.transfer.nixl import NixlChannel
 
     mine, theirs = (NixlChannel(n, [torch.zeros(4096, dtype=torch.uint8)]) for n in ("b", "a"))
-    c = P2PClient(mine, "B", 0, "tcp://127.0.0.1:1", lookup_timeout=1.0, retry_interval=1.0,
-                  lookup_cache_secs=1.0, hello_timeout=5.0, stats={})
+    c = make_client(channel=mine, lookup_timeout=1.0, retry_interval=1.0, lookup_cache_secs=1.0,
+                    hello_timeout=5.0, stats={})
     try:
         init_url = server.url[len("tcp://"):]
         got: list = []

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import httpx
 
@@ -31,7 +31,27 @@ def _env() -> dict:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
 
 
-class Controller:
+class _Child:
+    """A child process (``self.proc``) of a test: killed or asked to exit, with bounded waits."""
+
+    proc: subprocess.Popen
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def _end(self, ask: Callable[[], None]) -> None:
+        """``ask()`` the running child to exit, wait up to 10 s for it, then kill it."""
+        if self.proc.poll() is None:
+            ask()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Controller(_Child):
     """``python -m lmcache.controller`` on free ports; ``extra`` = more Hydra overrides."""
 
     def __init__(self, extra: tuple[str, ...] = (), timeout: float = 5.0, log: Optional[Path] = None,
@@ -65,18 +85,8 @@ class Controller:
     def get(self, path: str) -> dict:
         return httpx.get(self.url + path, timeout=10).json()
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._end(lambda: self.proc.send_signal(signal.SIGINT))
 
 
 def p2p_overrides(instance_id: str, ctl: Controller, heartbeat: float = 0.3) -> list[str]:
@@ -91,7 +101,7 @@ def p2p_overrides(instance_id: str, ctl: Controller, heartbeat: float = 0.3) -> 
             "storage.backends.p2p.lookup_cache_secs=0.2"]
 
 
-class Instance:
+class Instance(_Child):
     """``p2p_instance.py`` with ``overrides``; :meth:`call` sends one command, waits for its reply."""
 
     def __init__(self, overrides: list[str], log: Optional[Path] = None) -> None:
@@ -123,21 +133,14 @@ class Instance:
         self.proc.stdin.flush()
         return self._reply(timeout)
 
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.call("quit", timeout=30)
-            except (RuntimeError, OSError):
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self._end(self._quit)
+
+    def _quit(self) -> None:
+        try:
+            self.call("quit", timeout=30)
+        except (RuntimeError, OSError):
+            pass
 
 
 def eventually(check, timeout: float = 10.0, delay: float = 0.05):

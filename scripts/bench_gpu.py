@@ -481,7 +481,8 @@ def main() -> None:
     result["sizes"] = result["runs"][-1]
     if args.profile_engine and "dma" in engines:
         result["engine_breakdown"] = {
-            t: profile_engine(s, engines["dma"], t, args.reps) for t in (8192, max(sizes))}
+            t: profile_engine(s, engines["dma"], t, args.reps)
+            for t in sorted({min(8192, max(sizes)), max(sizes)})}
     if args.prefill:
         model = build_model(args.prefill_tokens)
         result["prefill_s"] = bench_prefill(model, args.prefill_tokens, max(2, args.reps // 2))

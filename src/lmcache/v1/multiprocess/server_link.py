@@ -1,13 +1,13 @@
 """ServerLink: an MP client's view of whether the server is there, kept by heartbeats.
 
-At start the link asks the server's chunk size (waiting at most ``connect_timeout``). When the
-server does not answer, the link starts *disconnected*: it logs one clear error, the adapters
-answer every lookup with 0 hits and skip stores, and vLLM serves on without LMCache. A
-heartbeat every ``heartbeat_interval`` seconds tells the server this client is alive (its
-sessions are freed when heartbeats stop) and tells the client whether the server is there:
-the first answer after an outage reconnects (``on_connect`` runs: the worker re-registers its
-KV caches, since a restarted server knows none), a missed answer disconnects and fails every
-pending request as a miss.
+At start the link asks the server's chunk size (waiting at most ``connect_timeout``) and sends
+its first heartbeat. When the server does not answer, the link starts *disconnected*: it logs
+one clear error, the adapters answer every lookup with 0 hits and skip stores, and vLLM serves
+on without LMCache. A heartbeat every ``heartbeat_interval`` seconds tells the server this
+client is alive (its sessions are freed when heartbeats stop) and tells the client whether the
+server is there: the first answer after an outage reconnects (``on_connect`` runs: the worker
+re-registers its KV caches, since a restarted server knows none), a missed answer disconnects
+and fails every pending request as a miss.
 """
 
 from __future__ import annotations
@@ -71,6 +71,10 @@ class ServerLink:
                          "WITHOUT LMCache hits (assuming chunk_size %d) and reconnects when the "
                          "server comes back", mq_client.server_url, self.connect_timeout, e,
                          self.chunk_size)
+        if self.connected:
+            # the first heartbeat at once, not one interval later: from now on the server knows
+            # this client heartbeats, so what it pins is freed even if it dies within the interval
+            self.beat()
         self._thread = threading.Thread(target=self._run, name=f"lmcache-mp-heartbeat-{role}",
                                         daemon=True)
         self._thread.start()

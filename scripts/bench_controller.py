@@ -134,6 +134,9 @@ def main() -> None:
     p.add_argument("--hash-algorithm", nargs="+", default=["sha256_cbor", "xxhash_cbor"],
                    help="token database hash algorithms to run (the fleet's hash_algorithm)")
     a = p.parse_args()
+    from lmcache.token_database.cbor_chain import enable_compiled_encoder
+
+    enable_compiled_encoder()  # as lmcache-controller does at start (its process runs no vLLM)
     tokens = torch.randint(0, 128000, (a.tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     if a.index in ("memory", "both"):

@@ -33,6 +33,7 @@ def test_b_pulls_a_s_kv_and_answers_identically(tmp_path):
     assert proc.returncode == 0, log
     res = json.loads((tmp_path / "multi_instance.json").read_text())
     assert res["outputs_equal"] == {"B P2P": True, "A warm": True}, log
+    assert res["controller_exit"] is None and "controller: up for the whole run" in proc.stdout, log
     # B's hits came from A over P2P, A's warm hits from its own CPU tier (4 chunks of 256)
     assert res["hits_by_source"]["B"].get("p2p", 0) >= 3 * 256, log
     assert res["hits_by_source"]["A"].get("local_cpu", 0) >= 3 * 256, log

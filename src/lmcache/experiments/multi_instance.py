@@ -29,7 +29,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 from omegaconf import DictConfig
@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 from lmcache.config.checks import option_name
 from lmcache.config.compose import register_resolvers
 from lmcache.experiments import lmcache_config, report
-from lmcache.experiments.app_exit import EXIT_MISMATCH, EXIT_OK, exit_after, job_status
+from lmcache.experiments.app_exit import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK, exit_after, job_status
 from lmcache.experiments.console import Reporter
 from lmcache.experiments.documents import load_documents, question_text
 from lmcache.experiments.lmcache_config import ExperimentConfigError
@@ -205,14 +205,21 @@ def run(cfg: DictConfig, output_dir: str, fields: dict[str, Any]) -> int:
         phase("A warm", "A", shared)
         hits = {name: hits_by_source(s.metrics(), int(cfg.chunk_size))
                 for name, s in servers.items()}
+        controller_exit = ctl.proc.poll()  # None: it served the whole run
     finally:
         for s in servers.values():
             s.stop()
         ctl.stop()
-    return report_results(cfg, rows, hits, out, say)
+    return report_results(cfg, rows, hits, out, say, controller_exit)
 
 
-def report_results(cfg, rows, hits, out: Path, say: Reporter) -> int:
+def report_results(cfg, rows, hits, out: Path, say: Reporter,
+                   controller_exit: Optional[int] = None) -> int:
+    """Print the TTFT table and the verdicts; write the CSV and ``multi_instance.json``.
+
+    ``controller_exit``: the controller's exit status when it died during the run (its P2P
+    hits stop there), None when it was up throughout. Returns EXIT_OK, EXIT_FAILED when the
+    controller died, else EXIT_MISMATCH when an output differs from the no-cache outputs."""
     med = {p: statistics.median(r["ttft_s"] for r in rows if r["phase"] == p)
            for p in ("A cold", "B no P2P", "B P2P", "A warm")}
     ref = [r["text"] for r in rows if r["phase"] == "A cold"]
@@ -248,16 +255,22 @@ def report_results(cfg, rows, hits, out: Path, say: Reporter) -> int:
     say.line("hit tokens by source: " + "; ".join(
         f"{name}: {', '.join(f'{t} {n}' for t, n in sorted(h.items())) or 'none'}"
         for name, h in hits.items()))
+    if controller_exit is None:
+        say.line("controller: up for the whole run")
+    else:
+        say.line(f"ERROR: the controller exited with status {controller_exit} during the run "
+                 f"(see {out / 'controller.log'}): later P2P lookups could not be answered")
     report.write_csv(table, out / str(cfg.output.csv), list(table[0]))
     (out / "multi_instance.json").write_text(json.dumps(
         {"median_ttft_s": med, "hits_by_source": hits, "outputs_equal": same,
-         "b_p2p_over_a_warm": ratio, "requests": rows}, indent=1))
+         "b_p2p_over_a_warm": ratio, "controller_exit": controller_exit, "requests": rows},
+        indent=1))
     if not all(same.values()):
         say.line("ERROR: greedy outputs differ from the no-cache (A cold) outputs: "
                  + ", ".join(p for p, ok in same.items() if not ok))
-        return EXIT_MISMATCH
+        return EXIT_FAILED if controller_exit is not None else EXIT_MISMATCH
     say.line("greedy outputs are identical to the no-cache outputs")
-    return EXIT_OK
+    return EXIT_OK if controller_exit is None else EXIT_FAILED
 
 
 def check_documents(documents: Any, chunk_size: int) -> None:

@@ -3,6 +3,7 @@ what was expected (``documents.count=two`` used to say only "invalid literal for
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -56,3 +57,24 @@ def test_the_table_fits_80_columns_when_piped(tmp_path, capsys):
     assert status == 0 and "…" not in out, out
     assert "│ B no P2P │  1234.5 │ 1234-1234 │       1.0 │        12.5 │   8192 │      │" in out
     assert "same: greedy outputs equal the no-cache" in out
+    assert "controller: up for the whole run" in out
+    assert json.loads((tmp_path / "multi_instance.json").read_text())["controller_exit"] is None
+
+
+def test_a_controller_that_died_during_the_run_fails_it(tmp_path, capsys):
+    """Outputs equal (B fell back to recompute) but the controller exited: said, exit 4."""
+    from omegaconf import OmegaConf
+
+    from lmcache.experiments.console import Reporter
+    from lmcache.experiments.multi_instance import report_results
+
+    rows = [{"phase": p, "instance": "A", "query": 0, "ttft_s": 0.5, "text": "x",
+             "cached_tokens": 0, "lmcache_lookup_s": 0.001, "lmcache_retrieve_s": 0.0}
+            for p in ("A cold", "B no P2P", "B P2P", "A warm")]
+    status = report_results(OmegaConf.create({"output": {"csv": "m.csv"}}), rows, {"B": {}},
+                            tmp_path, Reporter(progress=False, width=200), controller_exit=-9)
+    out = capsys.readouterr().out
+    assert status == 4, out
+    assert (f"ERROR: the controller exited with status -9 during the run (see "
+            f"{tmp_path / 'controller.log'})") in out
+    assert json.loads((tmp_path / "multi_instance.json").read_text())["controller_exit"] == -9

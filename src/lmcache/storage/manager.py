@@ -1,7 +1,8 @@
 """StorageManager: routes puts and gets over the ordered storage tiers.
 
 Collaborators: TierLookup (tier selection, prefix lookup, pins), Prefetcher (lookup-time
-prefetch), TierReader (reads, repair, write-back), TierStats (per-tier metrics).
+prefetch), TierReader (reads, repair, write-back), TierStats (per-tier metrics),
+PrefixRetriever (prefetch glue, retrieve loop; moved to :mod:`lmcache.storage.prefix_retriever`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lmcache.storage.backends.local_cpu import LocalCPUBackend
 from lmcache.storage.event_manager import EventManager
 from lmcache.storage.pin_ledger import PinLedger
 from lmcache.storage.prefetcher import Prefetcher
+from lmcache.storage.prefix_retriever import PrefixRetriever
 from lmcache.storage.tier_lookup import Locations, TierLookup
 from lmcache.storage.tier_reader import Accept, TierReader
 
@@ -117,6 +119,8 @@ class StorageManager:
                                  self.tier_stats)
         self.pins = PinLedger()
         self.lookup = TierLookup(self.backends, self._tier_error, self.pins)
+        self.retriever = PrefixRetriever(self.lookup, self.reader, self.prefetcher,
+                                         allocator_backend, self._tier_error, self.tier_stats)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -128,7 +132,6 @@ class StorageManager:
         """Tier calls that raised (each logged once per tier)."""
         return self.reader.num_tier_errors
 
-    # ---- tier selection (the TierLookup collaborator) ------------------------------------
     @property
     def tier_names(self) -> list[str]:
         """``name`` of each tier, in tier order."""
@@ -218,13 +221,7 @@ class StorageManager:
             hash(lookup_id)  # TypeError now, not after pinning
         owners = self.lookup.owners(keys, pin, tiers, lookup_id)
         if lookup_id is not None:
-            count = self.prefetcher.start(lookup_id, keys, owners, self.allocator_backend,
-                                          self.reader.put_back, self._tier_error,
-                                          self.tier_stats.track_reads)
-            if pin:
-                for key, owner in zip(keys[count:], owners[count:]):
-                    self.lookup.unpin_key(key, lookup_id)
-            owners = owners[:count]
+            owners = self.retriever.prefetch(lookup_id, keys, owners, pin)
         if pin:  # a lookup (vLLM's scheduler pins), not a store's check: per-tier hit rates
             self.tier_stats.lookup(tiers, owners, len(keys))
         return len(owners)
@@ -272,38 +269,8 @@ class StorageManager:
         vets the object of ``keys[i]`` (e.g. its shape and dtype) before it is written back or
         returned: a refused object ends the prefix and is removed from the tier it came from
         (a prefetched one from every tier)."""
-        keys = list(keys)
         tiers = self.lookup.select(retrieve_locations)
-        prefetched = self.prefetcher.claim(lookup_id, keys)
-        deadline = time.monotonic() + self.blocking_timeout_secs
-        out: list[Optional[MemoryObj]] = [None] * len(keys)
-        pos, n = 0, len(keys)
-        try:
-            while pos < n:
-                parent = keys[pos - 1] if pos else None
-                if keys[pos] in prefetched:
-                    prefetched.discard(keys[pos])
-                    obj = self.prefetcher.take(lookup_id, keys[pos], deadline)
-                    if obj is None or not self.reader.accepted(accept, pos, keys[pos], obj,
-                                                               None):
-                        break
-                    self.reader.put_back(keys[pos], obj, parent)  # (again, if the first was refused)
-                    out[pos] = obj
-                    pos += 1
-                    continue
-                end = pos
-                while end < n and keys[end] not in prefetched:
-                    end += 1
-                owners = self.lookup.owners(keys[pos:end], False, tiers)
-                got = self.reader.get_run(keys[pos:end], owners, tiers, accept, pos, parent)
-                out[pos:pos + len(got)] = got
-                if len(got) < end - pos:
-                    break
-                pos = end
-        finally:
-            for key in prefetched:  # not reached: released when they arrive
-                self.prefetcher.drop(lookup_id, key)
-        return out
+        return self.retriever.get(keys, lookup_id, tiers, accept, self.blocking_timeout_secs)
 
     # ---- lifecycle ----------------------------------------------------------------------
     def clear(self) -> None:

@@ -4,9 +4,9 @@ Option files set compatible defaults, but a command line can combine any options
 any value; these checks turn a bad value or a bad combination into a ValueError that names
 the key, the value and what was expected, instead of a failure deep inside a component:
 
-* every top-level LMCache key of ``conf/config.yaml`` has the right type and range
-  (:data:`TOP_LEVEL_KEYS`, one table of key → parser), and ``max_local_cpu_size`` fits the
-  machine's memory;
+* every top-level LMCache key of ``conf/config.yaml`` has the right type and range, and
+  ``max_local_cpu_size`` fits the machine's memory (:func:`check_values` and its table
+  :data:`TOP_LEVEL_KEYS`, moved to :mod:`lmcache.config.top_level_keys`; re-exported here);
 * the tiers: at least one, ``local_cpu`` first (it is the allocator backend every other
   tier stages through), no tier class twice, a remote tier with a ``remote_connector`` whose
   url scheme matches it, a local_disk tier with a writable directory and a capacity;
@@ -23,45 +23,14 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from lmcache.config import values as v
 from lmcache.config.machine import check_memory, machine_memory  # noqa: F401 (re-exported)
 from lmcache.config.remote_url import REMOTE_SCHEMES, redact, remote_connector_for
+from lmcache.config.top_level_keys import TOP_LEVEL_KEYS, check_values  # noqa: F401 (re-exported)
 from lmcache.metadata import LMCacheMetadata
-from lmcache.token_database.hashing import HASH_ALGORITHMS
-
-TOP_LEVEL_KEYS: dict[str, Callable[[Any], Any]] = {
-    "chunk_size": v.strict(v.positive_int, int),
-    "save_unfull_chunk": v.strict(v.boolean, bool),
-    "hash_algorithm": v.strict(v.one_of(*sorted(HASH_ALGORITHMS)), str),
-    "hash_seed": v.hash_seed,
-    "local_cpu": v.strict(v.boolean, bool),
-    "max_local_cpu_size": v.strict(v.positive_float, float),
-    "local_disk": v.strict(v.local_disk_path, str, None),
-    "max_local_disk_size": v.strict(v.non_negative_float, float),
-    "remote_url": v.strict(remote_connector_for, str, None),
-    "save_decode_cache": v.strict(v.boolean, bool),
-    "blocking_timeout_secs": v.strict(v.at_most(v.positive_float, v.MAX_TIMEOUT_S, "s"), float),
-    "lookup_timeout_ms": v.strict(v.at_most(v.positive_int, v.MAX_TIMEOUT_S * 1000, "ms"), int),
-    "internal_api_server_enabled": v.strict(v.boolean, bool),
-    "internal_api_server_host": v.strict(v.string, str),
-    "internal_api_server_port_start": v.strict(v.port, int),
-    "extra_config": v.strict(v.optional_dict, dict, None),  # set by the LMCache translation
-    "lmcache_instance_id": v.strict(v.optional_str, str, None),
-    "controller_pull_url": v.strict(v.optional_str, str, None),
-    "controller_reply_url": v.strict(v.optional_str, str, None),
-    "lmcache_worker_ports": v.port_list,
-    "lmcache_worker_heartbeat_time": v.strict(v.at_most(v.positive_float, v.MAX_TIMEOUT_S, "s"), float, None),
-    "lmcache_worker_heartbeat_delay_time": v.strict(v.at_most(v.non_negative_float, v.MAX_TIMEOUT_S, "s"), float),
-    "p2p_host": v.strict(v.optional_str, str, None),
-    "p2p_init_ports": v.port_list,
-    "p2p_lookup_ports": v.port_list,
-}
-"""Top-level LMCache key → parser of its composed value (ints pass where a number is asked)."""
 
 
 def option_name(node: Any) -> str | None:
@@ -83,39 +52,6 @@ def _plain(cfg: DictConfig | Mapping) -> dict:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return dict(cfg)
-
-
-def _shown(value: Any) -> Any:
-    return redact(value) if isinstance(value, str) else value
-
-
-def check_values(cfg: DictConfig | Mapping[str, Any]) -> None:
-    """Check every top-level LMCache key present in ``cfg`` against :data:`TOP_LEVEL_KEYS`.
-
-    A DictConfig is read key by key (only that key is resolved), so a bad value is reported
-    by its key before any option that interpolates it fails to resolve.
-
-    Raises:
-        ValueError: "config key <key>=<value>: expected ..." (a url's password masked); a
-            value whose interpolation cannot be resolved; max_local_cpu_size larger than the
-            machine's memory (:func:`check_memory`).
-    """
-    for key, parse in TOP_LEVEL_KEYS.items():
-        if key not in cfg:
-            continue
-        try:
-            value = cfg[key]
-        except OmegaConfBaseException as e:
-            raise ValueError(f"config key {key} cannot be resolved: "
-                             f"{str(e).splitlines()[0]}") from None
-        if OmegaConf.is_config(value):
-            value = OmegaConf.to_container(value, resolve=True)
-        try:
-            parse(value)
-        except ValueError as e:
-            raise ValueError(f"config key {key}={_shown(value)!r}: {e}") from None
-        if key == "max_local_cpu_size":
-            check_memory(value, key)
 
 
 def check_directory(path: str, key: str = "local_disk") -> None:
@@ -222,9 +158,9 @@ def _check_remote(c: dict) -> None:
     try:
         wanted = remote_connector_for(url)
     except ValueError as e:
-        raise ValueError(f"remote_connector={name} url {_shown(url)!r}: {e}") from None
+        raise ValueError(f"remote_connector={name} url {redact(url)!r}: {e}") from None
     if wanted != name:
-        raise ValueError(f"remote_connector={name} cannot serve the url {_shown(url)!r}, whose "
+        raise ValueError(f"remote_connector={name} cannot serve the url {redact(url)!r}, whose "
                          f"scheme needs remote_connector={wanted}")
 
 

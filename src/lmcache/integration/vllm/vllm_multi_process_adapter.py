@@ -16,6 +16,7 @@ they reconnect (the worker re-registering its KV caches) when the server answers
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -212,7 +213,10 @@ class LMCacheMPWorkerAdapter(_AdapterBase):
         self.instance_id = os.getpid()
         self.kv_caches: dict[str, torch.Tensor] = {}
         self._wrapped: list[CudaIPCWrapper] = []
-        self._registered_at = 0.0
+        self._registered_at = 0.0  # time.monotonic() when the last registration completed
+        # held while a registration is in flight: a heartbeat answered "not registered" just
+        # before it reached the server waits for it instead of registering a second time
+        self._register_lock = threading.Lock()
         super().__init__(server_url, context, model_name, vllm_block_size, parallel_strategy,
                          mq_timeout, heartbeat_interval, instance_id=self.instance_id,
                          role="worker")
@@ -235,15 +239,21 @@ class LMCacheMPWorkerAdapter(_AdapterBase):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Share the KV caches (layer name → tensor, in layer order) with the server.
         Raises MPRequestError when the server refuses them (names why)."""
-        self.kv_caches = dict(kv_caches)
-        self._wrapped = [CudaIPCWrapper(t) for t in self.kv_caches.values()]
-        logger.info("Registering %d KV cache layers with the LMCache MP server", len(self._wrapped))
-        future = self._send(RequestType.REGISTER_KV_CACHE, [self.instance_id, self._wrapped])
-        if future is not None:
-            future.result(self.link.connect_timeout + 30)
-            self._registered_at = time.monotonic()
+        with self._register_lock:
+            self.kv_caches = dict(kv_caches)
+            self._wrapped = [CudaIPCWrapper(t) for t in self.kv_caches.values()]
+            logger.info("Registering %d KV cache layers with the LMCache MP server",
+                        len(self._wrapped))
+            future = self._send(RequestType.REGISTER_KV_CACHE, [self.instance_id, self._wrapped])
+            if future is not None:
+                future.result(self.link.connect_timeout + 30)
+                self._registered_at = time.monotonic()
 
     def _reregister(self, reply: dict) -> None:
+        with self._register_lock:  # (heartbeat thread) after any registration in flight
+            self._reregister_locked()
+
+    def _reregister_locked(self) -> None:
         if self._registered_at > self.link.last_beat_sent:
             return  # that heartbeat overtook our registration, which the server has by now
         if self._wrapped:
@@ -347,6 +357,9 @@ class LMCacheMPWorkerAdapter(_AdapterBase):
     def shutdown(self) -> None:
         """Unregister the KV caches (when the server is there) and close the client."""
         logger.info("Unregistering KV caches from the LMCache MP server")
+        # heartbeats stop first: one answered after the unregister ("not registered") would
+        # register the KV caches again, leaving the server a mapping of an engine that is gone
+        self.link.close()
         future = self._send(RequestType.UNREGISTER_KV_CACHE, [self.instance_id])
         if future is not None:
             try:

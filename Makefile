@@ -1,7 +1,7 @@
 # lmcache developer entry points. Everything runs inside ./.venv (Python 3.11).
 #   make help      list these targets
 #   make install   create .venv and install lmcache (editable) with its test extras and vLLM (CPU)
-#   make test      run the test suite
+#   make test      run the test suite (a part: TESTS="tests/unit/token_database ...")
 #   make run       run the long-document QA experiment (Hydra app; pass overrides with ARGS="...")
 # `install` is idempotent: a stamp file inside .venv records a finished install and
 # is remade only when the packaging files change or .venv is removed.
@@ -9,6 +9,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# a command-line TESTS=... overrides this; an environment variable TESTS does not
+TESTS := tests
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lmcache-install.stamp
 ARGS ?=
@@ -26,7 +28,8 @@ help:
 	@echo "                e.g. make run ARGS=\"documents.count=2 deployment=cpu_disk local_disk=/tmp/kv\""
 	@echo "                sweep: make run ARGS=\"-m chunk_size=256,512\" (one table, CSV and plot)"
 	@echo "                then the serde sweep (naive, cachegen, kivi, fp8: size vs quality); its overrides in SERDE_ARGS"
-	@echo "  make test     the test suite (skip reasons and the 15 slowest tests are listed)"
+	@echo "  make test     the test suite (skip reasons and the 15 slowest tests are listed);"
+	@echo "                a part: make test TESTS=\"tests/unit/token_database tests/unit/test_keys.py\""
 	@echo "  make interop  both-ways checks against the real LMCache 0.5.6 (own venv $(INTEROP_VENV));"
 	@echo "                writes docs/INTEROP.md (not part of make test)"
 	@echo "  make clean    remove $(VENV), build outputs and caches"
@@ -48,7 +51,7 @@ $(STAMP): pyproject.toml setup.cfg | $(PY)
 	touch $@
 
 test: install
-	$(PY) -m pytest tests -q -rs --durations=15
+	$(PY) -m pytest $(TESTS) -q -rs --durations=15
 
 run: install
 	$(PY) -m lmcache.experiments.long_doc_qa $(ARGS)

@@ -182,7 +182,7 @@ def _check_added_keys(cfg: DictConfig, parsed: Sequence[Override], overrides: Se
     """Refuse a key added with ``+``/``++`` that nothing reads: a top-level key that is not
     one of the primary config's keys or groups, or a key of an option (a node with
     ``_target_``) that its class's constructor does not take."""
-    from lmcache.config.checks import TOP_LEVEL_KEYS  # (checks imports this module)
+    from lmcache.config.top_level_keys import TOP_LEVEL_KEYS
 
     groups = list_groups()
     top = (set(_primary_keys(config_name)) | set(_primary_keys("config")) | set(TOP_LEVEL_KEYS)

@@ -1,5 +1,6 @@
 """This machine's memory, read before anything is built: the CPU tier's buffer
-(``max_local_cpu_size``) is checked against it by :mod:`lmcache.config.checks`."""
+(``max_local_cpu_size``) is checked against it by
+:func:`lmcache.config.top_level_keys.check_values`."""
 
 from __future__ import annotations
 

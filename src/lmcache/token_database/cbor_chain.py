@@ -14,8 +14,10 @@ Two encoders give the same bytes: numpy array operations (always; ~3 ms for 128k
 Only processes that never start a vLLM engine afterwards may switch it on (the controller does):
 vLLM 0.32's CPU platform, when a worker starts, walks every imported module and fails on
 llvmlite's ``binding.ffi.lib`` (``vars()`` of it is not a dict), so importing numba before an
-engine starts in the same process breaks that engine's start. A token < 0 or >= 2**32 is left to cbor2 (the caller's
-slow path: :meth:`CborTokens.build` returns None).
+engine starts in the same process breaks that engine's start.
+
+A token < 0 or >= 2**32 is left to cbor2 (the caller's slow path: :meth:`CborTokens.build`
+returns None).
 """
 
 from __future__ import annotations

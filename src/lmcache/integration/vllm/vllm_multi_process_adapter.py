@@ -251,17 +251,14 @@ class LMCacheMPWorkerAdapter(_AdapterBase):
 
     def _reregister(self, reply: dict) -> None:
         with self._register_lock:  # (heartbeat thread) after any registration in flight
-            self._reregister_locked()
-
-    def _reregister_locked(self) -> None:
-        if self._registered_at > self.link.last_beat_sent:
-            return  # that heartbeat overtook our registration, which the server has by now
-        if self._wrapped:
-            self.mq_client.submit_request(RequestType.REGISTER_KV_CACHE,
-                                          [self.instance_id, self._wrapped]).result(30)
-            self._registered_at = time.monotonic()
-            logger.warning("Re-registered %d KV cache layers with the LMCache MP server",
-                           len(self._wrapped))
+            if self._registered_at > self.link.last_beat_sent:
+                return  # that heartbeat overtook our registration, which the server has by now
+            if self._wrapped:
+                self.mq_client.submit_request(RequestType.REGISTER_KV_CACHE,
+                                              [self.instance_id, self._wrapped]).result(30)
+                self._registered_at = time.monotonic()
+                logger.warning("Re-registered %d KV cache layers with the LMCache MP server",
+                               len(self._wrapped))
 
     def _submit(self, request_type: RequestType, request_ids, ops, event, cache_salts) -> MessagingFuture:
         keys, block_ids, skips = [], [], []
